@@ -1,0 +1,387 @@
+"""The ``pathfactor`` command line: ``demo``, ``fit``, ``simulate`` and ``report``.
+
+Results go to stdout, logging and progress bars to stderr (``--quiet`` silences both). Bad input -- a missing
+file, data the model refuses, an unknown column -- prints one line ``pathfactor: error: <message>`` to stderr and
+exits with status 2, without a traceback.
+
+Models are listed in :data:`MODELS`: a name, the class (imported lazily) and which CLI options become which
+constructor arguments. A new model is one more entry there.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["main", "MODELS", "ModelSpec", "build_parser"]
+
+log = logging.getLogger("pathfactor.cli")
+
+PROG = "pathfactor"
+#: exit status for bad input (as argparse uses for bad arguments)
+EXIT_BAD_INPUT = 2
+#: errors that mean "the input is wrong": reported in one line, no traceback
+INPUT_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
+# ============================================================================ the model table
+@dataclass(frozen=True)
+class ModelSpec:
+    """How ``pathfactor fit --model NAME`` builds a model.
+
+    load : returns the model class (imported when needed, so ``--help`` stays fast)
+    options : CLI option dest -> constructor keyword; only options the user gave are passed, so the model's own
+        defaults apply otherwise. A model-specific option (see ``MODEL_OPTIONS``) given to a model that has no
+        entry for it is an error rather than silently ignored.
+    gene_sets : "required", "optional" or "unused" -- whether ``--gene-sets`` must / may / must not be given
+    """
+
+    load: Callable[[], type]
+    options: Mapping[str, str]
+    gene_sets: str = "optional"
+    help: str = ""
+
+
+def _spex():
+    from .models import Spex
+    return Spex
+
+
+#: model-specific CLI options (argparse dest -> the flag, for messages)
+MODEL_OPTIONS = {"n_sparse": "--n-sparse", "n_dense": "--n-dense", "min_set_size": "--min-set-size",
+                 "max_set_size": "--max-set-size", "max_epochs": "--max-epochs"}
+
+MODELS: dict[str, ModelSpec] = {
+    "spex": ModelSpec(
+        load=_spex,
+        options={"n_sparse": "n_sparse", "n_dense": "n_dense", "min_set_size": "min_set_size",
+                 "max_set_size": "max_set_size", "max_epochs": "max_epochs"},
+        gene_sets="required",
+        help="gene-set guided sparse factor analysis (regularised horseshoe, closed-form VI)",
+    ),
+}
+
+
+def build_model(name: str, args: argparse.Namespace):
+    """The model ``name`` constructed from the parsed CLI options."""
+    spec = MODELS[name]
+    cls = spec.load()
+    accepted = inspect.signature(cls.__init__).parameters
+    unused = [flag for dest, flag in MODEL_OPTIONS.items()
+              if getattr(args, dest, None) is not None and dest not in spec.options]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} do(es) not apply to --model {name}")
+    kwargs = {ctor: getattr(args, dest) for dest, ctor in spec.options.items() if getattr(args, dest, None) is not None}
+    if "progress" in accepted:
+        kwargs["progress"] = not args.quiet
+    return cls(**kwargs)
+
+
+def _fit_kwargs(model, **given) -> dict:
+    """Keep the ``fit`` arguments the model takes; an argument the user set but the model lacks is an error."""
+    params = inspect.signature(model.fit).parameters
+    flags = {"annotations": "--gene-sets", "layer": "--layer", "covariates": "--covariates", "device": "--device",
+             "seed": "--seed"}
+    out = {}
+    for key, value in given.items():
+        if key in params:
+            out[key] = value
+        elif value is not None and key not in ("device", "seed"):
+            raise ValueError(f"{type(model).__name__} does not take {flags.get(key, key)}")
+    return out
+
+
+# ============================================================================ helpers
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that always writes to the current ``sys.stderr`` (so it survives redirection)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _setup_logging(quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", handlers=[_StderrHandler()])
+    logging.getLogger("pathfactor").setLevel(level)
+
+
+def _read_h5ad(path):
+    import anndata as ad
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"input file {str(p)!r} does not exist")
+    if p.is_dir():
+        raise ValueError(f"{str(p)!r} is a directory; pass an .h5ad file")
+    try:
+        adata = ad.read_h5ad(p)
+    except OSError as err:
+        raise ValueError(f"cannot read {str(p)!r} as h5ad ({err})") from None
+    log.info("read %s: %d cells x %d genes", p, adata.n_obs, adata.n_vars)
+    return adata
+
+
+def _write_h5ad(adata, path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(p)
+    log.info("wrote %s", p)
+    return p
+
+
+def read_gene_sets(sources):
+    """Merge gene-set files (GMT / GMT.gz / JSON) or bundled collection names (``hallmark``, ``reactome_mouse``)."""
+    from .data import datasets
+    from .data.genesets import GeneSets
+
+    out = None
+    for source in sources:
+        p = Path(source)
+        if p.exists():
+            sets = GeneSets.read(p)
+        elif str(source).lower() in datasets.available():
+            sets = datasets.gene_sets(str(source))
+        else:
+            raise FileNotFoundError(f"gene set file {str(source)!r} does not exist and is not a bundled collection "
+                                    f"({', '.join(datasets.available())})")
+        log.info("gene sets %s: %d sets", source, len(sets))
+        out = sets if out is None else out + sets
+    return out
+
+
+def _split_columns(values) -> list[str] | None:
+    if not values:
+        return None
+    cols = [c.strip() for v in values for c in v.split(",") if c.strip()]
+    return cols or None
+
+
+def _check_obs_column(adata, column: str, flag: str) -> None:
+    if column is not None and column not in adata.obs.columns:
+        available = ", ".join(map(str, adata.obs.columns)) or "(none)"
+        raise ValueError(f"{flag} {column!r} is not a column of adata.obs; available columns: {available}")
+
+
+def _format_top(model, n: int = 10) -> str:
+    rel = model.relevance()
+    kinds = model.factor_kinds_
+    shown = rel.index[:n]
+    width = max([len("factor")] + [len(str(f)) for f in shown])
+    lines = [f"top {len(shown)} of {len(rel)} factors by relevance (R^2 on the training data):",
+             f"  {'factor':<{width}}  {'kind':<9}  {'R^2':>8}"]
+    for f in shown:
+        flag = "" if model.active_[f] else "  (inactive)"
+        lines.append(f"  {str(f):<{width}}  {kinds[f]:<9}  {rel[f]:8.4f}{flag}")
+    return "\n".join(lines)
+
+
+# ============================================================================ commands
+def cmd_demo(args) -> int:
+    from . import evaluate
+    from .data import datasets
+    from .models import Spex
+    from .report import write_report
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    adata = datasets.mesc()
+    sets = datasets.gene_sets("hallmark")
+    print(f"pathfactor demo: Spex(n_sparse=2, n_dense=2) on the Buettner et al. 2015 mESC data "
+          f"({adata.n_obs} cells x {adata.n_vars} genes) with the {len(sets)} MSigDB Hallmark gene sets")
+    model = Spex(n_sparse=2, n_dense=2, progress=not args.quiet)
+    model.fit(adata, annotations=sets, device=args.device, seed=args.seed)
+    model.write(adata)
+    out.mkdir(parents=True, exist_ok=True)
+    h5ad = _write_h5ad(adata, out / "mesc_spex.h5ad")
+    html = write_report(adata, out, key=model.key, color_by="cell_cycle_stage")
+    print(_format_top(model, 10))
+    term = "HALLMARK_G2M_CHECKPOINT"
+    if term in model.factor_scores_.columns:
+        auc = evaluate.auroc(model.factor_scores_[term], adata.obs["cell_cycle_stage"], "G2M")
+        print(f"AUROC of the {term} factor score, G2M vs other cells: {auc:.3f}")
+    else:  # pragma: no cover - the bundled data always keep this set
+        print(f"{term} was filtered out, no AUROC")
+    print(f"wrote {h5ad} and {html}")
+    print(f"elapsed: {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_fit(args) -> int:
+    from .report import write_report  # noqa: F401  (fail early if the report module is broken)
+
+    spec = MODELS[args.model]
+    if spec.gene_sets == "required" and not args.gene_sets:
+        raise ValueError(f"--model {args.model} needs --gene-sets (a GMT/JSON file or one of: hallmark, reactome_mouse)")
+    if spec.gene_sets == "unused" and args.gene_sets:
+        raise ValueError(f"--model {args.model} does not use gene sets; drop --gene-sets")
+    if args.color_by is not None and args.report is None:
+        raise ValueError("--color-by only applies with --report DIR")
+    start = time.perf_counter()
+    model = build_model(args.model, args)  # option errors before any reading
+    adata = _read_h5ad(args.input)
+    covariates = _split_columns(args.covariates)
+    _check_obs_column(adata, args.color_by, "--color-by")
+    sets = read_gene_sets(args.gene_sets) if args.gene_sets else None
+    log.info("fitting %r", model)
+    model.fit(adata, **_fit_kwargs(model, annotations=sets, layer=args.layer, covariates=covariates,
+                                   device=args.device, seed=args.seed))
+    model.write(adata)
+    _write_h5ad(adata, args.out)
+    if args.save_model:
+        log.info("saved the model to %s", model.save(args.save_model))
+    report = None
+    if args.report:
+        report = write_report(adata, args.report, key=model.key, color_by=args.color_by)
+        log.info("wrote %s", report)
+    n_ann = int((model.factor_kinds_ == "annotated").sum())
+    print(f"{type(model).__name__}: {len(model.factor_kinds_)} factors ({n_ann} annotated), "
+          f"{int(model.active_.sum())} active; {adata.n_obs} cells x {adata.n_vars} genes")
+    print(_format_top(model, 10))
+    print(f"wrote {args.out}" + (f" and {report}" if report else "")
+          + (f"; model saved to {args.save_model}" if args.save_model else ""))
+    print(f"elapsed: {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from .data.simulate import SIMULATORS
+
+    simulator = SIMULATORS[args.kind]
+    accepted = inspect.signature(simulator).parameters
+    given = {name: getattr(args, name) for name in ("n_cells", "n_genes", "n_factors", "noise", "sigma2", "seed")
+             if getattr(args, name) is not None}
+    unused = [f"--{name.replace('_', '-')}" for name in given if name not in accepted]
+    if unused:
+        raise ValueError(f"simulate {args.kind} does not take {', '.join(unused)}")
+    adata = simulator(**given)
+    _write_h5ad(adata, args.out)
+    print(f"simulated {args.kind}: {adata.n_obs} cells x {adata.n_vars} genes; wrote {args.out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    adata = _read_h5ad(args.input)
+    html = write_report(adata, args.out, key=args.key, color_by=args.color_by)
+    print(f"wrote {html}")
+    return 0
+
+
+# ============================================================================ parser
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Interpretable gene programs from single-cell data: latent factor models guided "
+                               "by gene sets.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def common(p, seed: int | None | bool = 0):
+        p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no info logging")
+        if seed is not False:
+            p.add_argument("--seed", type=int, default=seed, metavar="S",
+                           help="random seed (default " + ("0)" if seed is None else f"{seed})"))
+
+    p = sub.add_parser("demo", help="fit Spex to the bundled mESC cell-cycle data and write a report",
+                       description="Spex(n_sparse=2, n_dense=2) on the bundled Buettner et al. 2015 mESC data with "
+                                   "the MSigDB Hallmark sets; writes DIR/mesc_spex.h5ad and DIR/report.html.")
+    p.add_argument("--out", default="pathfactor-demo", metavar="DIR", help="output folder (default pathfactor-demo)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    common(p)
+    p.set_defaults(func=cmd_demo)
+
+    models = ", ".join(f"{name} ({spec.help})" for name, spec in MODELS.items())
+    p = sub.add_parser("fit", help="fit a model to an .h5ad file",
+                       description=f"Fit a latent factor model to INPUT.h5ad and write the results to OUT.h5ad "
+                                   f"(obsm['X_<key>'], varm['<key>_loadings'], uns['<key>']). Models: {models}.")
+    p.add_argument("input", metavar="INPUT.h5ad")
+    p.add_argument("--model", choices=sorted(MODELS), default="spex", help="model (default spex)")
+    p.add_argument("--gene-sets", action="append", metavar="FILE",
+                   help="GMT, GMT.gz or JSON file, or a bundled collection (hallmark, reactome_mouse); repeat to "
+                        "merge several")
+    p.add_argument("--layer", default=None, help="adata.layers entry to fit (default adata.X)")
+    p.add_argument("--n-sparse", type=int, default=None, metavar="N", help="unannotated sparse factors")
+    p.add_argument("--n-dense", type=int, default=None, metavar="N", help="unannotated dense factors")
+    p.add_argument("--covariates", action="append", metavar="COL[,COL]",
+                   help="obs column(s) to regress out (categorical: one effect per non-reference level)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--max-epochs", type=int, default=None, metavar="E", help="maximum training epochs")
+    p.add_argument("--min-set-size", type=int, default=None, metavar="N",
+                   help="drop gene sets with fewer matched genes (model default 15)")
+    p.add_argument("--max-set-size", type=int, default=None, metavar="N",
+                   help="drop gene sets with more matched genes (model default 500)")
+    p.add_argument("--out", required=True, metavar="OUT.h5ad", help="where to write the data with the results")
+    p.add_argument("--report", default=None, metavar="DIR", help="also write DIR/report.html")
+    p.add_argument("--color-by", default=None, metavar="COL", help="obs column to colour the report's plots by")
+    p.add_argument("--save-model", default=None, metavar="DIR", help="save the fitted model (JSON + npz) to DIR")
+    common(p)
+    p.set_defaults(func=cmd_fit)
+
+    from .data.simulate import SIMULATORS
+
+    p = sub.add_parser("simulate", help="write a simulated data set with its ground truth",
+                       description="Simulate data with known factors; options a simulator does not take are errors.")
+    p.add_argument("kind", choices=sorted(SIMULATORS), metavar="KIND",
+                   help=f"one of: {', '.join(sorted(SIMULATORS))}")
+    p.add_argument("--out", required=True, metavar="FILE.h5ad")
+    p.add_argument("--n-cells", type=int, default=None, metavar="N")
+    p.add_argument("--n-genes", type=int, default=None, metavar="G")
+    p.add_argument("--n-factors", type=int, default=None, metavar="K")
+    p.add_argument("--noise", type=float, default=None, metavar="F", help="annotation noise (annotations only)")
+    p.add_argument("--sigma2", type=float, default=None, metavar="S", help="noise variance")
+    common(p, seed=None)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("report", help="write an HTML report of results stored in an .h5ad file")
+    p.add_argument("input", metavar="RESULT.h5ad")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--key", default="spex", help="results key (default spex)")
+    p.add_argument("--color-by", default=None, metavar="COL", help="obs column to colour the plots by")
+    common(p, seed=False)
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def _message(err: BaseException) -> str:
+    if isinstance(err, KeyError) and len(err.args) == 1:
+        text = str(err.args[0])
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())  # one line
+
+
+def main(argv=None) -> int:
+    """Run the CLI with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, bad arguments: argparse has printed what to say
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    _setup_logging(args.quiet)
+    try:
+        return args.func(args)
+    except INPUT_ERRORS as err:
+        print(f"{PROG}: error: {_message(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

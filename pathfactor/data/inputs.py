@@ -1,0 +1,161 @@
+"""Turn what a user hands us (AnnData, numpy, pandas, scipy sparse) into a checked matrix.
+
+Every check raises a ``ValueError`` that names the problem and the fix. Nothing of the caller's
+object is modified.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+__all__ = ["Matrix", "as_matrix", "check_counts", "covariate_design"]
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A cells x genes matrix with its names. ``Y`` is a float numpy array or a scipy CSR matrix."""
+
+    Y: np.ndarray | sp.csr_matrix
+    obs_names: pd.Index
+    var_names: pd.Index
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.Y.shape
+
+    def dense(self, dtype=np.float32) -> np.ndarray:
+        Y = self.Y.toarray() if sp.issparse(self.Y) else self.Y
+        return np.asarray(Y, dtype=dtype)
+
+
+def _values(Y):
+    return Y.data if sp.issparse(Y) else np.asarray(Y)
+
+
+def as_matrix(data, layer: str | None = None, dtype=np.float32) -> Matrix:
+    """Extract and validate the expression matrix of ``data``.
+
+    ``data`` is an AnnData (``layer=None`` takes ``.X``), a pandas DataFrame (cells x genes), a numpy
+    array or any scipy sparse matrix (names are then generated).
+    """
+    if hasattr(data, "obs_names") and hasattr(data, "var_names"):
+        if layer is None:
+            Y = data.X
+        elif layer not in data.layers:
+            raise ValueError(
+                f"layer {layer!r} is not in adata.layers (it has {sorted(data.layers.keys())}); "
+                "pass one of those or layer=None for adata.X"
+            )
+        else:
+            Y = data.layers[layer]
+        if Y is None:
+            raise ValueError("adata.X is empty (None); pass layer= naming the layer that holds the expression data")
+        obs, var = pd.Index(data.obs_names), pd.Index(data.var_names)
+    elif layer is not None:
+        raise ValueError("layer= only applies to AnnData input; pass the matrix itself instead")
+    elif isinstance(data, pd.DataFrame):
+        Y, obs, var = data.to_numpy(), pd.Index(data.index.astype(str)), pd.Index(data.columns.astype(str))
+    else:
+        Y = data
+        if not (sp.issparse(Y) or isinstance(Y, np.ndarray)):
+            try:
+                Y = np.asarray(Y)
+            except Exception as err:  # pragma: no cover - exotic inputs
+                raise ValueError(f"cannot read expression data of type {type(data).__name__}; pass AnnData, "
+                                 "a DataFrame, a numpy array or a scipy sparse matrix") from err
+        obs = pd.Index([f"cell_{i}" for i in range(Y.shape[0])]) if Y.ndim == 2 else None
+        var = pd.Index([f"gene_{j}" for j in range(Y.shape[1])]) if Y.ndim == 2 else None
+
+    if getattr(Y, "ndim", 2) != 2:
+        raise ValueError(f"expression data must be 2-D (cells x genes), got shape {np.shape(Y)}")
+    if hasattr(Y, "to_memory"):  # backed AnnData datasets
+        Y = Y.to_memory()
+    if sp.issparse(Y):
+        Y = sp.csr_matrix(Y)
+    else:
+        Y = np.asarray(Y)
+    if Y.dtype == object or not (np.issubdtype(Y.dtype, np.number) or Y.dtype == bool):
+        raise ValueError(f"expression data must be numeric, got dtype {Y.dtype}; convert it with .astype(float)")
+    n, g = Y.shape
+    if n == 0 or g == 0:
+        raise ValueError(f"expression data is empty ({n} cells x {g} genes); filter less strictly")
+    if n < 2:
+        raise ValueError("need at least 2 cells to fit a latent variable model, got 1")
+    if var.has_duplicates:
+        dup = var[var.duplicated()].unique()[:5].tolist()
+        raise ValueError(
+            f"duplicate gene names in var_names (e.g. {dup}); make them unique first, "
+            "e.g. adata.var_names_make_unique()"
+        )
+    Y = Y.astype(dtype, copy=True)
+    vals = _values(Y)
+    if not np.isfinite(vals).all():
+        bad = int((~np.isfinite(vals)).sum())
+        raise ValueError(
+            f"expression data contains {bad} NaN or infinite values; remove or impute them "
+            "(e.g. np.nan_to_num) before fitting"
+        )
+    return Matrix(Y, obs, var)
+
+
+def check_counts(matrix: Matrix, likelihood: str) -> None:
+    """Raise if ``matrix`` cannot be counts, as a count ``likelihood`` requires."""
+    vals = _values(matrix.Y)
+    if (vals < 0).any():
+        raise ValueError(
+            f"the {likelihood} likelihood needs non-negative counts but the data have negative values; "
+            "pass raw counts (e.g. layer='counts') or use likelihood='normal' for log-normalised data"
+        )
+    if not np.allclose(vals, np.round(vals)):
+        raise ValueError(
+            f"the {likelihood} likelihood needs integer counts but the data have non-integer values "
+            "(log-normalised?); pass raw counts (e.g. layer='counts') or use likelihood='normal'"
+        )
+
+
+def covariate_design(obs: pd.DataFrame | None, columns, n_cells: int) -> tuple[np.ndarray, list[str]]:
+    """One-hot/numeric design matrix Z (cells x levels) for ``columns`` of ``obs``.
+
+    Categorical columns give one column per level except the first (the reference, absorbed in the gene
+    means), named ``COL=level``; numeric columns keep their name. Models centre Z themselves.
+    """
+    if columns is None or len(columns) == 0:
+        return np.zeros((n_cells, 0), dtype=np.float32), []
+    if isinstance(columns, str):
+        columns = [columns]
+    if isinstance(columns, (np.ndarray, pd.DataFrame, pd.Series)):
+        frame = pd.DataFrame(columns)
+        if frame.shape[0] != n_cells:
+            raise ValueError(f"covariates have {frame.shape[0]} rows but the data have {n_cells} cells; "
+                             "pass one row per cell, in the order of obs_names")
+        columns, obs = [str(c) for c in frame.columns], frame.set_axis([str(c) for c in frame.columns], axis=1)
+    if obs is None:
+        raise ValueError("covariates given by column name need AnnData input with those columns in .obs")
+    blocks, names = [], []
+    for col in columns:
+        if col not in obs.columns:
+            raise ValueError(f"covariate {col!r} is not a column of obs (columns: {list(obs.columns)[:10]}...)")
+        values = obs[col]
+        if len(values) != n_cells:
+            raise ValueError(f"covariate {col!r} has {len(values)} values but the data have {n_cells} cells")
+        if values.isna().any():
+            raise ValueError(f"covariate {col!r} has {int(values.isna().sum())} missing values; "
+                             "fill them or drop those cells first")
+        if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+            v = values.to_numpy(dtype=np.float64)
+            if not np.isfinite(v).all():
+                raise ValueError(f"covariate {col!r} has infinite values; remove them first")
+            blocks.append(v[:, None])
+            names.append(str(col))
+        else:
+            cat = pd.Categorical(values.astype(str) if not isinstance(values.dtype, pd.CategoricalDtype) else values)
+            levels = [lv for lv in cat.categories if (cat == lv).any()]
+            if len(levels) < 2:
+                raise ValueError(f"covariate {col!r} has a single level {levels}; it explains nothing, drop it")
+            for lv in levels[1:]:
+                blocks.append((np.asarray(cat == lv, dtype=np.float64))[:, None])
+                names.append(f"{col}={lv}")
+    return np.hstack(blocks).astype(np.float32), names

@@ -1,0 +1,96 @@
+"""Scores of a fit against truth or labels: mask F1, factor matching, AUROC, refined annotations."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import linear_sum_assignment
+from sklearn.metrics import f1_score, roc_auc_score
+
+__all__ = ["active_mask", "mask_f1", "match_factors", "auroc", "refined_annotations", "orient", "factor_r2"]
+
+#: A gene is active in a factor when |w_gk| > ACTIVE_FRACTION * max_g |w_gk| (the spex-LVM F1 rule).
+ACTIVE_FRACTION = 0.1
+
+
+def active_mask(W, fraction: float = ACTIVE_FRACTION) -> np.ndarray:
+    """Boolean genes x factors mask of learned active genes: ``|w_gk| > fraction * max_g |w_gk|``."""
+    A = np.abs(np.asarray(W, dtype=float))
+    top = A.max(axis=0, keepdims=True)
+    return (A > fraction * top) & (top > 0)
+
+
+def mask_f1(true_mask, W, fraction: float = ACTIVE_FRACTION) -> float:
+    """F1 of the learned active genes (see :func:`active_mask`) against a true genes x factors mask,
+    columns already aligned, computed over all entries."""
+    true_mask = np.asarray(true_mask, dtype=bool)
+    learned = active_mask(W, fraction)
+    if true_mask.shape != learned.shape:
+        raise ValueError(f"true mask has shape {true_mask.shape} but loadings have {learned.shape}")
+    return float(f1_score(true_mask.ravel(), learned.ravel(), zero_division=0.0))
+
+
+def match_factors(A, B) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Match the columns of ``A`` to those of ``B`` by maximal total absolute correlation (Hungarian).
+
+    Returns (columns of A, columns of B, absolute correlation of each matched pair).
+    """
+    A, B = np.asarray(A, dtype=float), np.asarray(B, dtype=float)
+    A = (A - A.mean(0)) / (A.std(0) + 1e-12)
+    B = (B - B.mean(0)) / (B.std(0) + 1e-12)
+    corr = np.abs(A.T @ B) / A.shape[0]
+    rows, cols = linear_sum_assignment(-corr)
+    return rows, cols, corr[rows, cols]
+
+
+def auroc(scores, labels, positive) -> float:
+    """Area under the ROC curve of ``scores`` for ``labels == positive`` against all other cells."""
+    y = np.asarray(pd.Series(labels).astype(str) == str(positive))
+    if y.all() or not y.any():
+        raise ValueError(f"labels must contain {positive!r} and at least one other value")
+    return float(roc_auc_score(y, np.asarray(scores, dtype=float)))
+
+
+def orient(W, annotation=None) -> np.ndarray:
+    """Signs (+1/-1 per factor) that make each factor's loadings point up: the summed loading of its
+    annotated genes is positive (or, for unannotated factors, its largest loading is positive)."""
+    W = np.asarray(W, dtype=float)
+    ref = W[np.argmax(np.abs(W), axis=0), np.arange(W.shape[1])]
+    if annotation is not None:
+        M = np.asarray(annotation, dtype=bool)
+        total = (W * M).sum(0)
+        ref = np.where(M.any(0) & (total != 0), total, ref)
+    return np.where(ref < 0, -1.0, 1.0)
+
+
+def refined_annotations(loadings: pd.DataFrame, annotation: pd.DataFrame,
+                        fraction: float = ACTIVE_FRACTION) -> pd.DataFrame:
+    """Genes the data add to and remove from each annotated term.
+
+    Rule: a gene is *active* in a factor when ``|w_gk| > fraction * max_g |w_gk|``; *gained* genes are active
+    but not annotated, *lost* genes are annotated but not active. Unannotated factors are skipped.
+    Returns one row per term: ``term``, ``n_annotated``, ``n_active``, ``gained`` and ``lost`` (lists of genes,
+    gained sorted by decreasing |loading|).
+    """
+    ann = annotation.reindex(index=loadings.index, columns=loadings.columns, fill_value=False).astype(bool)
+    active = pd.DataFrame(active_mask(loadings.to_numpy(), fraction), index=loadings.index, columns=loadings.columns)
+    rows = []
+    for term in loadings.columns:
+        if not ann[term].any():
+            continue
+        strength = loadings[term].abs()
+        gained = strength[active[term] & ~ann[term]].sort_values(ascending=False).index.tolist()
+        lost = strength[ann[term] & ~active[term]].sort_values().index.tolist()
+        rows.append(dict(term=term, n_annotated=int(ann[term].sum()), n_active=int(active[term].sum()),
+                         gained=gained, lost=lost))
+    return pd.DataFrame(rows, columns=["term", "n_annotated", "n_active", "gained", "lost"])
+
+
+def factor_r2(Y, X, W) -> np.ndarray:
+    """Centred R^2 of each factor alone: ``1 - ||Y - x_k w_k^T||^2 / ||Y||^2`` for centred ``Y`` (N x G),
+    scores ``X`` (N x K) and loadings ``W`` (G x K), without forming any N x G residual."""
+    Y = np.asarray(Y, dtype=np.float64) if not hasattr(Y, "tocsr") else Y
+    X, W = np.asarray(X, dtype=np.float64), np.asarray(W, dtype=np.float64)
+    total = float((Y.multiply(Y)).sum()) if hasattr(Y, "multiply") else float((Y * Y).sum())
+    YW = np.asarray(Y @ W)
+    explained = 2 * (X * YW).sum(0) - (X * X).sum(0) * (W * W).sum(0)
+    return explained / max(total, 1e-300)

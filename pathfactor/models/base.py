@@ -1,0 +1,192 @@
+"""The common face of every pathfactor model: results as DataFrames, AnnData out, save/load without pickle.
+
+A model's constructor only stores hyper-parameters; ``fit`` validates at the door, learns, and fills the
+attributes that end in ``_``. Subclasses implement ``fit`` and ``transform`` and call ``_set_results``.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import __version__
+from ..evaluate import ACTIVE_FRACTION, refined_annotations
+
+__all__ = ["LatentModel", "REGISTRY", "load"]
+
+#: model class name -> class, filled by ``LatentModel.__init_subclass__`` (used by :func:`load`)
+REGISTRY: dict[str, type] = {}
+
+#: a factor is flagged inactive when it explains less than this fraction of the variance (R^2)
+MIN_RELEVANCE = 1e-4
+
+_FORMAT = "pathfactor-model"
+_FORMAT_VERSION = 1
+
+
+class LatentModel:
+    """Base class: ``Y ≈ X W^T (+ Z B^T)`` with named factors.
+
+    Attributes (after ``fit``)
+    --------------------------
+    factor_scores_ : DataFrame, cells x factors (X)
+    loadings_ : DataFrame, genes x factors (W, posterior mean where the model is Bayesian)
+    loadings_sd_ : DataFrame or None, posterior sd of W
+    annotation_ : DataFrame or None, genes x factors prior gene-set membership (False for unannotated factors)
+    covariate_effects_, covariate_effects_sd_ : DataFrame or None, genes x covariate levels (B)
+    factor_kinds_ : Series, "annotated" | "sparse" | "dense" | "latent" per factor
+    relevance_ : Series, R^2 of each factor on the training data (see ``evaluate.factor_r2``)
+    active_ : Series of bool, relevance above ``MIN_RELEVANCE``
+    history_ : list of float, the training objective per epoch
+    """
+
+    key = "model"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        REGISTRY[cls.__name__] = cls
+
+    # ------------------------------------------------------------------ parameters
+    def get_params(self) -> dict:
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        return {name: getattr(self, name) for name in names}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "loadings_"):
+            raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call .fit(adata, ...) first")
+
+    # ------------------------------------------------------------------ results
+    def _set_results(self, *, scores, loadings, obs_names, var_names, factor_names, factor_kinds, relevance,
+                     loadings_sd=None, annotation=None, covariate_effects=None, covariate_effects_sd=None,
+                     covariate_names=(), history=()) -> None:
+        names = pd.Index(factor_names, name="factor")
+        self.factor_scores_ = pd.DataFrame(np.asarray(scores), index=pd.Index(obs_names), columns=names)
+        self.loadings_ = pd.DataFrame(np.asarray(loadings), index=pd.Index(var_names), columns=names)
+        frame = lambda a, cols: None if a is None else pd.DataFrame(np.asarray(a), index=self.loadings_.index, columns=cols)
+        self.loadings_sd_ = frame(loadings_sd, names)
+        self.annotation_ = None if annotation is None else frame(np.asarray(annotation, dtype=bool), names)
+        cov = pd.Index(list(covariate_names), name="covariate")
+        self.covariate_effects_ = frame(covariate_effects, cov) if len(cov) else None
+        self.covariate_effects_sd_ = frame(covariate_effects_sd, cov) if len(cov) else None
+        self.factor_kinds_ = pd.Series(list(factor_kinds), index=names, name="kind")
+        self.relevance_ = pd.Series(np.asarray(relevance, dtype=float), index=names, name="relevance")
+        self.active_ = (self.relevance_ > MIN_RELEVANCE).rename("active")
+        self.history_ = [float(v) for v in history]
+
+    def relevance(self, active_only: bool = False) -> pd.Series:
+        """R^2 of each factor on the training data, most relevant first."""
+        self._check_fitted()
+        rel = self.relevance_[self.active_] if active_only else self.relevance_
+        return rel.sort_values(ascending=False)
+
+    def refined_annotations(self, fraction: float = ACTIVE_FRACTION) -> pd.DataFrame:
+        """Genes the data add to (``gained``) and remove from (``lost``) each annotated term; a gene is active
+        in a factor when ``|w_gk| > fraction * max_g |w_gk|``."""
+        self._check_fitted()
+        if self.annotation_ is None:
+            raise ValueError(f"this {type(self).__name__} was fitted without gene-set annotations")
+        return refined_annotations(self.loadings_, self.annotation_, fraction)
+
+    # ------------------------------------------------------------------ AnnData out
+    def write(self, adata, key: str | None = None) -> None:
+        """Write results into ``adata`` (modified in place): ``obsm["X_<key>"]``, ``varm["<key>_loadings"]``
+        (and ``_loadings_sd``, ``_annotation``, ``_covariate_effects``, ``_covariate_effects_sd``), ``uns[key]``."""
+        self._check_fitted()
+        key = key or self.key
+        if list(adata.obs_names) != list(self.factor_scores_.index):
+            raise ValueError("adata's cells differ from the cells the model was fitted on; write to the AnnData "
+                             "given to fit, or use .transform(new_adata) for new cells")
+        missing = self.loadings_.index.difference(adata.var_names)
+        if len(missing):
+            raise ValueError(f"{len(missing)} genes of the model are not in adata.var_names (e.g. {list(missing[:3])})")
+        adata.obsm[f"X_{key}"] = self.factor_scores_.to_numpy(dtype=np.float32)
+
+        def per_gene(frame, fill):
+            out = frame.reindex(adata.var_names, fill_value=fill).to_numpy()
+            return out if out.dtype == bool else out.astype(np.float32)
+
+        adata.varm[f"{key}_loadings"] = per_gene(self.loadings_, 0.0)
+        for suffix, frame, fill in [("loadings_sd", self.loadings_sd_, 0.0), ("annotation", self.annotation_, False),
+                                    ("covariate_effects", self.covariate_effects_, 0.0),
+                                    ("covariate_effects_sd", self.covariate_effects_sd_, 0.0)]:
+            if frame is not None:
+                adata.varm[f"{key}_{suffix}"] = per_gene(frame, fill)
+        adata.uns[key] = {
+            "model": type(self).__name__,
+            "version": __version__,
+            "factor_names": [str(n) for n in self.loadings_.columns],
+            "factor_kinds": [str(k) for k in self.factor_kinds_],
+            "relevance": self.relevance_.to_numpy(dtype=float),
+            "active": self.active_.to_numpy(dtype=bool),
+            "covariate_names": [] if self.covariate_effects_ is None else [str(c) for c in self.covariate_effects_.columns],
+            "params": {k: v for k, v in self.get_params().items() if isinstance(v, (int, float, str, bool))},
+        }
+
+    # ------------------------------------------------------------------ save / load (JSON + npz, never pickle)
+    def _extra_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """Model-specific (json, arrays) needed by ``transform``; subclasses extend."""
+        return {}, {}
+
+    def _load_extra_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        pass
+
+    def save(self, path) -> Path:
+        """Save to directory ``path`` as ``model.json`` + ``arrays.npz`` (no pickle). Returns the path."""
+        self._check_fitted()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        extra_meta, extra_arrays = self._extra_state()
+        meta = {
+            "format": _FORMAT, "format_version": _FORMAT_VERSION, "pathfactor_version": __version__,
+            "model": type(self).__name__, "params": self.get_params(),
+            "obs_names": [str(n) for n in self.factor_scores_.index], "var_names": [str(n) for n in self.loadings_.index],
+            "factor_names": [str(n) for n in self.loadings_.columns], "factor_kinds": list(map(str, self.factor_kinds_)),
+            "covariate_names": [] if self.covariate_effects_ is None else [str(c) for c in self.covariate_effects_.columns],
+            "history": self.history_, "extra": extra_meta,
+        }
+        arrays = {"scores": self.factor_scores_.to_numpy(), "loadings": self.loadings_.to_numpy(),
+                  "relevance": self.relevance_.to_numpy()}
+        for name, frame in [("loadings_sd", self.loadings_sd_), ("annotation", self.annotation_),
+                            ("covariate_effects", self.covariate_effects_), ("covariate_effects_sd", self.covariate_effects_sd_)]:
+            if frame is not None:
+                arrays[name] = frame.to_numpy()
+        arrays.update({f"extra_{k}": np.asarray(v) for k, v in extra_arrays.items()})
+        (path / "model.json").write_text(json.dumps(meta, indent=1))
+        np.savez(path / "arrays.npz", **arrays)
+        return path
+
+
+def load(path) -> LatentModel:
+    """Load a model saved with ``model.save(path)``. Only JSON and numeric arrays are read; nothing is unpickled."""
+    path = Path(path)
+    meta_file, array_file = path / "model.json", path / "arrays.npz"
+    if not meta_file.is_file() or not array_file.is_file():
+        raise ValueError(f"{path} is not a saved pathfactor model (needs model.json and arrays.npz)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{meta_file} is not valid JSON: {err}") from err
+    if meta.get("format") != _FORMAT or meta.get("format_version", 0) > _FORMAT_VERSION:
+        raise ValueError(f"{path} holds format {meta.get('format')!r} v{meta.get('format_version')}, which this "
+                         f"pathfactor {__version__} cannot read; upgrade pathfactor")
+    cls = REGISTRY.get(meta.get("model"))
+    if cls is None:
+        raise ValueError(f"{path} holds an unknown model {meta.get('model')!r}; known: {sorted(REGISTRY)}")
+    with np.load(array_file, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    model = cls(**meta["params"])
+    get = arrays.get
+    model._set_results(scores=arrays["scores"], loadings=arrays["loadings"], obs_names=meta["obs_names"],
+                       var_names=meta["var_names"], factor_names=meta["factor_names"], factor_kinds=meta["factor_kinds"],
+                       relevance=arrays["relevance"], loadings_sd=get("loadings_sd"), annotation=get("annotation"),
+                       covariate_effects=get("covariate_effects"), covariate_effects_sd=get("covariate_effects_sd"),
+                       covariate_names=meta["covariate_names"], history=meta["history"])
+    model._load_extra_state(meta["extra"], {k[6:]: v for k, v in arrays.items() if k.startswith("extra_")})
+    return model

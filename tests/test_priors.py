@@ -1,0 +1,75 @@
+"""The conjugate pieces against scipy and Monte Carlo."""
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from pathfactor.priors import HalfCauchy, InverseGamma, RandomSlab
+
+
+def test_inverse_gamma_moments_and_entropy_match_scipy():
+    a, b = torch.tensor([0.7, 2.0, 30.0], dtype=torch.float64), torch.tensor([0.3, 1.5, 4.0], dtype=torch.float64)
+    q = InverseGamma(a, b)
+    for i in range(3):
+        dist = stats.invgamma(a[i].item(), scale=b[i].item())
+        assert q.entropy()[i].item() == pytest.approx(dist.entropy(), rel=1e-10)
+        assert q.mean_inv[i].item() == pytest.approx(stats.gamma(a[i].item(), scale=1 / b[i].item()).mean(), rel=1e-12)
+        # E[log v] by Monte Carlo
+        draws = dist.rvs(size=400_000, random_state=i)
+        assert q.mean_log[i].item() == pytest.approx(np.log(draws).mean(), abs=5e-3)
+
+
+def test_expected_log_prior_equals_monte_carlo():
+    q = InverseGamma(torch.tensor([3.0], dtype=torch.float64), torch.tensor([2.0], dtype=torch.float64))
+    draws = stats.invgamma(3.0, scale=2.0).rvs(size=400_000, random_state=1)
+    mc = stats.invgamma(0.5, scale=0.7).logpdf(draws).mean()
+    assert q.expected_log_prior(0.5, 0.7).item() == pytest.approx(mc, abs=1e-2)
+
+
+def _alternate(R, count, s0, sweeps):
+    hc = HalfCauchy(R.shape, s0=s0, count=count, dtype=torch.float64)
+    for _ in range(sweeps):  # the plain one-step-each CAVI updates
+        hc.scale2.rate = hc.aux.mean_inv + R
+        hc.aux.rate = 1 / s0**2 + hc.scale2.mean_inv
+    return hc.mean_inv
+
+
+@pytest.mark.parametrize("count,s0", [(1, 1.0), (200, 1.0), (50, 0.3)])
+def test_half_cauchy_closed_form_is_the_fixed_point_of_alternating_updates(count, s0):
+    R = torch.tensor([1e-3, 0.1, 1.0, 25.0], dtype=torch.float64)
+    hc = HalfCauchy(R.shape, s0=s0, count=count, dtype=torch.float64)
+    hc.update(R)
+    slow = _alternate(R, count, s0, 20_000)
+    assert torch.allclose(hc.mean_inv, slow, rtol=1e-4)
+    # and q(nu) is consistent with q(s^2)
+    assert torch.allclose(hc.aux.rate, 1 / s0**2 + hc.mean_inv)
+
+
+def test_half_cauchy_update_never_decreases_its_elbo_block():
+    """Given the weights' term -E[1/s^2] R - (count/2) E[log s^2], the closed form maximises the block."""
+    R = torch.tensor([0.01, 0.5, 3.0], dtype=torch.float64)
+    count = 1.0
+
+    def block(hc):
+        return (-(hc.mean_inv * R) - 0.5 * count * hc.scale2.mean_log).sum() + hc.elbo()
+
+    hc = HalfCauchy(R.shape, count=count, dtype=torch.float64)
+    before = block(hc)
+    hc.update(R)
+    best = block(hc)
+    assert best >= before
+    for scale in (0.9, 1.1):  # moving either factor off the optimum lowers the bound
+        for part in (hc.scale2, hc.aux):
+            saved = part.rate.clone()
+            part.rate = saved * scale
+            assert block(hc) <= best + 1e-9
+            part.rate = saved
+
+
+def test_random_slab_centres_on_its_width():
+    s = torch.tensor([1.0, 0.01], dtype=torch.float64)
+    slab = RandomSlab(s, alpha=50.0)
+    slab.update(torch.zeros(2, dtype=torch.float64))
+    assert torch.allclose(slab.mean_inv, (50.5 / 50.0) / s**2)
+    slab.update(torch.tensor([4.0, 4.0], dtype=torch.float64))  # a big weight widens the slab
+    assert (slab.mean_inv < (50.5 / 50.0) / s**2).all()

@@ -1,0 +1,196 @@
+"""Spex: the derivation (monotone ELBO), recovery of simulated truth, the model face, bad input."""
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import pathfactor as pf
+from pathfactor.data.simulate import annotation_sets, noisy_annotations, ppca_interventions
+from pathfactor.evaluate import mask_f1
+from pathfactor.models._spex_vi import SpexVI
+from pathfactor.models.spex import _initial_factors
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return noisy_annotations(n_cells=300, n_genes=400, n_factors=8, noise=0.2, sigma2=1.0, seed=3)
+
+
+@pytest.fixture(scope="module")
+def fitted(sim):
+    return pf.models.Spex(progress=False, min_set_size=5).fit(sim, annotations=annotation_sets(sim))
+
+
+@pytest.mark.parametrize("tau", [None, 1.0])
+def test_elbo_rises_monotonically_with_covariates(sim, tau):
+    """Every CAVI block update maximises the ELBO: the test of the derivation (float64)."""
+    Y = torch.tensor(sim.X, dtype=torch.float64)
+    Y = Y - Y.mean(0)
+    mask = torch.tensor(sim.varm["annotation"], dtype=torch.float64)
+    Z = torch.randn(300, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    Z = Z - Z.mean(0)
+    s = torch.where(mask > 0, 1.0, 0.01) * Y.std()
+    vi = SpexVI(Y, Z, s, _initial_factors(Y, mask, 1)[:, :8], tau=tau)
+    elbos = [vi.epoch() for _ in range(25)]
+    steps = np.diff(elbos)
+    assert (steps >= -1e-8 * np.abs(elbos[1:])).all(), steps
+
+
+def test_blocked_posterior_is_the_exact_conditional_for_known_factors():
+    """With X known (Sigma_x = 0) and fixed priors, q(w_g, b_g) is the exact Gaussian posterior of a Bayesian
+    linear regression: compare with the textbook formula for one gene."""
+    g = torch.Generator().manual_seed(1)
+    N, K, C, G = 50, 3, 2, 4
+    X, Z = torch.randn(N, K, dtype=torch.float64, generator=g), torch.randn(N, C, dtype=torch.float64, generator=g)
+    Y = X @ torch.randn(K, G, dtype=torch.float64, generator=g) + torch.randn(N, G, dtype=torch.float64, generator=g)
+    vi = SpexVI(Y, Z, torch.ones(G, K, dtype=torch.float64), X, tau=1.0)
+    vi.mu, vi.Sigma_x = X, torch.zeros(K, K, dtype=torch.float64)
+    vi._update_loadings()
+    F = torch.cat([X, Z], 1)
+    prec = vi.prior_precision()
+    psi = vi.psi
+    for j in range(G):
+        P = psi[j] * F.T @ F + torch.diag(prec[j])
+        m = torch.linalg.solve(P, psi[j] * F.T @ Y[:, j])
+        assert torch.allclose(vi.M[j], m, atol=1e-10)
+        assert torch.allclose(vi.S_diag[j], torch.linalg.inv(P).diagonal(), atol=1e-12)
+        assert vi.logdet_S[j].item() == pytest.approx(-torch.logdet(P).item(), abs=1e-9)
+
+
+def test_recovers_noisy_annotation(sim, fitted):
+    annotation_f1 = mask_f1(sim.varm["mask_true"], sim.varm["annotation"].astype(float))
+    learned_f1 = mask_f1(sim.varm["mask_true"], fitted.loadings_.to_numpy())
+    assert learned_f1 > 0.9 > annotation_f1 + 0.05
+    # factors are named and ordered like the annotation, and match the true factors
+    assert list(fitted.loadings_.columns) == sim.uns["simulation"]["annotation_names"]
+    corr = [abs(np.corrcoef(fitted.factor_scores_.iloc[:, k], sim.obsm["X_true"][:, k])[0, 1]) for k in range(8)]
+    assert min(corr) > 0.9
+    assert fitted.converged_
+
+
+def test_refined_annotations_find_the_swapped_genes(sim, fitted):
+    refined = fitted.refined_annotations().set_index("term")
+    truth = pd.DataFrame(sim.varm["mask_true"], index=sim.var_names, columns=sim.uns["simulation"]["factor_names"])
+    annotation = pd.DataFrame(sim.varm["annotation"], index=sim.var_names, columns=truth.columns)
+    lost_right = gained_right = n_lost = n_gained = 0
+    for term, row in refined.iterrows():
+        n_lost += len(row.lost)
+        n_gained += len(row.gained)
+        lost_right += (~truth.loc[row.lost, term]).sum()
+        gained_right += truth.loc[row.gained, term].sum()
+    false_pos = int((annotation & ~truth).to_numpy().sum())
+    assert lost_right / max(n_lost, 1) > 0.9 and n_lost >= 0.8 * false_pos
+    assert gained_right / max(n_gained, 1) > 0.8 and n_gained > 0
+
+
+def test_redundant_factors_are_flagged_inactive():
+    sim = noisy_annotations(n_cells=300, n_genes=400, n_factors=6, n_redundant=2, noise=0.1, seed=5)
+    m = pf.models.Spex(progress=False, min_set_size=5).fit(sim, annotations=annotation_sets(sim))
+    rel = m.relevance_
+    redundant = [n for n in rel.index if n.startswith("redundant")]
+    real = [n for n in rel.index if n.startswith("term")]
+    assert rel[redundant].max() < 0.05 * rel[real].min()
+
+
+def test_covariate_effects_recover_the_intervention():
+    sim = ppca_interventions(n_cells=400, n_genes=60, n_factors=2, sigma2=0.5, shift=np.linspace(-2, 2, 60), seed=0)
+    m = pf.models.Spex(n_dense=2, progress=False).fit(sim, covariates="group")
+    assert list(m.covariate_effects_.columns) == ["group=stimulated"]
+    b = m.covariate_effects_["group=stimulated"].to_numpy()
+    assert np.corrcoef(b, sim.var["c_true"])[0, 1] > 0.99
+    assert np.abs(b - sim.var["c_true"]).mean() < 0.15
+    assert (m.covariate_effects_sd_.to_numpy() > 0).all()
+
+
+def test_transform_reproduces_training_scores_and_survives_save_load(sim, fitted, tmp_path):
+    again = fitted.transform(sim)
+    np.testing.assert_allclose(again.to_numpy(), fitted.factor_scores_.to_numpy(), rtol=1e-3, atol=1e-3)
+    fitted.save(tmp_path / "m")
+    with np.load(tmp_path / "m" / "arrays.npz", allow_pickle=False) as npz:  # nothing needs unpickling
+        assert all(npz[k].dtype != object for k in npz.files)
+    loaded = pf.load(tmp_path / "m")
+    assert isinstance(loaded, pf.models.Spex) and loaded.get_params() == fitted.get_params()
+    pd.testing.assert_frame_equal(loaded.loadings_, fitted.loadings_)
+    pd.testing.assert_frame_equal(loaded.transform(sim), again)
+    # extra genes in new data are ignored, shuffled order is fine
+    shuffled = sim[:, np.random.default_rng(0).permutation(sim.n_vars)].copy()
+    np.testing.assert_allclose(fitted.transform(shuffled).to_numpy(), again.to_numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="missing from the new data"):
+        fitted.transform(sim[:, :100])
+
+
+def test_write_follows_scverse_conventions_and_fit_leaves_input_alone(sim, fitted):
+    before = sim.copy()
+    pf.models.Spex(progress=False, min_set_size=5, max_epochs=3).fit(sim, annotations=annotation_sets(sim))
+    assert set(sim.obsm) == set(before.obsm) and set(sim.uns) == set(before.uns)
+    np.testing.assert_array_equal(sim.X, before.X)
+    out = sim.copy()
+    fitted.write(out)
+    assert out.obsm["X_spex"].shape == (300, 8)
+    assert out.varm["spex_loadings"].shape == (400, 8) and out.varm["spex_annotation"].dtype == bool
+    assert list(out.uns["spex"]["factor_names"]) == list(fitted.loadings_.columns)
+    assert len(out.uns["spex"]["relevance"]) == 8
+
+
+def test_same_seed_same_result(sim):
+    kw = dict(progress=False, min_set_size=5, n_sparse=1, n_dense=1, max_epochs=10)
+    a = pf.models.Spex(**kw).fit(sim, annotations=annotation_sets(sim), seed=7)
+    b = pf.models.Spex(**kw).fit(sim, annotations=annotation_sets(sim), seed=7)
+    pd.testing.assert_frame_equal(a.loadings_, b.loadings_, check_exact=True)
+
+
+def test_unannotated_only_model_fits():
+    sim = ppca_interventions(n_cells=200, n_genes=50, n_factors=2, sigma2=0.1, seed=1)
+    m = pf.models.Spex(n_dense=2, progress=False).fit(sim)
+    assert list(m.factor_kinds_) == ["dense", "dense"]
+    assert m.relevance_.sum() > 0.5
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda a: a.X.__setitem__((0, 0), np.nan), "NaN or infinite"),
+    (lambda a: a.X.__setitem__((1, 1), np.inf), "NaN or infinite"),
+    (lambda a: setattr(a, "var_names", ["g"] * a.n_vars), "duplicate gene names"),
+])
+def test_bad_data_gets_a_clear_error(sim, mutate, match):
+    bad = sim.copy()
+    mutate(bad)
+    with pytest.raises(ValueError, match=match):
+        pf.models.Spex(progress=False, min_set_size=5).fit(bad, annotations=annotation_sets(sim))
+
+
+def test_bad_arguments_get_clear_errors(sim):
+    fit = lambda **kw: pf.models.Spex(progress=False, **kw.pop("model", {})).fit(sim, **kw)
+    with pytest.raises(ValueError, match="none of the"):
+        fit(annotations={"a": ["NOPE1", "NOPE2"] * 10})
+    with pytest.raises(ValueError, match="nothing to fit"):
+        fit()
+    with pytest.raises(ValueError, match="fewer than the data's 400 genes"):
+        fit(model=dict(n_dense=400))
+    with pytest.raises(ValueError, match="not a column of obs"):
+        fit(model=dict(n_dense=1), covariates="nope")
+    with pytest.raises(ValueError, match="rows but the data have 300 cells"):
+        fit(model=dict(n_dense=1), covariates=np.zeros((10, 1)))
+    cov = sim.copy()
+    cov.obs["batch"] = ["a", np.nan] * 150
+    with pytest.raises(ValueError, match="missing values"):
+        pf.models.Spex(n_dense=1, progress=False).fit(cov, covariates="batch")
+    with pytest.raises(ValueError, match="n_sparse must be"):
+        fit(model=dict(n_sparse=-1))
+    with pytest.raises(ValueError, match="layer 'counts' is not in adata.layers"):
+        fit(model=dict(n_dense=1), layer="counts")
+    with pytest.raises(RuntimeError, match="not fitted"):
+        pf.models.Spex().relevance()
+
+
+def test_accepts_numpy_dataframe_and_sparse(sim):
+    import scipy.sparse as sp
+
+    sets = annotation_sets(sim)
+    frame = sim.to_df()
+    m1 = pf.models.Spex(progress=False, min_set_size=5, max_epochs=5).fit(frame, annotations=sets)
+    m2 = pf.models.Spex(progress=False, min_set_size=5, max_epochs=5).fit(
+        ad.AnnData(sp.csr_matrix(sim.X), obs=sim.obs, var=sim.var), annotations=sets)
+    np.testing.assert_allclose(m1.loadings_.to_numpy(), m2.loadings_.to_numpy(), rtol=1e-4, atol=1e-5)
+    m3 = pf.models.Spex(progress=False, n_dense=2, max_epochs=5).fit(np.asarray(sim.X))
+    assert m3.loadings_.index[0] == "gene_0"
