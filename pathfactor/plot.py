@@ -91,7 +91,8 @@ def top_loadings(loadings: pd.Series, annotated: pd.Series | None = None, top: i
         elif is_active:
             color, label, text = _KEPT, "active", "active"
         else:
-            color, label, text = _PLAIN, "plain", "not annotated, not active"
+            color, label = _PLAIN, "plain"
+            text = "not active" if annotated is None else "not annotated, not active"
         ax.barh(yi, value, color=color)
         handles[label] = (Patch(color=color), text)
     ax.set_yticks(y, [str(g) for g in genes])
@@ -129,7 +130,8 @@ def _as_groups(groups, index: pd.Index) -> pd.Series:
 
 
 def _group_order(values: pd.Series, groups: pd.Series, sort: str) -> list:
-    if sort == "median":
+    ordered = isinstance(groups.dtype, pd.CategoricalDtype) and groups.cat.ordered
+    if sort == "median" and not ordered:
         return values.groupby(groups, observed=True).median().sort_values(ascending=False).index.tolist()
     if isinstance(groups.dtype, pd.CategoricalDtype):
         return [c for c in groups.cat.categories if (groups == c).any()]
@@ -139,7 +141,8 @@ def _group_order(values: pd.Series, groups: pd.Series, sort: str) -> list:
 def factor_scores(scores: pd.Series, groups: pd.Series | None = None, ax=None, sort: str = "median",
                   max_points: int = 1500, seed: int = 0):
     """Factor scores per cell: violins with jittered points, one per group (``sort="median"``: highest median
-    first; ``"label"``: category / alphabetical order). Without ``groups``, a histogram."""
+    first; ``"label"``: category / alphabetical order; ordered categoricals keep their order). Without ``groups``,
+    a histogram."""
     s = pd.Series(scores, dtype=float)
     name = s.name if s.name is not None else "score"
     if groups is None:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from . import plot
-from .evaluate import ACTIVE_FRACTION, refined_annotations
+from .evaluate import ACTIVE_FRACTION, active_mask, refined_annotations
 
 __all__ = ["write_report"]
 
@@ -169,9 +169,10 @@ def _gained_lost(name: str, res: _Results, refined: pd.DataFrame, top_genes: int
 <tr><th>lost (in set, not active; weakest first)</th><td>{_genes(lost)}</td><td>{len(lost)}</td></tr>
 </table>"""
     w = res.loadings[name]
-    top = w.abs().sort_values(ascending=False).head(top_genes).index
-    signed = [f"{escape(g)} ({w[g]:+.2f})" for g in top]
-    return f"<p>Unannotated factor; its strongest genes: {', '.join(signed)}.</p>"
+    strength = w.abs()[active_mask(w.to_numpy()[:, None])[:, 0]].sort_values(ascending=False)
+    signed = [f"{escape(g)} ({w[g]:+.2f})" for g in strength.index[:top_genes]]
+    more = f" … (+{len(strength) - top_genes} more)" if len(strength) > top_genes else ""
+    return f"<p>Unannotated factor; its {len(strength)} active genes, strongest first: {', '.join(signed)}{more}.</p>"
 
 
 def _factor_section(rank: int, name: str, res: _Results, refined: pd.DataFrame, fig_dir: Path,
@@ -195,7 +196,8 @@ def _covariate_section(effects: pd.DataFrame, top_genes: int) -> str:
         e = effects[cov].sort_values()
         up = [f"{escape(g)} ({v:+.2f})" for g, v in e[::-1].head(top_genes).items() if v > 0]
         down = [f"{escape(g)} ({v:+.2f})" for g, v in e.head(top_genes).items() if v < 0]
-        rows.append(f"<tr><th>{escape(cov)}</th><td>{', '.join(up) or '—'}</td><td>{', '.join(down) or '—'}</td></tr>")
+        cells = "".join(f"<td>{', '.join(genes) or '—'}</td>" for genes in (up, down))
+        rows.append(f"<tr><th>{escape(cov)}</th>{cells}</tr>")
     return f"""<h2>Covariate effects</h2>
 <p>Genes most shifted by each covariate (effect on expression, largest first); these are explained by the covariates,
 not by the factors.</p>
@@ -203,10 +205,12 @@ not by the factors.</p>
 
 
 def _violin_groups(groups: pd.Series) -> pd.Series:
-    """Many-valued numeric groups become quintiles for the violins."""
-    if pd.api.types.is_numeric_dtype(groups) and not pd.api.types.is_bool_dtype(groups) and groups.nunique() > 12:
-        return pd.qcut(groups, 5, duplicates="drop").rename(f"{groups.name} (quintile)")
-    return groups
+    """Many-valued numeric groups become quintiles (an ordered categorical) for the violins."""
+    if not pd.api.types.is_numeric_dtype(groups) or pd.api.types.is_bool_dtype(groups) or groups.nunique() <= 12:
+        return groups
+    bins = pd.qcut(groups, 5, duplicates="drop")
+    labels = [f"Q{i + 1}: {b.left:.3g}–{b.right:.3g}" for i, b in enumerate(bins.cat.categories)]
+    return bins.cat.rename_categories(labels).rename(f"{groups.name} (quintile)")
 
 
 def write_report(adata, out_dir, key: str = "spex", color_by: str | None = None, top_factors: int = 8,
@@ -231,7 +235,7 @@ def write_report(adata, out_dir, key: str = "spex", color_by: str | None = None,
     ranked = res.info.sort_values("relevance", ascending=False)
     chosen = ranked.index[ranked["active"]][:top_factors].tolist()
     relevance_png = _save(fig_dir, "relevance.png", plot.relevance, ranked["relevance"], ranked["kind"])
-    sections = [_header(res, adata, title or f"pathfactor report: {res.model}", color_by),
+    sections = [_header(res, adata, title or f"pathfactor report: {res.model}", color_by), _how_to_read(),
                 f"<h2>Factor relevance</h2>\n<div class='figs'>{_img(relevance_png, 'factor relevance')}</div>"]
     violin_groups = _violin_groups(groups) if groups is not None else None
     sections += [_factor_section(i + 1, name, res, refined, fig_dir, violin_groups, top_genes)
@@ -241,10 +245,10 @@ def write_report(adata, out_dir, key: str = "spex", color_by: str | None = None,
     pair = (chosen if len(chosen) >= 2 else ranked.index.tolist())[:2]
     if len(pair) == 2:
         png = _save(fig_dir, "scatter.png", plot.scores_scatter, res.scores[pair[0]], res.scores[pair[1]], groups)
-        sections.append(f"<h2>The two most relevant factors</h2>\n<div class='figs'>{_img(png, 'factor scatter')}</div>")
+        sections.append(f"<h2>The two most relevant factors</h2>\n"
+                        f"<div class='figs'>{_img(png, 'factor scatter')}</div>")
     if res.covariates is not None and res.covariates.shape[1]:
         sections.append(_covariate_section(res.covariates, min(top_genes, 10)))
-    sections.append(_how_to_read())
 
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{escape(title or f"pathfactor report: {res.model}")}</title>

@@ -39,7 +39,7 @@ class SpexVI:
 
     def __init__(self, Y: torch.Tensor, Z: torch.Tensor, s: torch.Tensor, X0: torch.Tensor,
                  slab_confidence: float = 0.5, noise_prior: tuple[float, float] = (1.0, 0.01),
-                 tau: float | None = None):
+                 tau: float | None = None, free_start: bool = True):
         self.Y, self.Z = Y, Z
         self.N, self.G = Y.shape
         self.K, self.C = s.shape[1], Z.shape[1]
@@ -61,6 +61,8 @@ class SpexVI:
         self.tau = (HalfCauchy((self.K,), count=self.G, dtype=dt, device=dev) if tau is None
                     else FixedScale((self.K,), tau, dtype=dt, device=dev))
         self.slab = RandomSlab(s.to(dt), alpha=slab_confidence)
+        if free_start:  # first loadings under the widest slab everywhere: the data, not the start, decide gains
+            self.slab.q.rate = torch.full_like(self.slab.q.rate, float(self.slab.rate0.max()))
         self.sigma2 = InverseGamma(torch.full((self.G,), self.a0 + 0.5 * self.N, dtype=dt, device=dev),
                                    (self.yy / self.N).clamp_min(1e-6 * float(var)) * (self.a0 + 0.5 * self.N))
         self._update_loadings()
