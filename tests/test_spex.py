@@ -45,8 +45,8 @@ def test_blocked_posterior_is_the_exact_conditional_for_known_factors():
     X, Z = torch.randn(N, K, dtype=torch.float64, generator=g), torch.randn(N, C, dtype=torch.float64, generator=g)
     Y = X @ torch.randn(K, G, dtype=torch.float64, generator=g) + torch.randn(N, G, dtype=torch.float64, generator=g)
     vi = SpexVI(Y, Z, torch.ones(G, K, dtype=torch.float64), X, tau=1.0)
-    vi.mu, vi.Sigma_x = X, torch.zeros(K, K, dtype=torch.float64)
-    vi._update_loadings()
+    vi.Sigma_x = torch.zeros(K, K, dtype=torch.float64)
+    vi._update_loadings(vi._stats(slice(None), X), rho=1.0)
     F = torch.cat([X, Z], 1)
     prec = vi.prior_precision()
     psi = vi.psi
@@ -194,3 +194,10 @@ def test_accepts_numpy_dataframe_and_sparse(sim):
     np.testing.assert_allclose(m1.loadings_.to_numpy(), m2.loadings_.to_numpy(), rtol=1e-4, atol=1e-5)
     m3 = pf.models.Spex(progress=False, n_dense=2, max_epochs=5).fit(np.asarray(sim.X))
     assert m3.loadings_.index[0] == "gene_0"
+
+
+def test_minibatch_stochastic_vi_recovers_the_annotation_too(sim):
+    m = pf.models.Spex(progress=False, min_set_size=5, batch_size=100, max_epochs=15)
+    m.fit(sim, annotations=annotation_sets(sim))
+    assert mask_f1(sim.varm["mask_true"], m.loadings_.to_numpy()) > 0.9
+    assert np.isfinite(m.history_).all() and m.factor_scores_.shape == (300, 8)

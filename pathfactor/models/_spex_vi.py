@@ -35,23 +35,28 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 class SpexVI:
-    """The variational state and its updates. ``Y`` (N x G) and ``Z`` (N x C) are centred tensors."""
+    """The variational state and its updates. ``Y`` (N x G) and ``Z`` (N x C) are centred tensors.
+
+    ``batch_size=None`` runs exact coordinate ascent (one batch, step 1). With a batch size, each epoch visits
+    the cells in random minibatches: the batch's factors are updated exactly (local step), then the global
+    factors take a natural-gradient step of size ``rho_t = (t + 1)^-forget`` towards the update that the batch,
+    scaled up to N cells, implies (stochastic VI, Hoffman et al. 2013).
+    """
 
     def __init__(self, Y: torch.Tensor, Z: torch.Tensor, s: torch.Tensor, X0: torch.Tensor,
                  slab_confidence: float = 0.5, noise_prior: tuple[float, float] = (1.0, 0.01),
-                 tau: float | None = None, free_start: bool = True):
+                 tau: float | None = None, free_start: bool = True, batch_size: int | None = None,
+                 forget: float = 0.7, generator: torch.Generator | None = None):
         self.Y, self.Z = Y, Z
         self.N, self.G = Y.shape
         self.K, self.C = s.shape[1], Z.shape[1]
         self.D = self.K + self.C
+        self.batch_size = None if batch_size is None or batch_size >= self.N else int(batch_size)
+        self.forget, self.generator, self.t = float(forget), generator, 0
         dt, dev = Y.dtype, Y.device
         self._eye_K = torch.eye(self.K, dtype=dt, device=dev)
         self._eye_D = torch.eye(self.D, dtype=dt, device=dev)
-        # sufficient statistics of the data that never change
-        self.yy = (Y * Y).sum(0)
-        self.ZtY = Z.T @ Y
-        self.ZtZ = Z.T @ Z
-        var = (self.yy / self.N).mean().clamp_min(1e-12)
+        var = ((Y * Y).sum(0) / self.N).mean().clamp_min(1e-12)
         self.a0, self.b0 = float(noise_prior[0]), float(noise_prior[1]) * float(var)
         # q(X): point initialisation, no covariance yet
         self.mu = X0.to(dt)
@@ -63,10 +68,12 @@ class SpexVI:
         self.slab = RandomSlab(s.to(dt), alpha=slab_confidence)
         if free_start:  # first loadings under the widest slab everywhere: the data, not the start, decide gains
             self.slab.q.rate = torch.full_like(self.slab.q.rate, float(self.slab.rate0.max()))
+        yy = (Y * Y).sum(0)
         self.sigma2 = InverseGamma(torch.full((self.G,), self.a0 + 0.5 * self.N, dtype=dt, device=dev),
-                                   (self.yy / self.N).clamp_min(1e-6 * float(var)) * (self.a0 + 0.5 * self.N))
-        self._update_loadings()
-        self._update_noise_and_priors()
+                                   (yy / self.N).clamp_min(1e-6 * float(var)) * (self.a0 + 0.5 * self.N))
+        stats = self._stats(slice(None), self.mu)
+        self._update_loadings(stats, rho=1.0)
+        self._update_noise_and_priors(stats, rho=1.0)
 
     # ----------------------------------------------------------------------------------------- pieces
     @property
@@ -79,51 +86,57 @@ class SpexVI:
         prec_w = self.tau.mean_inv[None, :] * self.lam.mean_inv + self.slab.mean_inv
         return torch.cat([prec_w, torch.ones(self.G, self.C, dtype=prec_w.dtype, device=prec_w.device)], dim=1)
 
-    def _factor_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """E[F]^T Y (D x G) and E[F^T F] (D x D) for F = [X, Z]."""
-        mu, Z = self.mu, self.Z
-        FtY = torch.cat([mu.T @ self.Y, self.ZtY], dim=0)
+    def _stats(self, cells, mu: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Sufficient statistics of a batch of cells, scaled up to N cells: E[F]^T Y (D x G), E[F^T F] (D x D),
+        sum_n y_ng^2 (G) and sum_n |mu_n|^2, for F = [X, Z]."""
+        Y, Z = self.Y[cells], self.Z[cells]
+        n = Y.shape[0]
+        scale = self.N / n
         XtZ = mu.T @ Z
-        A = torch.cat([torch.cat([mu.T @ mu + self.N * self.Sigma_x, XtZ], 1),
-                       torch.cat([XtZ.T, self.ZtZ], 1)], 0)
-        return FtY, A
+        A = torch.cat([torch.cat([mu.T @ mu + n * self.Sigma_x, XtZ], 1), torch.cat([XtZ.T, Z.T @ Z], 1)], 0)
+        return {"FtY": scale * torch.cat([mu.T @ Y, Z.T @ Y], 0), "A": scale * A,
+                "yy": scale * (Y * Y).sum(0), "mu2": scale * (mu * mu).sum()}
 
     # ----------------------------------------------------------------------------------------- updates
-    def _update_loadings(self) -> None:
-        """q(w_g, b_g) = N(m_g, S_g), S_g^-1 = psi_g E[F^T F] + diag(prior precision), m_g = S_g psi_g E[F]^T y_g."""
-        FtY, A = self._factor_stats()
-        psi, prec = self.psi, self.prior_precision()
+    def _local_factors(self, cells) -> torch.Tensor:
+        """q(x_n) = N(mu_n, Sigma_x), Sigma_x = (I + sum_g psi_g E[w_g w_g^T])^-1,
+        mu_n = Sigma_x (sum_g psi_g (E[w_g] y_ng - E[w_g b_g^T] z_n))."""
+        Q, K = self.second_moment(), self.K
+        Sigma_x = torch.linalg.inv(self._eye_K + Q[:K, :K])
+        self.Sigma_x = 0.5 * (Sigma_x + Sigma_x.T)
+        return (self.Y[cells] @ (self.M[:, :K] * self.psi[:, None]) - self.Z[cells] @ Q[K:, :K]) @ self.Sigma_x
+
+    def _update_loadings(self, stats: dict[str, torch.Tensor], rho: float) -> None:
+        """q(w_g, b_g) = N(m_g, S_g) with natural parameters S_g^-1 = psi_g E[F^T F] + diag(prior precision) and
+        S_g^-1 m_g = psi_g E[F]^T y_g, moved a step ``rho`` towards the batch's values (rho = 1: exact CAVI)."""
+        psi, prec, A = self.psi, self.prior_precision(), stats["A"]
         P = psi[:, None, None] * A + torch.diag_embed(prec)
+        h = psi[:, None] * stats["FtY"].T
+        if rho < 1.0:
+            P, h = (1 - rho) * self._P + rho * P, (1 - rho) * self._h + rho * h
         L, info = torch.linalg.cholesky_ex(P)
         if int(info.max()) > 0:  # numerically indefinite: add jitter and retry once
             L = torch.linalg.cholesky(P + 1e-6 * P.diagonal(dim1=1, dim2=2).mean() * self._eye_D)
-        r = (psi[:, None] * FtY.T).unsqueeze(-1)
-        self.M = torch.cholesky_solve(r, L).squeeze(-1)
+        self.M = torch.cholesky_solve(h.unsqueeze(-1), L).squeeze(-1)
         Linv = torch.linalg.solve_triangular(L, self._eye_D.expand_as(L), upper=False)
         self.S_diag = (Linv * Linv).sum(1)                      # diag(S_g), S_g = Linv^T Linv
         self.logdet_S = -2.0 * torch.log(torch.diagonal(L, dim1=1, dim2=2)).sum(1)
-        self._Linv, self._A, self._FtY, self._prec = Linv, A, FtY, prec
+        self._Linv, self._P, self._h = Linv, P, h
 
-    def _update_noise_and_priors(self) -> None:
-        """q(sigma2_g), then q(lam), q(tau), q(c) given q(W)."""
-        M, A, FtY, psi_old = self.M, self._A, self._FtY, self.psi
-        # tr(A S_g) = (D - sum_k prec_gk S_g,kk) / psi_g, because psi_g A = S_g^-1 - diag(prec_g)
-        tr_AS = (self.D - (self._prec * self.S_diag).sum(1)) / psi_old
-        self.sq_resid = (self.yy - 2 * (M * FtY.T).sum(1) + ((M @ A) * M).sum(1) + tr_AS).clamp_min(0)
-        self.sigma2.rate = self.b0 + 0.5 * self.sq_resid
+    def _update_noise_and_priors(self, stats: dict[str, torch.Tensor], rho: float) -> None:
+        """q(sigma2_g) (a step ``rho`` in its rate), then q(lam), q(tau), q(c) given q(W)."""
+        M, A, FtY = self.M, stats["A"], stats["FtY"]
+        if rho == 1.0:  # tr(A S_g) = (D - sum_k prec_gk S_g,kk) / psi_g, because psi_g A = S_g^-1 - diag(prec_g)
+            tr_AS = (self.D - (self.prior_precision() * self.S_diag).sum(1)) / self.psi
+        else:  # a blended S_g^-1 has no such form: sum_ij A_ij S_g,ij with S_g = Linv^T Linv
+            tr_AS = ((self._Linv @ A) * self._Linv).sum((1, 2))
+        self.sq_resid = (stats["yy"] - 2 * (M * FtY.T).sum(1) + ((M @ A) * M).sum(1) + tr_AS).clamp_min(0)
+        self.sigma2.rate = (1 - rho) * self.sigma2.rate + rho * (self.b0 + 0.5 * self.sq_resid)
         Ew2 = (M * M + self.S_diag)[:, : self.K]
         self.lam.update(0.5 * Ew2 * self.tau.mean_inv[None, :])
         self.tau.update(0.5 * (Ew2 * self.lam.mean_inv).sum(0))
         self.slab.update(Ew2)
-
-    def _update_factors(self) -> None:
-        """q(x_n) = N(mu_n, Sigma_x), Sigma_x = (I + sum_g psi_g E[w_g w_g^T])^-1,
-        mu_n = Sigma_x (sum_g psi_g (E[w_g] y_ng - E[w_g b_g^T] z_n))."""
-        Q = self.second_moment()
-        K = self.K
-        self.Sigma_x = torch.linalg.inv(self._eye_K + Q[:K, :K])
-        self.Sigma_x = 0.5 * (self.Sigma_x + self.Sigma_x.T)
-        self.mu = (self.Y @ (self.M[:, :K] * self.psi[:, None]) - self.Z @ Q[K:, :K]) @ self.Sigma_x
+        self._mu2 = stats["mu2"]
 
     def second_moment(self) -> torch.Tensor:
         """Q = sum_g psi_g E[(w_g, b_g)(w_g, b_g)^T] (D x D)."""
@@ -131,20 +144,42 @@ class SpexVI:
         R = (self._Linv * psi.sqrt()[:, None, None]).reshape(-1, self.D)
         return (M * psi[:, None]).T @ M + R.T @ R
 
+    def _batches(self):
+        if self.batch_size is None:
+            return [slice(None)]
+        order = torch.randperm(self.N, generator=self.generator).to(self.Y.device)
+        return list(order.split(self.batch_size))
+
     def epoch(self) -> float:
-        """One CAVI sweep: X, then (W, B), sigma2, lam, tau, c. Returns the ELBO."""
-        self._update_factors()
-        self._update_loadings()
-        self._update_noise_and_priors()
-        return float(self.elbo())
+        """One pass: per batch, the factors X, then a step for (W, B), sigma2, lam, tau, c. Returns the ELBO
+        (exact for full batches; for minibatches the mean of the batches' unbiased estimates)."""
+        elbos = []
+        for cells in self._batches():
+            mu = self._local_factors(cells)
+            rho = 1.0 if self.batch_size is None else (self.t + 1.0) ** -self.forget
+            stats = self._stats(cells, mu)
+            self._update_loadings(stats, rho)
+            self._update_noise_and_priors(stats, rho)
+            if self.batch_size is None:
+                self.mu = mu
+            self.t += 1
+            elbos.append(float(self.elbo()))
+        return sum(elbos) / len(elbos)
+
+    def scores(self) -> torch.Tensor:
+        """Posterior means of the factors of all cells under the current global factors."""
+        if self.batch_size is None:
+            return self.mu
+        return torch.cat([self._local_factors(cells) for cells in torch.arange(self.N).split(self.batch_size)])
 
     # ----------------------------------------------------------------------------------------- ELBO
     def elbo(self) -> torch.Tensor:
+        """ELBO at the current state (seed 002's objective); uses the last batch's scaled statistics."""
         N, K, G = self.N, self.K, self.G
         s2 = self.sigma2
         lik = -0.5 * (N * (_LOG_2PI + s2.mean_log) + s2.mean_inv * self.sq_resid).sum()
         logdet_Sx = torch.logdet(self.Sigma_x)
-        x_term = 0.5 * (N * K + N * logdet_Sx - N * torch.trace(self.Sigma_x) - (self.mu * self.mu).sum())
+        x_term = 0.5 * (N * K + N * logdet_Sx - N * torch.trace(self.Sigma_x) - self._mu2)
         Ew2 = self.M * self.M + self.S_diag
         Ew2_W, Ew2_B = Ew2[:, :K], Ew2[:, K:]
         w_prior = gaussian_prior_terms(Ew2_W, self.tau.mean_inv[None, :] * self.lam.mean_inv,
