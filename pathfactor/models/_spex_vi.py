@@ -46,16 +46,20 @@ class SpexVI:
     def __init__(self, Y: torch.Tensor, Z: torch.Tensor, s: torch.Tensor, X0: torch.Tensor,
                  slab_confidence: float = 0.5, noise_prior: tuple[float, float] = (1.0, 0.01),
                  tau: float | None = None, free_start: bool = True, batch_size: int | None = None,
-                 forget: float = 0.7, generator: torch.Generator | None = None):
+                 forget: float = 0.7, generator: torch.Generator | None = None, posterior: str = "blocked"):
         self.Y, self.Z = Y, Z
         self.N, self.G = Y.shape
         self.K, self.C = s.shape[1], Z.shape[1]
         self.D = self.K + self.C
         self.batch_size = None if batch_size is None or batch_size >= self.N else int(batch_size)
+        if posterior not in ("blocked", "mean-field"):
+            raise ValueError(f"posterior must be 'blocked' or 'mean-field', got {posterior!r}")
+        if posterior == "mean-field" and self.batch_size is not None:
+            raise ValueError("the mean-field posterior q(W) q(B) is only implemented for full batches (batch_size=None)")
+        self.mean_field = posterior == "mean-field"
         self.forget, self.generator, self.t = float(forget), generator, 0
         dt, dev = Y.dtype, Y.device
         self._eye_K = torch.eye(self.K, dtype=dt, device=dev)
-        self._eye_D = torch.eye(self.D, dtype=dt, device=dev)
         var = ((Y * Y).sum(0) / self.N).mean().clamp_min(1e-12)
         self.a0, self.b0 = float(noise_prior[0]), float(noise_prior[1]) * float(var)
         # q(X): point initialisation, no covariance yet
@@ -109,19 +113,44 @@ class SpexVI:
     def _update_loadings(self, stats: dict[str, torch.Tensor], rho: float) -> None:
         """q(w_g, b_g) = N(m_g, S_g) with natural parameters S_g^-1 = psi_g E[F^T F] + diag(prior precision) and
         S_g^-1 m_g = psi_g E[F]^T y_g, moved a step ``rho`` towards the batch's values (rho = 1: exact CAVI)."""
+        if self.mean_field and self.C:
+            return self._update_loadings_mean_field(stats)
         psi, prec, A = self.psi, self.prior_precision(), stats["A"]
         P = psi[:, None, None] * A + torch.diag_embed(prec)
         h = psi[:, None] * stats["FtY"].T
         if rho < 1.0:
             P, h = (1 - rho) * self._P + rho * P, (1 - rho) * self._h + rho * h
+        self.M, Linv, logdet = self._gaussian(P, h)
+        self._set_covariance(Linv, logdet)
+        self._P, self._h = P, h
+
+    def _update_loadings_mean_field(self, stats: dict[str, torch.Tensor]) -> None:
+        """The factorised alternative q(w_g) q(b_g) (MuVI's): q(w_g) given E[b_g], then q(b_g) given E[w_g]."""
+        K, psi, prec, A, FtY = self.K, self.psi, self.prior_precision(), stats["A"], stats["FtY"].T
+        M = self.M.clone() if hasattr(self, "M") else torch.zeros(self.G, self.D, dtype=A.dtype, device=A.device)
+        blocks = []
+        for own, other in ((slice(0, K), slice(K, None)), (slice(K, None), slice(0, K))):
+            P = psi[:, None, None] * A[own, own] + torch.diag_embed(prec[:, own])
+            h = psi[:, None] * (FtY[:, own] - M[:, other] @ A[other, own])
+            M[:, own], Linv, logdet = self._gaussian(P, h)
+            blocks.append((Linv, logdet))
+        self.M = M
+        self._set_covariance(_block_diagonal(blocks[0][0], blocks[1][0]), blocks[0][1] + blocks[1][1])
+
+    def _gaussian(self, P: torch.Tensor, h: torch.Tensor):
+        """Mean P^-1 h, inverse Cholesky factor and log det P^-1 of a batch of Gaussians in natural form."""
         L, info = torch.linalg.cholesky_ex(P)
         if int(info.max()) > 0:  # numerically indefinite: add jitter and retry once
-            L = torch.linalg.cholesky(P + 1e-6 * P.diagonal(dim1=1, dim2=2).mean() * self._eye_D)
-        self.M = torch.cholesky_solve(h.unsqueeze(-1), L).squeeze(-1)
-        Linv = torch.linalg.solve_triangular(L, self._eye_D.expand_as(L), upper=False)
+            eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
+            L = torch.linalg.cholesky(P + 1e-6 * P.diagonal(dim1=1, dim2=2).mean() * eye)
+        mean = torch.cholesky_solve(h.unsqueeze(-1), L).squeeze(-1)
+        eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
+        Linv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+        return mean, Linv, -2.0 * torch.log(torch.diagonal(L, dim1=1, dim2=2)).sum(1)
+
+    def _set_covariance(self, Linv: torch.Tensor, logdet: torch.Tensor) -> None:
+        self._Linv, self.logdet_S = Linv, logdet
         self.S_diag = (Linv * Linv).sum(1)                      # diag(S_g), S_g = Linv^T Linv
-        self.logdet_S = -2.0 * torch.log(torch.diagonal(L, dim1=1, dim2=2)).sum(1)
-        self._Linv, self._P, self._h = Linv, P, h
 
     def _update_noise_and_priors(self, stats: dict[str, torch.Tensor], rho: float) -> None:
         """q(sigma2_g) (a step ``rho`` in its rate), then q(lam), q(tau), q(c) given q(W)."""
@@ -191,5 +220,17 @@ class SpexVI:
         return lik + x_term + w_prior + w_entropy + noise + self.lam.elbo() + self.tau.elbo() + self.slab.elbo()
 
     # ----------------------------------------------------------------------------------------- results
+    def covariance(self) -> torch.Tensor:
+        """Full posterior covariances S_g of (w_g, b_g), G x D x D."""
+        return self._Linv.transpose(1, 2) @ self._Linv
+
     def loadings_sd(self) -> torch.Tensor:
         return self.S_diag.sqrt()
+
+
+def _block_diagonal(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Batched block-diagonal matrices [[A, 0], [0, B]]."""
+    G, k, c = A.shape[0], A.shape[1], B.shape[1]
+    out = A.new_zeros(G, k + c, k + c)
+    out[:, :k, :k], out[:, k:, k:] = A, B
+    return out

@@ -99,6 +99,8 @@ class Spex(LatentModel):
     min_set_size, max_set_size, min_set_fraction : gene-set filters applied against the data's genes.
     batch_size : None (default) for exact coordinate ascent on all cells; an int for stochastic VI on minibatches
         of that many cells (natural-gradient steps for the global factors), for data with very many cells.
+    posterior : "blocked" (default): one joint Gaussian over each gene's loadings and covariate effects;
+        "mean-field": q(W) q(B) apart, as MuVI does (seed 000's comparison: biased B, too-narrow intervals).
     max_epochs, tol : stop after ``max_epochs`` sweeps or when the ELBO's relative change stays below ``tol``.
     progress : show a progress bar.
     dtype : "float32" (default) or "float64".
@@ -119,13 +121,13 @@ class Spex(LatentModel):
                  slab_sparse: float = 0.1, slab_dense: float = 1.0, slab_confidence: float = 2.0,
                  global_scale: float | None = 1.0,
                  min_set_size: int = 15, max_set_size: int = 500, min_set_fraction: float = 0.0,
-                 max_epochs: int = 300, tol: float = 1e-5, batch_size: int | None = None, progress: bool = True,
-                 dtype: str = "float32"):
+                 max_epochs: int = 300, tol: float = 1e-5, batch_size: int | None = None, posterior: str = "blocked",
+                 progress: bool = True, dtype: str = "float32"):
         self.n_sparse, self.n_dense = n_sparse, n_dense
         self.slab_in, self.slab_out, self.slab_sparse, self.slab_dense = slab_in, slab_out, slab_sparse, slab_dense
         self.slab_confidence, self.global_scale = slab_confidence, global_scale
         self.min_set_size, self.max_set_size, self.min_set_fraction = min_set_size, max_set_size, min_set_fraction
-        self.max_epochs, self.tol, self.batch_size = max_epochs, tol, batch_size
+        self.max_epochs, self.tol, self.batch_size, self.posterior = max_epochs, tol, batch_size, posterior
         self.progress, self.dtype = progress, dtype
 
     def _check_params(self) -> None:
@@ -141,6 +143,8 @@ class Spex(LatentModel):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         if self.batch_size is not None and (not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 2):
             raise ValueError(f"batch_size must be None or an integer >= 2, got {self.batch_size!r}")
+        if self.posterior not in ("blocked", "mean-field"):
+            raise ValueError(f"posterior must be 'blocked' or 'mean-field', got {self.posterior!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
 
@@ -196,7 +200,7 @@ class Spex(LatentModel):
         X0 = _initial_factors(Y_resid, mask_t, H)
         tau = None if self.global_scale is None else self.global_scale * data_sd
         vi = SpexVI(Y, Zt, torch.as_tensor(s, dtype=dt, device=dev), X0, slab_confidence=self.slab_confidence, tau=tau,
-                    batch_size=self.batch_size, generator=generator)
+                    batch_size=self.batch_size, generator=generator, posterior=self.posterior)
         result = train(vi, max_epochs=self.max_epochs, tol=self.tol, progress=self.progress, desc="Spex")
         if not result.converged:
             log.warning("Spex did not converge in %d epochs (relative ELBO change above tol=%g); raise max_epochs",
@@ -206,7 +210,7 @@ class Spex(LatentModel):
         M = vi.M.double().cpu().numpy()
         sd = vi.loadings_sd().double().cpu().numpy()
         mu = vi.scores().double().cpu().numpy()
-        names = term_names + [f"sparse_{i}" for i in range(self.n_sparse)] + [f"dense_{i}" for i in range(self.n_dense)]
+        names = term_names + [f"sparse_{i}" for i in range(self.n_sparse)] + self._dense_names()
         annotation = np.concatenate([mask, np.zeros((G, H), dtype=bool)], axis=1)
         signs = orient(M[:, :K], annotation)
         relevance = factor_r2(Y.double().cpu().numpy(), mu, M[:, :K])
@@ -222,6 +226,9 @@ class Spex(LatentModel):
                            "M": M, "gene_mean": gene_mean.cpu().numpy(), "z_mean": z_mean.cpu().numpy()}
         self._covariates = covariates if isinstance(covariates, (str, list, tuple)) else None
         return self
+
+    def _dense_names(self) -> list[str]:
+        return [f"dense_{i}" for i in range(self.n_dense)]
 
     # ------------------------------------------------------------------ transform
     def transform(self, data, layer: str | None = None, covariates=None):

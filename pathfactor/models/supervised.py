@@ -1,0 +1,95 @@
+"""The supervised model of seed 000 (MuVI with known covariates): ``y_n ~ N(W x_n + B^T z_n, Psi)``.
+
+Horseshoe loadings W on latent factors, ``B ~ N(0, I)`` effects of known covariates Z (e.g. stimulated vs
+control). This is Spex with covariates and no gene sets (dense factors, learned per-factor global scale), so
+the maths lives in one place (``_spex_vi``). Two estimators on top:
+
+* ``posterior="blocked"`` (default): per gene one joint Gaussian q(w_g, b_g) — the blocked posterior seed 000
+  proposes; ``"mean-field"``: q(W) q(B) apart, as MuVI;
+* ``two_step=True``: the poster's reading of MuVI — OLS of Y on Z, then PPCA of the residuals.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..data.inputs import as_matrix, covariate_design
+from ..evaluate import factor_r2
+from .spex import Spex
+
+__all__ = ["Supervised"]
+
+
+class Supervised(Spex):
+    """``Y = X W^T + Z B^T + noise`` with known covariates Z (seed 000).
+
+    Parameters
+    ----------
+    n_factors : number of latent factors X next to the covariates.
+    posterior : "blocked" | "mean-field" (see module docstring).
+    two_step : estimate B by OLS and the factors by PPCA (maximum likelihood) of the OLS residuals instead.
+    max_epochs, tol, progress, dtype : as :class:`Spex`.
+
+    ``fit(data, covariates=..., layer=None, device="auto", seed=0)``; results as Spex's, with
+    ``covariate_effects_`` / ``covariate_effects_sd_`` (genes x levels ``COL=level``).
+    """
+
+    key = "supervised"
+
+    def __init__(self, n_factors: int = 5, posterior: str = "blocked", two_step: bool = False,
+                 max_epochs: int = 500, tol: float = 1e-6, progress: bool = True, dtype: str = "float32"):
+        super().__init__(n_dense=n_factors, global_scale=None, max_epochs=max_epochs, tol=tol, posterior=posterior,
+                         progress=progress, dtype=dtype)
+        self.n_factors, self.two_step = n_factors, two_step
+
+    def get_params(self) -> dict:
+        return {k: getattr(self, k) for k in ("n_factors", "posterior", "two_step", "max_epochs", "tol", "progress",
+                                              "dtype")}
+
+    def _dense_names(self) -> list[str]:
+        return [f"factor_{i}" for i in range(self.n_dense)]
+
+    def fit(self, data, covariates=None, layer: str | None = None, device="auto", seed: int = 0,
+            annotations=None) -> "Supervised":
+        if covariates is None or (not isinstance(covariates, str) and len(covariates) == 0):
+            raise ValueError("the supervised model needs covariates= (obs column names or a cells x C array); "
+                             "without them use Spex or PPCA")
+        if annotations is not None:
+            raise ValueError("the supervised model takes no gene sets; use Spex(covariates=...) for annotated factors")
+        if not self.two_step:
+            super().fit(data, covariates=covariates, layer=layer, device=device, seed=seed)
+            self.factor_kinds_[:] = "latent"
+            return self
+        return self._fit_two_step(data, covariates, layer, seed)
+
+    def _fit_two_step(self, data, covariates, layer, seed) -> "Supervised":
+        """OLS of the centred Y on the centred Z, then PPCA (closed-form MLE) of the residuals."""
+        from .ppca import PPCA
+
+        matrix = as_matrix(data, layer)
+        Z, names = covariate_design(getattr(data, "obs", None), covariates, matrix.shape[0])
+        Y = matrix.dense(np.float64)
+        Yc, Zc = Y - Y.mean(0), Z - Z.mean(0)
+        B, *_ = np.linalg.lstsq(Zc, Yc, rcond=None)                       # C x G
+        R = Yc - Zc @ B
+        dof = max(Y.shape[0] - Z.shape[1] - 1, 1)
+        sigma2 = (R * R).sum(0) / dof
+        B_sd = np.sqrt(np.outer(np.diag(np.linalg.inv(Zc.T @ Zc)), sigma2))  # C x G
+        ppca = PPCA(n_factors=self.n_factors, method="mle", progress=False).fit(R, seed=seed)
+        X, W = ppca.factor_scores_.to_numpy(), ppca.loadings_.to_numpy()
+        self._set_results(scores=X, loadings=W, obs_names=matrix.obs_names, var_names=matrix.var_names,
+                          factor_names=self._dense_names(), factor_kinds=["latent"] * self.n_factors,
+                          relevance=factor_r2(Yc, X, W), covariate_effects=B.T, covariate_effects_sd=B_sd.T,
+                          covariate_names=names)
+        self.elbo_, self.converged_ = float("nan"), True
+        self._posterior = None
+        return self
+
+    def transform(self, data, layer: str | None = None, covariates=None):
+        if self.two_step:
+            raise ValueError("transform is not available for two_step=True; fit with two_step=False")
+        return super().transform(data, layer=layer, covariates=covariates)
+
+    def _extra_state(self):
+        if self._posterior is None:
+            return {"covariates": None, "elbo": None, "converged": True}, {}
+        return super()._extra_state()
