@@ -22,8 +22,8 @@ def fitted(sim):
     return pf.models.Spex(progress=False, min_set_size=5).fit(sim, annotations=annotation_sets(sim))
 
 
-@pytest.mark.parametrize("tau", [None, 1.0])
-def test_elbo_rises_monotonically_with_covariates(sim, tau):
+@pytest.mark.parametrize("tau,posterior", [(None, "blocked"), (1.0, "blocked"), (1.0, "mean-field")])
+def test_elbo_rises_monotonically_with_covariates(sim, tau, posterior):
     """Every CAVI block update maximises the ELBO: the test of the derivation (float64)."""
     Y = torch.tensor(sim.X, dtype=torch.float64)
     Y = Y - Y.mean(0)
@@ -31,7 +31,7 @@ def test_elbo_rises_monotonically_with_covariates(sim, tau):
     Z = torch.randn(300, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     Z = Z - Z.mean(0)
     s = torch.where(mask > 0, 1.0, 0.01) * Y.std()
-    vi = SpexVI(Y, Z, s, _initial_factors(Y, mask, 1)[:, :8], tau=tau)
+    vi = SpexVI(Y, Z, s, _initial_factors(Y, mask, 1)[:, :8], tau=tau, posterior=posterior)
     elbos = [vi.epoch() for _ in range(25)]
     steps = np.diff(elbos)
     assert (steps >= -1e-8 * np.abs(elbos[1:])).all(), steps

@@ -1,0 +1,593 @@
+"""NMF: non-negative matrix factorisation by multiplicative updates, weighted and gene-set masked (seed 003).
+
+``Y ≈ X W^T`` with scores ``X`` (N cells x K) >= 0 and loadings ``W`` (G genes x K) >= 0, fitted by the
+multiplicative updates of Lee & Seung (2001) -- gradient descent with the per-entry step size that makes the
+update a ratio (seed 003, "Multiplicative gradient descent"): a non-negative start stays non-negative and the loss
+never increases. Two losses, each optionally weighted by an N x G matrix ``M >= 0`` of entry weights (seed 003,
+weighted NMF: ``M_ng = 0`` marks a missing entry, small ``M_ng`` an uncertain one; Blondel, Ho & Van Dooren 2008):
+
+* ``"frobenius"``: ``L = 1/2 sum_ng M_ng (Y_ng - [X W^T]_ng)^2``
+  ``X <- X * ((M∘Y) W) / ((M∘XW^T) W)``,  ``W <- W * ((M∘Y)^T X) / ((M∘XW^T)^T X)``
+  (unweighted: ``X <- X * (Y W) / (X W^T W)``, ``W <- W * (Y^T X) / (W X^T X)``, seed 003's last line).
+* ``"kl"`` (generalised Kullback-Leibler, the Poisson log-likelihood up to a constant):
+  ``L = sum_ng M_ng (Y log(Y / XW^T) - Y + XW^T)``
+  ``X <- X * ((M∘Y/XW^T) W) / (M W)``,  ``W <- W * ((M∘Y/XW^T)^T X) / (M^T X)``.
+
+Gene sets enter as a hard mask on ``W``: factor ``k`` starts (and, under multiplicative updates, stays) exactly
+zero on genes outside set ``k``.
+
+Every update is a whole-matrix operation. Sparse (scipy) input is never densified: the Frobenius updates only need
+``Y W`` and ``Y^T X``; the KL updates only need ``Y / XW^T`` at the non-zeros of ``Y`` (a sampled dense-dense
+product), because the zeros of ``Y`` contribute only ``sum XW^T = X.sum(0) . W.sum(0)``. Sparse weights likewise
+restrict every product to the entries with a non-zero weight.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from numbers import Integral
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from ..data.inputs import as_matrix
+from ..train import resolve_device, seed_everything, train
+from .base import LatentModel
+from .spex import _as_gene_sets
+
+__all__ = ["NMF"]
+
+log = logging.getLogger(__name__)
+
+LOSSES = {"frobenius": "frobenius", "kl": "kl", "kullback-leibler": "kl"}
+INITS = ("nndsvda", "random")
+#: floor of denominators and of the KL model mean, as scikit-learn's NMF (float32 machine epsilon)
+EPSILON = float(np.finfo(np.float32).eps)
+
+
+# ============================================================================ sparsity patterns
+class _DensePattern:
+    """All N x G entries: values are dense N x G tensors."""
+
+    def __init__(self, shape):
+        self.shape = shape
+
+    def lam(self, X, W):
+        """The model mean ``X W^T`` at every entry."""
+        return X @ W.T
+
+    def mm(self, V, W):
+        """``V W`` for entry values ``V`` (N x G)."""
+        return V @ W
+
+    def tmm(self, V, X):
+        """``V^T X``."""
+        return V.T @ X
+
+
+class _SparsePattern:
+    """A fixed set of entries (the non-zeros of a scipy CSR matrix): values are vectors in CSR order.
+
+    Products with an N x G matrix that lives only on these entries are torch CSR products; the model mean at the
+    entries is a sampled dense-dense product (SDDMM), so no N x G (or nnz x K) array is ever formed.
+    """
+
+    def __init__(self, csr: sp.csr_matrix, device):
+        N, G = csr.shape
+        self.shape = (N, G)
+        nnz = csr.nnz
+        # the transposed pattern and the permutation from CSR order to the transpose's CSR order
+        order = sp.csr_matrix((np.arange(1, nnz + 1, dtype=np.int64), csr.indices, csr.indptr), shape=(N, G))
+        t = order.T.tocsr()
+        t.sort_indices()
+        as_index = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64), device=device)
+        self.crow, self.col = as_index(csr.indptr), as_index(csr.indices)
+        self.crow_t, self.col_t, self.perm = as_index(t.indptr), as_index(t.indices), as_index(t.data - 1)
+        self._zeros = {}
+
+    def _csr(self, values):
+        return torch.sparse_csr_tensor(self.crow, self.col, values, self.shape, check_invariants=False)
+
+    def lam(self, X, W):
+        zeros = self._zeros.get(X.dtype)
+        if zeros is None:
+            zeros = self._zeros[X.dtype] = self._csr(torch.zeros(len(self.col), dtype=X.dtype, device=X.device))
+        return torch.sparse.sampled_addmm(zeros, X, W.T, beta=0.0).values()
+
+    def mm(self, v, W):
+        return self._csr(v) @ W
+
+    def tmm(self, v, X):
+        t = torch.sparse_csr_tensor(self.crow_t, self.col_t, v[self.perm], self.shape[::-1], check_invariants=False)
+        return t @ X
+
+
+# ============================================================================ the updates
+def _multiply(A, num, den):
+    """``A <- A * num / den`` in place; a zero denominator becomes EPSILON (its numerator is then zero too)."""
+    A.mul_(num / torch.where(den > 0, den, torch.full_like(den, EPSILON)))
+
+
+class _MultiplicativeUpdates:
+    """One epoch = update X, then W (unless fixed), then the loss: Lee & Seung (2001) multiplicative updates,
+    weighted as in seed 003. ``epoch()`` returns ``-loss`` for :func:`pathfactor.train.train` (which maximises).
+
+    ``y`` (and ``m``, the weights, or None) are the data at the pattern's entries. ``implicit_zeros``: the pattern
+    holds only the non-zeros of an unweighted sparse ``Y``; every other entry is a zero with weight 1.
+    """
+
+    def __init__(self, pattern, y, m, X, W, loss: str, update_W: bool = True, implicit_zeros: bool = False):
+        self.P, self.y, self.m, self.X, self.W = pattern, y, m, X, W
+        self.loss, self.update_W, self.implicit_zeros = loss, update_W, implicit_zeros
+        self._lam = None  # the model mean at the entries for the current (X, W), reused by the next X update
+        f64 = torch.float64
+        if loss == "frobenius":
+            self.my = y if m is None else m * y
+            self.yy = float(torch.sum(self.my * y, dtype=f64))
+            self._YW = None
+        else:
+            xlx = torch.xlogy(y, y) - y
+            self.const = float(torch.sum(xlx if m is None else m * xlx, dtype=f64))
+
+    # ---------------------------------------------------------------- Frobenius
+    def _frobenius_epoch(self) -> float:
+        P, X, W, m = self.P, self.X, self.W, self.m
+        if m is None:
+            if self._YW is None or self.update_W:
+                self._YW = P.mm(self.y, W)
+            _multiply(X, self._YW, X @ (W.T @ W))
+            if self.update_W:
+                YtX = P.tmm(self.y, X)
+                _multiply(W, YtX, W @ (X.T @ X))
+                cross = torch.sum(W * YtX, dtype=torch.float64)
+            else:
+                cross = torch.sum(X * self._YW, dtype=torch.float64)
+            gram = torch.sum((X.T @ X).double() * (W.T @ W).double())
+            return -0.5 * float(self.yy - 2 * cross + gram)
+        lam = self._lam if self._lam is not None else P.lam(X, W)
+        _multiply(X, P.mm(self.my, W), P.mm(m * lam, W))
+        if self.update_W:
+            lam = P.lam(X, W)
+            _multiply(W, P.tmm(self.my, X), P.tmm(m * lam, X))
+        self._lam = lam = P.lam(X, W)
+        return -0.5 * float(torch.sum(m * (self.y - lam) ** 2, dtype=torch.float64))
+
+    # ---------------------------------------------------------------- KL
+    def _ratio(self, lam):
+        r = self.y / lam.clamp_min(EPSILON)
+        return r if self.m is None else self.m * r
+
+    def _kl_epoch(self) -> float:
+        P, X, W, m = self.P, self.X, self.W, self.m
+        lam = self._lam if self._lam is not None else P.lam(X, W)
+        _multiply(X, P.mm(self._ratio(lam), W), W.sum(0) if m is None else P.mm(m, W))
+        if self.update_W:
+            lam = P.lam(X, W)
+            _multiply(W, P.tmm(self._ratio(lam), X), X.sum(0) if m is None else P.tmm(m, X))
+        self._lam = lam = P.lam(X, W)
+        return -self.kl(lam)
+
+    def kl(self, lam) -> float:
+        term = lam - torch.xlogy(self.y, lam.clamp_min(EPSILON))
+        total = self.const + float(torch.sum(term if self.m is None else self.m * term, dtype=torch.float64))
+        if self.implicit_zeros:  # the zeros of Y outside the pattern add their model mean
+            total += float(self.X.sum(0).double() @ self.W.sum(0).double()) - float(torch.sum(lam, dtype=torch.float64))
+        return total
+
+    def epoch(self) -> float:
+        return self._frobenius_epoch() if self.loss == "frobenius" else self._kl_epoch()
+
+
+# ============================================================================ initialisation
+def _nndsvda(Y, K: int, seed: int):
+    """NNDSVDa (Boutsidis & Gallopoulos 2008) as scikit-learn computes it: the non-negative parts of the leading
+    singular triplets, zeros filled with the data's mean so that multiplicative updates can move them."""
+    from sklearn.utils.extmath import randomized_svd
+
+    U, S, V = randomized_svd(Y, K, random_state=seed)
+    X, W = np.zeros_like(U), np.zeros_like(V.T)
+    X[:, 0], W[:, 0] = np.sqrt(S[0]) * np.abs(U[:, 0]), np.sqrt(S[0]) * np.abs(V[0])
+    for j in range(1, K):
+        u, v = U[:, j], V[j]
+        up, vp, un, vn = np.maximum(u, 0), np.maximum(v, 0), np.maximum(-u, 0), np.maximum(-v, 0)
+        mp, mn = np.linalg.norm(up) * np.linalg.norm(vp), np.linalg.norm(un) * np.linalg.norm(vn)
+        a, b, sigma = (up, vp, mp) if mp > mn else (un, vn, mn)
+        scale = np.sqrt(S[j] * sigma)
+        X[:, j] = scale * a / max(np.linalg.norm(a), 1e-300)
+        W[:, j] = scale * b / max(np.linalg.norm(b), 1e-300)
+    X[X < 1e-6], W[W < 1e-6] = 0, 0
+    avg = Y.mean()
+    X[X == 0], W[W == 0] = avg, avg
+    return X, W
+
+
+def _random_init(Y, K: int, seed: int):
+    """scikit-learn's ``init="random"``: |N(0, 1)| scaled by sqrt(mean(Y) / K)."""
+    avg = np.sqrt(Y.mean() / K)
+    rng = np.random.RandomState(seed)
+    W = np.abs(avg * rng.standard_normal(size=(K, Y.shape[1]))).T
+    X = np.abs(avg * rng.standard_normal(size=(Y.shape[0], K)))
+    return X, W
+
+
+def _masked_power(Y, mask: np.ndarray, n_iter: int = 10):
+    """For each gene set, the leading (uncentred) singular pair of ``Y`` restricted to the set's genes -- all sets
+    at once by a masked power iteration; non-negative because ``Y`` is."""
+    V = mask / np.maximum(mask.sum(0), 1)
+    for _ in range(n_iter):
+        Xa = np.asarray(Y @ V)
+        Xa /= np.maximum(np.linalg.norm(Xa, axis=0), 1e-300)
+        V = mask * np.asarray(Y.T @ Xa)
+        V /= np.maximum(np.linalg.norm(V, axis=0), 1e-300)
+    Xa = np.asarray(Y @ V)
+    # zeros would stay zero under multiplicative updates: lift them to a tenth of their factor's mean
+    for A, allowed in ((Xa, np.ones_like(Xa, dtype=bool)), (V, mask > 0)):
+        col_mean = np.where(A > 0, A, 0).sum(0) / np.maximum((A > 0).sum(0), 1)
+        fill = np.broadcast_to(0.1 * np.maximum(col_mean, 1e-12), A.shape)
+        lift = allowed & (A <= 0)
+        A[lift] = fill[lift]
+    return Xa, V
+
+
+def _model_mean_at(X, W, weights):
+    """``X W^T`` where the weights live: dense N x G for dense weights, a vector at the non-zeros of sparse ones."""
+    if sp.issparse(weights):
+        rows, cols = weights.nonzero()
+        return np.einsum("ik,ik->i", X[rows], W[cols]), np.asarray(weights[rows, cols]).ravel()
+    return X @ W.T, weights
+
+
+def _initial_factors(Y, K: int, mask: np.ndarray, init: str, seed: int, loss: str, weights=None):
+    """Starting ``(X, W)`` as float64 numpy arrays.
+
+    Annotated factors (one per column of ``mask``, genes x sets) start from a masked power iteration, exactly zero
+    outside their set; the ``K - A`` free factors from NNDSVDa (or scikit-learn's random start) on the whole data.
+    Missing entries (weight 0) count as zeros for the start. With annotations or weights the start is then
+    rescaled by the one scalar that minimises the loss (scikit-learn's starts are already on the data's scale).
+    """
+    if weights is not None:
+        if sp.issparse(weights):
+            Y = Y.multiply(weights > 0).tocsr() if sp.issparse(Y) else Y * (weights > 0).toarray()
+        else:  # dense weights: the data are densified for fitting anyway
+            Y = (Y.toarray() if sp.issparse(Y) else Y) * (weights > 0)
+    Y = Y.astype(np.float64) if sp.issparse(Y) else np.asarray(Y, dtype=np.float64)
+    A = mask.shape[1]
+    parts = []
+    if A:
+        parts.append(_masked_power(Y, mask.astype(np.float64)))
+    if K > A:
+        parts.append((_nndsvda if init == "nndsvda" else _random_init)(Y, K - A, seed))
+    X = np.hstack([p[0] for p in parts])
+    W = np.hstack([p[1] for p in parts])
+    if A or weights is not None:
+        if weights is None:
+            if loss == "frobenius":
+                alpha = float((X * np.asarray(Y @ W)).sum()) / max(float(((X.T @ X) * (W.T @ W)).sum()), 1e-300)
+            else:
+                alpha = float(Y.sum()) / max(float(X.sum(0) @ W.sum(0)), 1e-300)
+        else:
+            lam, m = _model_mean_at(X, W, weights)
+            y = np.asarray(Y[weights.nonzero()]).ravel() if sp.issparse(weights) else Y
+            if loss == "frobenius":
+                alpha = float((m * y * lam).sum()) / max(float((m * lam * lam).sum()), 1e-300)
+            else:
+                alpha = float((m * y).sum()) / max(float((m * lam).sum()), 1e-300)
+        if alpha > 0:
+            X, W = X * np.sqrt(alpha), W * np.sqrt(alpha)
+    return X, W
+
+
+# ============================================================================ input checks
+def _check_nonnegative(matrix) -> None:
+    vals = matrix.Y.data if sp.issparse(matrix.Y) else matrix.Y
+    n_neg = int((vals < 0).sum())
+    if n_neg:
+        raise ValueError(
+            f"NMF needs non-negative data but the data have {n_neg} negative values (min {float(vals.min()):.3g}); "
+            "use counts (e.g. layer='counts') or log-normalised data, not scaled or centred data (sc.pp.scale)")
+
+
+def _read_matrix(data, layer, dtype):
+    try:
+        return as_matrix(data, layer, dtype=dtype)
+    except ValueError as err:
+        if "NaN" in str(err):
+            raise ValueError(f"{err}; or, to treat them as missing, set them to 0 and pass weights= with weight 0 "
+                             "at those entries") from None
+        raise
+
+
+def _as_weights(weights, data, matrix, dtype):
+    """Entry weights as None, a dense numpy array or a scipy CSR matrix of the data's shape, checked."""
+    if weights is None:
+        return None
+    N, G = matrix.shape
+    if isinstance(weights, str):
+        layers = getattr(data, "layers", None)
+        if layers is None:
+            raise ValueError(f"weights={weights!r} names a layer, which needs AnnData input; pass an N x G array")
+        if weights not in layers:
+            raise ValueError(f"weights layer {weights!r} is not in adata.layers (it has {sorted(layers.keys())})")
+        weights = layers[weights]
+    if isinstance(weights, pd.DataFrame):
+        if set(weights.index.astype(str)) == set(matrix.obs_names) and set(weights.columns.astype(str)) == set(
+                matrix.var_names):
+            weights = weights.set_axis(weights.index.astype(str), axis=0).set_axis(weights.columns.astype(str), axis=1)
+            weights = weights.loc[matrix.obs_names, matrix.var_names]
+        elif weights.shape != (N, G):
+            raise ValueError(f"weights have shape {weights.shape} but the data have {N} cells x {G} genes")
+        weights = weights.to_numpy()
+    if hasattr(weights, "to_memory"):
+        weights = weights.to_memory()
+    if sp.issparse(weights):
+        weights = sp.csr_matrix(weights, dtype=dtype, copy=True)
+        weights.sum_duplicates()
+        weights.eliminate_zeros()
+        vals = weights.data
+    else:
+        try:
+            weights = np.asarray(weights, dtype=dtype)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"weights must be numeric (an N x G array of entry weights): {err}") from None
+        vals = weights
+    if weights.shape != (N, G):
+        raise ValueError(f"weights have shape {weights.shape} but the data have {N} cells x {G} genes; pass one "
+                         "weight per entry (0 = missing)")
+    if not np.isfinite(vals).all():
+        raise ValueError("weights contain NaN or infinite values; use 0 for missing entries")
+    if (vals < 0).any():
+        raise ValueError(f"weights must be non-negative (0 = missing) but {int((vals < 0).sum())} are negative")
+    if not (vals > 0).any():
+        raise ValueError("all weights are zero: nothing is observed; give positive weights to observed entries")
+    return weights
+
+
+def _problem(Y, weights, dev, dt):
+    """The entries the loss runs over: ``(pattern, y, m, implicit_zeros)``.
+
+    dense Y, no or dense weights -> every entry; sparse Y without weights -> the non-zeros (the zeros implicit);
+    sparse weights -> the entries with a non-zero weight; sparse Y with dense weights -> densified.
+    """
+    tensor = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=dev)
+    if sp.issparse(weights):
+        pattern = weights.tocsr()
+        pattern.sort_indices()
+        rows, cols = pattern.nonzero()  # CSR order
+        y = np.asarray(Y[rows, cols]).ravel()
+        return _SparsePattern(pattern, dev), tensor(y), tensor(pattern.data), False
+    if sp.issparse(Y) and weights is None:
+        Y = Y.tocsr(copy=True)
+        Y.sum_duplicates()
+        return _SparsePattern(Y, dev), tensor(Y.data), None, True
+    Y = Y.toarray() if sp.issparse(Y) else Y
+    return _DensePattern(Y.shape), tensor(Y), None if weights is None else tensor(weights), False
+
+
+# ============================================================================ the model
+class NMF(LatentModel):
+    """Non-negative matrix factorisation ``Y ≈ X W^T`` by multiplicative updates (Lee & Seung; seed 003).
+
+    Parameters
+    ----------
+    n_factors : int
+        Number of factors K. With gene sets every kept set gets a factor, and ``n_factors - n_sets`` free factors
+        (``nmf_0``, ``nmf_1``, ...) are added when that is positive; K = max(n_factors, n_sets).
+    loss : "frobenius" or "kl"
+        Weighted squared error ``1/2 sum M (Y - XW^T)^2`` (for log-normalised data) or the weighted generalised
+        Kullback-Leibler divergence ``sum M (Y log(Y/XW^T) - Y + XW^T)`` (the Poisson likelihood, for counts).
+    max_epochs, tol : stop after ``max_epochs`` sweeps (one update of X and of W each) or when the relative change
+        of the loss stays below ``tol`` for two sweeps (``tol=0`` runs exactly ``max_epochs`` sweeps).
+    progress : show a progress bar.
+    dtype : "float32" (default) or "float64".
+    min_set_size, max_set_size : gene-set filters applied against the data's genes (as :class:`Spex`).
+    init : "nndsvda" (default; Boutsidis & Gallopoulos 2008, as scikit-learn) or "random" (scikit-learn's).
+        Annotated factors always start from their set's leading singular pair.
+
+    Attributes
+    ----------
+    factor_scores_ : X, cells x factors. loadings_ : W, genes x factors, each column scaled to sum to 1, so
+        ``x_nk`` is the amount of expression (e.g. counts) cell ``n`` draws from program ``k``.
+    relevance_ : each factor's share of the data, the *uncentred* R^2 of ``Y ≈ x_k w_k^T`` (weighted by M):
+        ``1 - sum M (Y - x_k w_k^T)^2 / sum M Y^2``. Uncentred because NMF models the data themselves, not their
+        deviations from the gene means: a factor carrying the mean expression profile has a large share.
+    loss_ : the final loss; ``history_`` holds ``-loss`` per epoch (the training engine maximises).
+    reconstruction_err_ : ``sqrt(2 * loss_)``, as scikit-learn (the Frobenius norm of the weighted residual).
+    n_iter_, converged_ : epochs run and whether ``tol`` was reached.
+    annotation_ : genes x factors gene-set mask (False for free factors). The mask is hard: loadings outside a
+        set are exactly 0, so :meth:`refined_annotations` can report genes a set *loses*, never genes it gains.
+
+    Notes
+    -----
+    Sparse input stays sparse: see the module docstring. ``weights`` may be dense or sparse; sparse weights
+    restrict the loss to their non-zero entries (everything else counts as missing).
+
+    References
+    ----------
+    Lee & Seung, Learning the parts of objects by non-negative matrix factorization, Nature 401 (1999);
+    Lee & Seung, Algorithms for non-negative matrix factorization, NIPS 13 (2001);
+    seed 003 (NMF by multiplicative gradient descent; weighted NMF for missing or uncertain entries);
+    Blondel, Ho & Van Dooren, Weighted nonnegative matrix factorization and face feature extraction (2008);
+    Boutsidis & Gallopoulos, SVD based initialization: a head start for NMF, Pattern Recognition 41 (2008).
+    """
+
+    key = "nmf"
+
+    def __init__(self, n_factors: int = 10, loss: str = "frobenius", max_epochs: int = 500, tol: float = 1e-5,
+                 progress: bool = True, dtype: str = "float32", min_set_size: int = 15, max_set_size: int = 500,
+                 init: str = "nndsvda"):
+        self.n_factors, self.loss = n_factors, loss
+        self.max_epochs, self.tol, self.progress, self.dtype = max_epochs, tol, progress, dtype
+        self.min_set_size, self.max_set_size, self.init = min_set_size, max_set_size, init
+
+    def _check_params(self) -> None:
+        if isinstance(self.n_factors, bool) or not isinstance(self.n_factors, Integral) or self.n_factors < 1:
+            raise ValueError(f"n_factors must be an integer >= 1, got {self.n_factors!r}")
+        if str(self.loss).lower() not in LOSSES:
+            raise ValueError(f"loss must be 'frobenius' or 'kl' (Kullback-Leibler), got {self.loss!r}")
+        if isinstance(self.max_epochs, bool) or not isinstance(self.max_epochs, Integral) or self.max_epochs < 1:
+            raise ValueError(f"max_epochs must be an integer >= 1, got {self.max_epochs!r}")
+        if not np.isfinite(self.tol) or self.tol < 0:
+            raise ValueError(f"tol must be a number >= 0, got {self.tol!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+
+    @property
+    def _loss(self) -> str:
+        return LOSSES[str(self.loss).lower()]
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, data, annotations=None, layer: str | None = None, weights=None, seed: int = 0,
+            device="auto") -> "NMF":
+        """Fit to ``data`` (AnnData, DataFrame, numpy or scipy sparse; cells x genes, non-negative: counts or
+        log-normalised data).
+
+        ``annotations``: GeneSets, ``{name: genes}``, a genes x terms boolean DataFrame or a GMT/JSON path (or a
+        list of them); matched to the genes case-insensitively and filtered by size; each kept set becomes a
+        factor that may load only on its genes.
+        ``weights``: N x G non-negative entry weights (numpy, scipy sparse, DataFrame, or the name of a layer);
+        0 marks a missing entry, whose value in ``data`` is then ignored. The caller's data are not modified.
+        """
+        self._check_params()
+        seed_everything(seed)
+        dev, dt = resolve_device(device), getattr(torch, self.dtype)
+        matrix = _read_matrix(data, layer, getattr(np, self.dtype))
+        _check_nonnegative(matrix)
+        N, G = matrix.shape
+        M = _as_weights(weights, data, matrix, getattr(np, self.dtype))
+        sets = _as_gene_sets(annotations)
+        if sets is not None:
+            sets = sets.filter(matrix.var_names, min_size=self.min_set_size, max_size=self.max_set_size)
+            mask, term_names = sets.to_mask(matrix.var_names).to_numpy(), list(sets.names)
+        else:
+            mask, term_names = np.zeros((G, 0), dtype=bool), []
+        A = mask.shape[1]
+        K = max(self.n_factors, A)
+        if K > min(N, G):
+            what = f"{A} gene sets" if A > self.n_factors else f"n_factors={self.n_factors}"
+            raise ValueError(f"{what} exceed(s) min(cells, genes) = {min(N, G)} of the data; use fewer factors"
+                             + (" or fewer gene sets (raise min_set_size)" if A else ""))
+        if A and K == A and not mask.any(1).all():
+            log.warning("%d genes are in no gene set and there are no free factors, so they cannot be fitted; "
+                        "set n_factors above the number of sets (%d) to add free factors", int((~mask.any(1)).sum()), A)
+        if M is not None:
+            if sp.issparse(M):  # zeros eliminated: every stored weight is positive
+                per_cell, per_gene = M.getnnz(axis=1), M.getnnz(axis=0)
+            else:
+                per_cell, per_gene = (M > 0).sum(1), (M > 0).sum(0)
+            empty_cells, empty_genes = int((per_cell == 0).sum()), int((per_gene == 0).sum())
+            if empty_cells or empty_genes:
+                log.warning("%d cells and %d genes have no entry with positive weight; their scores / loadings "
+                            "are set to 0", empty_cells, empty_genes)
+
+        X0, W0 = _initial_factors(matrix.Y, K, mask, self.init, seed, self._loss, M)
+        allowed = np.concatenate([mask, np.ones((G, K - A), dtype=bool)], axis=1)
+        W0 = W0 * allowed
+        pattern, y, m, implicit = _problem(matrix.Y, M, dev, dt)
+        X = torch.as_tensor(X0, dtype=dt, device=dev)
+        W = torch.as_tensor(W0, dtype=dt, device=dev)
+        task = _MultiplicativeUpdates(pattern, y, m, X, W, self._loss, implicit_zeros=implicit)
+        with _quiet_sparse_ctx():
+            result = train(task, max_epochs=self.max_epochs, tol=self.tol, progress=self.progress, desc="NMF")
+            relevance = _relevance(pattern, y, m, task.X, task.W)
+        if self.tol > 0 and not result.converged:
+            log.warning("NMF did not converge in %d epochs (relative loss change above tol=%g); raise max_epochs",
+                        self.max_epochs, self.tol)
+
+        X, W = task.X.double().cpu().numpy(), task.W.double().cpu().numpy()
+        # loadings as distributions over genes: columns of W sum to 1, the scale moves to X
+        total = W.sum(0)
+        scale = np.where(total > 0, total, 1.0)
+        X, W = X * scale, W / scale
+        # free factors ordered by relevance, named nmf_0, nmf_1, ...
+        order = np.concatenate([np.arange(A), A + np.argsort(-relevance[A:], kind="stable")]).astype(int)
+        X, W, relevance = X[:, order], W[:, order], relevance[order]
+        names = term_names + [f"nmf_{i}" for i in range(K - A)]
+        kinds = ["annotated"] * A + ["latent"] * (K - A)
+        annotation = np.concatenate([mask, np.zeros((G, K - A), dtype=bool)], axis=1)
+        self._set_results(scores=X, loadings=W, obs_names=matrix.obs_names, var_names=matrix.var_names,
+                          factor_names=names, factor_kinds=kinds, relevance=relevance,
+                          annotation=annotation if A else None, history=result.history)
+        self.loss_ = -result.history[-1]
+        self.reconstruction_err_ = float(np.sqrt(2 * max(self.loss_, 0.0)))
+        self.n_iter_, self.converged_ = result.n_epochs, result.converged
+        return self
+
+    # ------------------------------------------------------------------ out of sample
+    def transform(self, data, layer: str | None = None, weights=None, device="auto") -> pd.DataFrame:
+        """Scores ``X >= 0`` of new cells with the loadings ``W`` fixed: the same multiplicative updates (and loss
+        and weights) on X alone, a convex problem, until ``tol`` or ``max_epochs``.
+
+        ``data`` must hold every gene the model was fitted on (extra genes are ignored).
+        """
+        self._check_fitted()
+        dev, dt = resolve_device(device), getattr(torch, self.dtype)
+        matrix = _read_matrix(data, layer, getattr(np, self.dtype))
+        var = self.loadings_.index
+        missing = var.difference(matrix.var_names)
+        if len(missing):
+            raise ValueError(f"{len(missing)} of the model's {len(var)} genes are missing from the new data "
+                             f"(e.g. {list(missing[:3])}); transform needs the genes the model was fitted on")
+        _check_nonnegative(matrix)
+        M = _as_weights(weights, data, matrix, getattr(np, self.dtype))
+        cols = matrix.var_names.get_indexer(var)
+        Y = matrix.Y[:, cols]
+        if M is not None:
+            M = M[:, cols]
+        W = self.loadings_.to_numpy(dtype=np.float64)
+        # start: every factor at the per-cell least-squares level c_n of y_n ≈ c_n * sum_k w_k
+        s = W.sum(1)
+        Yz = Y if M is None else (Y.multiply(M > 0) if sp.issparse(Y) else Y * (M > 0 if not sp.issparse(M)
+                                                                              else (M > 0).toarray()))
+        c = np.asarray(Yz @ s).ravel() / max(float(s @ s), 1e-300)
+        X0 = np.repeat(np.maximum(c, EPSILON * max(float(c.mean()), 1.0))[:, None], W.shape[1], axis=1)
+        pattern, y, m, implicit = _problem(Y, M, dev, dt)
+        task = _MultiplicativeUpdates(pattern, y, m, torch.as_tensor(X0, dtype=dt, device=dev),
+                                      torch.as_tensor(W, dtype=dt, device=dev), self._loss, update_W=False,
+                                      implicit_zeros=implicit)
+        with _quiet_sparse_ctx():
+            train(task, max_epochs=self.max_epochs, tol=self.tol, progress=self.progress, desc="NMF transform")
+        return pd.DataFrame(task.X.double().cpu().numpy(), index=matrix.obs_names, columns=self.loadings_.columns)
+
+    def reconstruct(self) -> np.ndarray:
+        """``X W^T`` (cells x genes, dense): the model's fitted values, e.g. imputed values of missing entries."""
+        self._check_fitted()
+        return self.factor_scores_.to_numpy() @ self.loadings_.to_numpy().T
+
+    # ------------------------------------------------------------------ save / load
+    def _extra_state(self):
+        meta = {"loss": self.loss_, "reconstruction_err": self.reconstruction_err_, "n_iter": self.n_iter_,
+                "converged": self.converged_}
+        return meta, {}
+
+    def _load_extra_state(self, meta, arrays):
+        self.loss_, self.reconstruction_err_ = meta["loss"], meta["reconstruction_err"]
+        self.n_iter_, self.converged_ = meta["n_iter"], meta["converged"]
+
+
+class _quiet_sparse_ctx:
+    """Context: torch's beta warnings about sparse CSR tensors are not the user's concern."""
+
+    def __enter__(self):
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.filterwarnings("ignore", message=".*[Ss]parse (CSR tensor support|invariant checks).*")
+        return self
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def _relevance(pattern, y, m, X, W) -> np.ndarray:
+    """Uncentred, weighted R^2 of each factor alone: ``1 - sum M (Y - x_k w_k^T)^2 / sum M Y^2``, from whole-matrix
+    products (no N x G residual): ``sum M (2 Y x_k w_k^T - (x_k w_k^T)^2) / sum M Y^2``."""
+    y, X, W = y.double(), X.double(), W.double()
+    m = None if m is None else m.double()
+    my = y if m is None else m * y
+    total = float(torch.sum(my * y))
+    cross = (X * pattern.mm(my, W)).sum(0)
+    square = (X * X).sum(0) * (W * W).sum(0) if m is None else ((X * X) * pattern.mm(m, W * W)).sum(0)
+    return ((2 * cross - square) / max(total, 1e-300)).cpu().numpy()

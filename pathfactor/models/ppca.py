@@ -1,0 +1,396 @@
+"""Probabilistic PCA (seed 000; Tipping & Bishop 1999): closed-form MLE, EM (seed 003), MAP and mean-field VI.
+
+Model (seed 000, eq. 2), for centred data ``Y - mu`` (N cells x G genes)::
+
+    y_n | x_n, W, sigma2 ~ N(W x_n + mu, sigma2 I_G),   x_n ~ N(0, I_K)
+    marginally  y_n ~ N(mu, C),  C = W W^T + sigma2 I_G
+
+and, for ``map`` and ``vi``, the poster's priors ``w_gk ~ N(0, 1)`` and ``sigma2 ~ InvGamma(1, 1)``.
+
+* ``mle``: ``W = U_K (Lambda_K - sigma2 I)^(1/2)``, ``sigma2`` = mean of the G - K discarded eigenvalues of the
+  sample covariance S (seed 000, "The MLE of W"); the eigen-decomposition is of the smaller Gram matrix.
+* ``em``: EM of seed 003 ("EM as an alternating maximisation"): the E-step's posterior q(x_n) = N(M^-1 W^T y_n,
+  sigma2 M^-1), M = W^T W + sigma2 I, enters the M-step only through ``E[X]^T Y`` and ``sum_n E[x_n x_n^T]``.
+* ``map``: the poster's MAP, the mode of p(X, W, sigma2 | Y) (x integrated out nowhere), by exact block
+  coordinate ascent: X, then W (two ridge regressions), then sigma2 = (R + 2 b0) / (N G + 2 a0 + 2).
+* ``vi``: mean-field q(X) q(W) q(sigma2), Gaussian / Gaussian / inverse-gamma, minimising the poster's -ELBO by
+  closed-form coordinate ascent (CAVI); q(x_n) share one K x K covariance, as do q(w_g).
+
+Every iterative method runs through :func:`pathfactor.train.train` and each epoch raises its objective (the
+log-likelihood, the log posterior, the ELBO) monotonically. The likelihood, rotation-invariant, fixes W only up to
+an orthogonal K x K rotation; fits are finally rotated to principal axes (W^T W diagonal, decreasing) and signed
+so that each factor's largest loading is positive.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+
+import numpy as np
+import torch
+
+from ..data.inputs import as_matrix
+from ..evaluate import factor_r2, orient
+from ..train import resolve_device, seed_everything, train
+from .base import LatentModel
+
+__all__ = ["PPCA", "gaussian_log_likelihood", "mle"]
+
+log = logging.getLogger(__name__)
+
+_LOG_2PI = math.log(2 * math.pi)
+METHODS = ("mle", "em", "map", "vi")
+#: the poster's priors (seed 000): w_gk ~ N(0, W_PRIOR_VAR), sigma2 ~ InvGamma(SIGMA2_PRIOR)
+W_PRIOR_VAR = 1.0
+SIGMA2_PRIOR = (1.0, 1.0)
+
+
+# ============================================================================ checks shared by the linear models
+def check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_common(model) -> None:
+    """Validate ``n_factors``, ``max_epochs``, ``tol`` and ``dtype`` where the model has them."""
+    check_int("n_factors", model.n_factors, 1)
+    if hasattr(model, "max_epochs"):
+        check_int("max_epochs", model.max_epochs, 1)
+    if hasattr(model, "tol"):
+        if isinstance(model.tol, bool) or not isinstance(model.tol, numbers.Real) or not 0 <= model.tol < 1:
+            raise ValueError(f"tol must be a number in [0, 1), got {model.tol!r}")
+    if getattr(model, "dtype", "float32") not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {model.dtype!r}")
+
+
+def check_shape(K: int, N: int, G: int, model: str) -> None:
+    """A K-factor Gaussian model needs K < G (noise left to estimate) and K < N - 1 (the centred data have rank
+    at most N - 1)."""
+    if K >= G:
+        raise ValueError(f"{model} with n_factors={K} needs more genes than factors, but the data have {G} genes; "
+                         f"use n_factors < {G}")
+    if K >= N - 1:
+        raise ValueError(f"{model} with n_factors={K} needs at least n_factors + 2 cells, but the data have {N} "
+                         f"cells; use n_factors < {N - 1}")
+
+
+def aligned_centred(data, layer, var_names, mu) -> tuple[np.ndarray, object]:
+    """``Y - mu`` (float64) of new ``data`` with its genes put in the model's order; extra genes are ignored."""
+    matrix = as_matrix(data, layer)
+    missing = var_names.difference(matrix.var_names)
+    if len(missing):
+        raise ValueError(f"{len(missing)} of the model's {len(var_names)} genes are missing from the data "
+                         f"(e.g. {list(missing[:3])}); pass data with the genes the model was fitted on")
+    Y = matrix.Y[:, matrix.var_names.get_indexer(var_names)]
+    Y = Y.toarray() if hasattr(Y, "toarray") else np.asarray(Y)
+    return Y.astype(np.float64) - mu, matrix.obs_names
+
+
+# ============================================================================ the maths
+def gaussian_log_likelihood(Y: torch.Tensor, W: torch.Tensor, psi: torch.Tensor, YB: torch.Tensor | None = None,
+                            ss: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_n log N(y_n; 0, W W^T + diag(psi))`` of centred ``Y`` (N x G), in O(N G K) with K x K algebra only.
+
+    Woodbury and the determinant lemma with ``B = Psi^-1 W``, ``A = I_K + W^T B``:
+    ``C^-1 = Psi^-1 - B A^-1 B^T``, ``log|C| = sum_g log psi_g + log|A|``, so
+    ``sum_n y_n^T C^-1 y_n = sum_g ss_g / psi_g - tr((Y B) A^-1 (Y B)^T)`` (``ss_g = sum_n y_ng^2``).
+    ``psi`` is a length-G vector (PPCA: ``sigma2`` repeated). ``YB`` and ``ss`` may be passed when already known.
+    """
+    N, G = Y.shape
+    K = W.shape[1]
+    B = W / psi[:, None]
+    A = torch.eye(K, dtype=W.dtype, device=W.device) + W.T @ B
+    YB = Y @ B if YB is None else YB
+    ss = (Y * Y).sum(0) if ss is None else ss
+    quad = (ss / psi).sum() - ((YB @ torch.linalg.inv(A)) * YB).sum()
+    logdet = torch.log(psi).sum() + torch.logdet(A)
+    return -0.5 * (N * G * _LOG_2PI + N * logdet + quad)
+
+
+def mle(Y: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tipping & Bishop's closed form (seed 000) for centred ``Y``: ``W = U_K (Lambda_K - sigma2 I)^(1/2)``,
+    ``sigma2 = (tr S - sum_k lambda_k) / (G - K)``. Eigen-decomposes ``S = Y^T Y / N`` (G x G) or, when N < G,
+    the Gram matrix ``Y Y^T / N`` (same non-zero eigenvalues, ``u = Y^T v / sqrt(N lambda)``)."""
+    N, G = Y.shape
+    trace = (Y * Y).sum() / N
+    if G <= N:
+        lam, U = torch.linalg.eigh(Y.T @ Y / N)
+        lam, U = lam.flip(0)[:K], U.flip(1)[:, :K]
+    else:
+        lam, V = torch.linalg.eigh(Y @ Y.T / N)
+        lam, V = lam.flip(0)[:K], V.flip(1)[:, :K]
+        U = (Y.T @ V) / torch.sqrt(N * lam.clamp_min(torch.finfo(Y.dtype).tiny))
+    sigma2 = (trace - lam.sum()) / (G - K)
+    floor = 1e-10 * trace / G
+    if sigma2 <= floor:
+        log.warning("the data have rank <= n_factors (no variance left for the noise); sigma2 floored at %.3g", float(floor))
+        sigma2 = torch.clamp(sigma2, min=floor)
+    return U * torch.sqrt((lam - sigma2).clamp_min(0.0)), sigma2
+
+
+def principal_rotation(W: torch.Tensor, metric: torch.Tensor | None = None) -> torch.Tensor:
+    """Orthogonal K x K ``R`` making ``(W R)^T diag(metric) (W R)`` diagonal with decreasing entries."""
+    WtW = W.T @ (W if metric is None else W * metric[:, None])
+    _, R = torch.linalg.eigh(WtW)
+    return R.flip(1)
+
+
+class _EM:
+    """EM for PPCA (seed 003; Tipping & Bishop 1999, sec. 3.2). The objective is the log-likelihood."""
+
+    def __init__(self, Y, W, sigma2):
+        self.Y, (self.N, self.G) = Y, Y.shape
+        self.ss = (Y * Y).sum(0)
+        self.total = self.ss.sum()
+        self.W, self.sigma2 = W, sigma2
+        self.YW = Y @ W
+        self.eye = torch.eye(W.shape[1], dtype=Y.dtype, device=Y.device)
+
+    def log_likelihood(self) -> float:
+        psi = self.sigma2.expand(self.G)
+        return float(gaussian_log_likelihood(self.Y, self.W, psi, YB=self.YW / self.sigma2, ss=self.ss))
+
+    def epoch(self) -> float:
+        N, G, W = self.N, self.G, self.W
+        # E-step: q(x_n) = N(M^-1 W^T y_n, sigma2 M^-1); sufficient statistics E[X] and sum_n E[x_n x_n^T]
+        Minv = torch.linalg.inv(W.T @ W + self.sigma2 * self.eye)
+        EX = self.YW @ Minv
+        Sxx = N * self.sigma2 * Minv + EX.T @ EX
+        YtX = self.Y.T @ EX
+        # M-step: W = Y^T E[X] (sum E[x x^T])^-1; sigma2 = E||Y - X W^T||^2 / (N G)
+        W = YtX @ torch.linalg.inv(Sxx)
+        self.sigma2 = (self.total - 2 * (YtX * W).sum() + (Sxx * (W.T @ W)).sum()) / (N * G)
+        self.W, self.YW = W, self.Y @ W
+        return self.log_likelihood()
+
+
+class _MAP:
+    """The poster's MAP: maximise log p(Y | X, W, sigma2) + log p(X) + log p(W) + log p(sigma2) (seed 000) by
+    exact block updates ``X = Y W (W^T W + sigma2 I)^-1``, ``W = Y^T X (X^T X + sigma2 I)^-1`` and the
+    closed-form mode of sigma2. The objective is the log joint density."""
+
+    def __init__(self, Y, W, sigma2):
+        self.Y, (self.N, self.G) = Y, Y.shape
+        self.total = (Y * Y).sum()
+        self.W, self.sigma2 = W, sigma2
+        self.eye = torch.eye(W.shape[1], dtype=Y.dtype, device=Y.device)
+
+    def epoch(self) -> float:
+        N, G = self.N, self.G
+        a0, b0 = SIGMA2_PRIOR
+        s = self.sigma2
+        X = (self.Y @ self.W) @ torch.linalg.inv(self.W.T @ self.W + s * self.eye)
+        XtX, YtX = X.T @ X, self.Y.T @ X
+        W = YtX @ torch.linalg.inv(XtX + s * self.eye / W_PRIOR_VAR)
+        R = self.total - 2 * (YtX * W).sum() + (XtX * (W.T @ W)).sum()   # ||Y - X W^T||^2
+        s = (R + 2 * b0) / (N * G + 2 * a0 + 2)
+        self.X, self.W, self.sigma2 = X, W, s
+        return self.log_posterior(R)
+
+    def log_posterior(self, R) -> float:
+        N, G, K = self.N, self.G, self.W.shape[1]
+        a0, b0 = SIGMA2_PRIOR
+        s = self.sigma2
+        lik = -0.5 * (N * G * (_LOG_2PI + torch.log(s)) + R / s)
+        prior_x = -0.5 * ((self.X * self.X).sum() + N * K * _LOG_2PI)
+        prior_w = -0.5 * ((self.W * self.W).sum() / W_PRIOR_VAR + G * K * (_LOG_2PI + math.log(W_PRIOR_VAR)))
+        prior_s = a0 * math.log(b0) - math.lgamma(a0) - (a0 + 1) * torch.log(s) - b0 / s
+        return float(lik + prior_x + prior_w + prior_s)
+
+
+class _VI:
+    """Mean-field VI for PPCA with the poster's priors: q(x_n) = N(m_n, Sigma_X), q(w_g) = N(M_g, Sigma_W),
+    q(sigma2) = InvGamma(a, b). Closed-form CAVI; the objective is the ELBO (seed 000's -ELBO, negated):
+
+        E_q log p(Y | X, W, sigma2) - KL(q(X) || p(X)) - KL(q(W) || p(W)) - KL(q(sigma2) || p(sigma2)).
+    """
+
+    def __init__(self, Y, W, sigma2):
+        self.Y, (self.N, self.G) = Y, Y.shape
+        K = W.shape[1]
+        self.total = (Y * Y).sum()
+        self.eye = torch.eye(K, dtype=Y.dtype, device=Y.device)
+        a0, b0 = SIGMA2_PRIOR
+        self.M_W, self.S_W = W, torch.zeros(K, K, dtype=Y.dtype, device=Y.device)
+        self.a = torch.tensor(a0 + self.N * self.G / 2, dtype=Y.dtype, device=Y.device)
+        self.b = self.a * sigma2                                    # E[1/sigma2] = 1 / sigma2 to start
+        self.update_x()
+
+    @property
+    def tau(self):  # E_q[1 / sigma2]
+        return self.a / self.b
+
+    def EWW(self):
+        return self.M_W.T @ self.M_W + self.G * self.S_W
+
+    def EXX(self):
+        return self.M_X.T @ self.M_X + self.N * self.S_X
+
+    def update_x(self) -> None:
+        self.S_X = torch.linalg.inv(self.eye + self.tau * self.EWW())
+        self.M_X = self.tau * (self.Y @ self.M_W) @ self.S_X
+
+    def update_w(self) -> None:
+        self.S_W = torch.linalg.inv(self.eye / W_PRIOR_VAR + self.tau * self.EXX())
+        self.YtX = self.Y.T @ self.M_X
+        self.M_W = self.tau * self.YtX @ self.S_W
+
+    def expected_residual(self):
+        """E_q ||Y - X W^T||^2 = ||Y||^2 - 2 tr(M_X^T Y M_W) + tr(E[X^T X] E[W^T W])."""
+        return self.total - 2 * ((self.Y.T @ self.M_X) * self.M_W).sum() + (self.EXX() * self.EWW()).sum()
+
+    def update_sigma2(self) -> None:
+        a0, b0 = SIGMA2_PRIOR
+        self.a = torch.full_like(self.a, a0 + self.N * self.G / 2)
+        self.b = b0 + self.expected_residual() / 2
+
+    def elbo(self) -> float:
+        N, G, K = self.N, self.G, self.M_W.shape[1]
+        a0, b0 = SIGMA2_PRIOR
+        a, b = self.a, self.b
+        e_log_s = torch.log(b) - torch.digamma(a)
+        lik = -0.5 * (N * G * (_LOG_2PI + e_log_s) + self.tau * self.expected_residual())
+        kl_x = 0.5 * (torch.trace(self.EXX()) - N * K - N * torch.logdet(self.S_X))
+        kl_w = 0.5 * (torch.trace(self.EWW()) / W_PRIOR_VAR - G * K + G * K * math.log(W_PRIOR_VAR)
+                      - G * torch.logdet(self.S_W))
+        # KL(IG(a, b) || IG(a0, b0)) = KL(Gamma(a, b) || Gamma(a0, b0)) of the precision (rate parametrisation)
+        kl_s = ((a - a0) * torch.digamma(a) - torch.lgamma(a) + math.lgamma(a0) + a0 * (torch.log(b) - math.log(b0))
+                + a * (b0 - b) / b)
+        return float(lik - kl_x - kl_w - kl_s)
+
+    def epoch(self) -> float:
+        self.update_x()
+        self.update_w()
+        self.update_sigma2()
+        return self.elbo()
+
+
+# ============================================================================ the model
+class PPCA(LatentModel):
+    """Probabilistic PCA (seed 000) by closed-form MLE, EM (seed 003), MAP or mean-field VI.
+
+    Parameters
+    ----------
+    n_factors : int, number of latent factors K.
+    method : "mle" (closed form, default), "em", "map" (poster's joint MAP over X, W, sigma2; its loadings are
+        biased, seed 000 Finding 1) or "vi" (mean-field, closed-form CAVI).
+    max_epochs, tol : iterative methods stop after ``max_epochs`` or when the objective's relative change stays
+        below ``tol`` (see :func:`pathfactor.train.train`).
+    progress : show a progress bar.
+    dtype : "float32" (default) or "float64".
+
+    Attributes
+    ----------
+    Those of :class:`~pathfactor.models.base.LatentModel` (``loadings_`` is W, G x K; ``factor_scores_`` the
+    posterior mean of x_n, for "map" its mode), plus ``mu_`` (gene means), ``sigma2_`` (noise variance; for
+    "vi" its posterior mean), ``log_likelihood_`` (marginal log-likelihood of the training data under W,
+    sigma2), ``objective_`` (last value of the training objective: log-likelihood, log posterior or ELBO),
+    ``converged_``. For "vi", ``loadings_sd_`` is the posterior sd of W.
+
+    References
+    ----------
+    Tipping & Bishop, Probabilistic principal component analysis, JRSS B 61 (1999) (seed 000 [4]);
+    seed 003 (EM as alternating maximisation); Bishop, Variational principal components, ICANN 1999.
+    """
+
+    key = "ppca"
+
+    def __init__(self, n_factors: int = 10, method: str = "mle", max_epochs: int = 1000, tol: float = 1e-7,
+                 progress: bool = True, dtype: str = "float32"):
+        self.n_factors, self.method = n_factors, method
+        self.max_epochs, self.tol, self.progress, self.dtype = max_epochs, tol, progress, dtype
+
+    def fit(self, data, layer: str | None = None, device="auto", seed: int = 0) -> "PPCA":
+        """Fit to ``data`` (AnnData, DataFrame, array or sparse; cells x genes). The data are centred by their
+        gene means ``mu``; ``seed`` draws the random start of the iterative methods."""
+        check_common(self)
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {self.method!r}")
+        generator = seed_everything(seed)
+        dev, dt = resolve_device(device), getattr(torch, self.dtype)
+        matrix = as_matrix(data, layer)
+        N, G = matrix.shape
+        K = int(self.n_factors)
+        check_shape(K, N, G, "PPCA")
+        Y = torch.as_tensor(matrix.dense(np.float64), device=dev)
+        mu = Y.mean(0)
+        Y = (Y - mu).to(dt)
+
+        history, self.converged_ = [], True
+        if self.method == "mle":
+            W, sigma2 = mle(Y, K)
+        else:
+            var = (Y * Y).sum() / (N * G)
+            W0 = torch.randn(G, K, generator=generator, dtype=torch.float64).to(dt).to(dev) * var.sqrt()
+            task = {"em": _EM, "map": _MAP, "vi": _VI}[self.method](Y, W0, var)
+            result = train(task, max_epochs=self.max_epochs, tol=self.tol, progress=self.progress,
+                           desc=f"PPCA-{self.method}")
+            history, self.converged_ = result.history, result.converged
+            if not result.converged:
+                log.warning("PPCA(method=%r) did not converge in %d epochs (relative change above tol=%g); "
+                            "raise max_epochs", self.method, self.max_epochs, self.tol)
+            W = task.M_W if self.method == "vi" else task.W
+            sigma2 = task.b / (task.a - 1) if self.method == "vi" else task.sigma2
+
+        # principal axes, then signs: the rotation the likelihood (and both priors) cannot see
+        R = principal_rotation(W)
+        W = W @ R
+        signs = torch.as_tensor(orient(W.double().cpu().numpy()), dtype=dt, device=dev)
+        R, W = R * signs, W * signs
+        loadings_sd = None
+        if self.method == "vi":
+            task.M_W, task.S_W = W, R.T @ task.S_W @ R
+            task.update_x()                                  # q(X) for the final q(W), q(sigma2): a CAVI step
+            P = task.tau * task.M_W @ task.S_X               # E_q[x_n] = P^T y_n
+            loadings_sd = torch.sqrt(torch.diagonal(task.S_W)).expand(G, K)
+        else:
+            P = W @ torch.linalg.inv(W.T @ W + sigma2 * torch.eye(K, dtype=dt, device=dev))
+        X = Y @ P
+        Yn = Y.double().cpu().numpy()
+        X_np, W_np = X.double().cpu().numpy(), W.double().cpu().numpy()
+        self._set_results(scores=X_np, loadings=W_np, obs_names=matrix.obs_names, var_names=matrix.var_names,
+                          factor_names=[f"PPC{k + 1}" for k in range(K)], factor_kinds=["latent"] * K,
+                          relevance=factor_r2(Yn, X_np, W_np),
+                          loadings_sd=None if loadings_sd is None else loadings_sd.double().cpu().numpy(),
+                          history=history)
+        self.mu_ = mu.double().cpu().numpy()
+        self.sigma2_ = float(sigma2)
+        self._projection = P.double().cpu().numpy()
+        Y64 = torch.as_tensor(Yn)
+        self.log_likelihood_ = float(gaussian_log_likelihood(Y64, torch.as_tensor(W_np),
+                                                             torch.full((G,), self.sigma2_, dtype=torch.float64)))
+        self.objective_ = history[-1] if history else self.log_likelihood_
+        if not history:
+            self.history_ = [self.log_likelihood_]
+        return self
+
+    # ------------------------------------------------------------------ new data
+    def transform(self, data, layer: str | None = None):
+        """Factor scores of (new) cells: the posterior mean ``E[x_n | y_n] = (W^T W + sigma2 I)^-1 W^T (y_n - mu)``
+        (``vi``: the CAVI update of q(x_n) given q(W), q(sigma2)); needs the genes the model was fitted on."""
+        import pandas as pd
+
+        self._check_fitted()
+        Y, obs = aligned_centred(data, layer, self.loadings_.index, self.mu_)
+        return pd.DataFrame(Y @ self._projection, index=obs, columns=self.loadings_.columns)
+
+    def log_likelihood(self, data, layer: str | None = None) -> float:
+        """Marginal log-likelihood ``sum_n log N(y_n; mu, W W^T + sigma2 I)`` of ``data`` under the fitted
+        ``mu``, W, sigma2 (Woodbury, no G x G matrix; see :func:`gaussian_log_likelihood`)."""
+        self._check_fitted()
+        Y, _ = aligned_centred(data, layer, self.loadings_.index, self.mu_)
+        G = Y.shape[1]
+        return float(gaussian_log_likelihood(torch.as_tensor(Y), torch.as_tensor(self.loadings_.to_numpy()),
+                                             torch.full((G,), self.sigma2_, dtype=torch.float64)))
+
+    def _extra_state(self):
+        meta = {"sigma2": self.sigma2_, "log_likelihood": self.log_likelihood_, "objective": self.objective_,
+                "converged": self.converged_}
+        return meta, {"mu": self.mu_, "projection": self._projection}
+
+    def _load_extra_state(self, meta, arrays):
+        self.mu_, self._projection = arrays["mu"], arrays["projection"]
+        self.sigma2_, self.log_likelihood_ = meta["sigma2"], meta["log_likelihood"]
+        self.objective_, self.converged_ = meta["objective"], meta["converged"]
