@@ -47,23 +47,38 @@ class ModelSpec:
     help: str = ""
 
 
-def _spex():
-    from .models import Spex
-    return Spex
+def _model(name: str):
+    """A loader for ``pathfactor.models.<name>`` (imported when needed, so ``--help`` stays fast)."""
+    def load():
+        from . import models
+        return getattr(models, name)
+    return load
 
 
 #: model-specific CLI options (argparse dest -> the flag, for messages)
 MODEL_OPTIONS = {"n_sparse": "--n-sparse", "n_dense": "--n-dense", "min_set_size": "--min-set-size",
-                 "max_set_size": "--max-set-size", "max_epochs": "--max-epochs"}
+                 "max_set_size": "--max-set-size", "max_epochs": "--max-epochs", "n_factors": "--n-factors",
+                 "method": "--method", "posterior": "--posterior", "two_step": "--two-step"}
+
+_SAME = lambda *names: {n: n for n in names}  # noqa: E731
 
 MODELS: dict[str, ModelSpec] = {
     "spex": ModelSpec(
-        load=_spex,
-        options={"n_sparse": "n_sparse", "n_dense": "n_dense", "min_set_size": "min_set_size",
-                 "max_set_size": "max_set_size", "max_epochs": "max_epochs"},
+        load=_model("Spex"),
+        options=_SAME("n_sparse", "n_dense", "min_set_size", "max_set_size", "max_epochs"),
         gene_sets="required",
         help="gene-set guided sparse factor analysis (regularised horseshoe, closed-form VI)",
     ),
+    "supervised": ModelSpec(
+        load=_model("Supervised"), options=_SAME("n_factors", "posterior", "two_step", "max_epochs"),
+        gene_sets="unused", help="latent factors next to known covariates (seed 000; needs --covariates)",
+    ),
+    "pca": ModelSpec(load=_model("PCA"), options=_SAME("n_factors"), gene_sets="unused",
+                     help="PCA baseline (scikit-learn)"),
+    "ppca": ModelSpec(load=_model("PPCA"), options=_SAME("n_factors", "method", "max_epochs"), gene_sets="unused",
+                      help="probabilistic PCA: closed form, EM, MAP or VI"),
+    "fa": ModelSpec(load=_model("FactorAnalysis"), options=_SAME("n_factors", "max_epochs"), gene_sets="unused",
+                    help="factor analysis (per-gene noise) by EM"),
 }
 
 
@@ -317,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default=None, help="adata.layers entry to fit (default adata.X)")
     p.add_argument("--n-sparse", type=int, default=None, metavar="N", help="unannotated sparse factors")
     p.add_argument("--n-dense", type=int, default=None, metavar="N", help="unannotated dense factors")
+    p.add_argument("--n-factors", type=int, default=None, metavar="K", help="latent factors (pca, ppca, fa, supervised)")
+    p.add_argument("--method", choices=["mle", "em", "map", "vi"], default=None, help="PPCA estimator (default mle)")
+    p.add_argument("--posterior", choices=["blocked", "mean-field"], default=None,
+                   help="supervised: joint q(w_g, b_g) per gene (blocked, default) or q(W) q(B)")
+    p.add_argument("--two-step", action="store_const", const=True, default=None,
+                   help="supervised: OLS of Y on the covariates, then PPCA of the residuals")
     p.add_argument("--covariates", action="append", metavar="COL[,COL]",
                    help="obs column(s) to regress out (categorical: one effect per non-reference level)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")

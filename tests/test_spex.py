@@ -165,7 +165,7 @@ def test_bad_arguments_get_clear_errors(sim):
         fit(annotations={"a": ["NOPE1", "NOPE2"] * 10})
     with pytest.raises(ValueError, match="nothing to fit"):
         fit()
-    with pytest.raises(ValueError, match="fewer than the data's 400 genes"):
+    with pytest.raises(ValueError, match="fewer than the data.s 400 genes"):
         fit(model=dict(n_dense=400))
     with pytest.raises(ValueError, match="not a column of obs"):
         fit(model=dict(n_dense=1), covariates="nope")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from contextlib import contextmanager
 from numbers import Integral
 
 import numpy as np
@@ -48,6 +49,49 @@ EPSILON = float(np.finfo(np.float32).eps)
 
 
 # ============================================================================ sparsity patterns
+@contextmanager
+def _quiet_sparse():
+    """torch's warnings that sparse CSR support is in beta are not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse (CSR tensor support|invariant checks).*")
+        yield
+
+
+class _DenseOp:
+    """An N x G matrix for products: ``op.mm(W) = V W``, ``op.tmm(X) = V^T X``."""
+
+    def __init__(self, V):
+        self.V = V
+
+    def mm(self, W):
+        return self.V @ W
+
+    def tmm(self, X):
+        return self.V.T @ X
+
+
+class _SparseOp:
+    """An N x G matrix that lives on a sparse pattern: CSR for ``V W``, the CSR of its transpose (built when first
+    needed, by permuting the values) for ``V^T X``."""
+
+    def __init__(self, pattern, v):
+        self.pattern, self.v = pattern, v
+        self._csr = self._csr_t = None
+
+    def mm(self, W):
+        if self._csr is None:
+            p = self.pattern
+            self._csr = torch.sparse_csr_tensor(p.crow, p.col, self.v, p.shape, check_invariants=False)
+        return self._csr @ W
+
+    def tmm(self, X):
+        if self._csr_t is None:
+            p = self.pattern
+            self._csr_t = torch.sparse_csr_tensor(p.crow_t, p.col_t, self.v[p.perm], p.shape[::-1],
+                                                  check_invariants=False)
+        return self._csr_t @ X
+
+
 class _DensePattern:
     """All N x G entries: values are dense N x G tensors."""
 
@@ -58,13 +102,9 @@ class _DensePattern:
         """The model mean ``X W^T`` at every entry."""
         return X @ W.T
 
-    def mm(self, V, W):
-        """``V W`` for entry values ``V`` (N x G)."""
-        return V @ W
-
-    def tmm(self, V, X):
-        """``V^T X``."""
-        return V.T @ X
+    def op(self, V):
+        """The matrix with entry values ``V``, for products."""
+        return _DenseOp(V)
 
 
 class _SparsePattern:
@@ -96,38 +136,41 @@ class _SparsePattern:
             zeros = self._zeros[X.dtype] = self._csr(torch.zeros(len(self.col), dtype=X.dtype, device=X.device))
         return torch.sparse.sampled_addmm(zeros, X, W.T, beta=0.0).values()
 
-    def mm(self, v, W):
-        return self._csr(v) @ W
-
-    def tmm(self, v, X):
-        t = torch.sparse_csr_tensor(self.crow_t, self.col_t, v[self.perm], self.shape[::-1], check_invariants=False)
-        return t @ X
+    def op(self, v):
+        return _SparseOp(self, v)
 
 
 # ============================================================================ the updates
 def _multiply(A, num, den):
     """``A <- A * num / den`` in place; a zero denominator becomes EPSILON (its numerator is then zero too)."""
-    A.mul_(num / torch.where(den > 0, den, torch.full_like(den, EPSILON)))
+    A.mul_(num / torch.where(den > 0, den, EPSILON))
 
 
 class _MultiplicativeUpdates:
     """One epoch = update X, then W (unless fixed), then the loss: Lee & Seung (2001) multiplicative updates,
     weighted as in seed 003. ``epoch()`` returns ``-loss`` for :func:`pathfactor.train.train` (which maximises).
 
-    ``y`` (and ``m``, the weights, or None) are the data at the pattern's entries. ``implicit_zeros``: the pattern
-    holds only the non-zeros of an unweighted sparse ``Y``; every other entry is a zero with weight 1.
+    ``y`` (and ``m``, the weights, or None) are the data at the pattern's entries. Without weights, entries outside
+    the pattern (the zeros of sparse data) are zeros with weight 1: they enter the updates and the loss only
+    through ``sum XW^T = X.sum(0) . W.sum(0)`` and ``Y W``, ``Y^T X``.
     """
 
-    def __init__(self, pattern, y, m, X, W, loss: str, update_W: bool = True, implicit_zeros: bool = False):
+    def __init__(self, pattern, y, m, X, W, loss: str, update_W: bool = True):
         self.P, self.y, self.m, self.X, self.W = pattern, y, m, X, W
-        self.loss, self.update_W, self.implicit_zeros = loss, update_W, implicit_zeros
+        self.loss, self.update_W = loss, update_W
         self._lam = None  # the model mean at the entries for the current (X, W), reused by the next X update
         f64 = torch.float64
         if loss == "frobenius":
-            self.my = y if m is None else m * y
-            self.yy = float(torch.sum(self.my * y, dtype=f64))
+            my = y if m is None else m * y
+            self.yy = float(torch.sum(my * y, dtype=f64))
             self._YW = None
+            if m is None:
+                self.Y = pattern.op(y)
+            else:
+                self.MY = pattern.op(my)
         else:
+            if m is not None:
+                self.M = pattern.op(m)
             xlx = torch.xlogy(y, y) - y
             self.const = float(torch.sum(xlx if m is None else m * xlx, dtype=f64))
 
@@ -136,10 +179,10 @@ class _MultiplicativeUpdates:
         P, X, W, m = self.P, self.X, self.W, self.m
         if m is None:
             if self._YW is None or self.update_W:
-                self._YW = P.mm(self.y, W)
+                self._YW = self.Y.mm(W)
             _multiply(X, self._YW, X @ (W.T @ W))
             if self.update_W:
-                YtX = P.tmm(self.y, X)
+                YtX = self.Y.tmm(X)
                 _multiply(W, YtX, W @ (X.T @ X))
                 cross = torch.sum(W * YtX, dtype=torch.float64)
             else:
@@ -147,34 +190,41 @@ class _MultiplicativeUpdates:
             gram = torch.sum((X.T @ X).double() * (W.T @ W).double())
             return -0.5 * float(self.yy - 2 * cross + gram)
         lam = self._lam if self._lam is not None else P.lam(X, W)
-        _multiply(X, P.mm(self.my, W), P.mm(m * lam, W))
+        _multiply(X, self.MY.mm(W), P.op(m * lam).mm(W))
         if self.update_W:
             lam = P.lam(X, W)
-            _multiply(W, P.tmm(self.my, X), P.tmm(m * lam, X))
+            _multiply(W, self.MY.tmm(X), P.op(m * lam).tmm(X))
         self._lam = lam = P.lam(X, W)
         return -0.5 * float(torch.sum(m * (self.y - lam) ** 2, dtype=torch.float64))
 
     # ---------------------------------------------------------------- KL
+    def _mean(self):
+        """The model mean at the entries, floored at EPSILON (as scikit-learn) so that ``Y / XW^T`` is finite."""
+        return self.P.lam(self.X, self.W).clamp_min_(EPSILON)
+
     def _ratio(self, lam):
-        r = self.y / lam.clamp_min(EPSILON)
-        return r if self.m is None else self.m * r
+        r = self.y / lam
+        return r if self.m is None else r.mul_(self.m)
 
     def _kl_epoch(self) -> float:
         P, X, W, m = self.P, self.X, self.W, self.m
-        lam = self._lam if self._lam is not None else P.lam(X, W)
-        _multiply(X, P.mm(self._ratio(lam), W), W.sum(0) if m is None else P.mm(m, W))
+        lam = self._lam if self._lam is not None else self._mean()
+        _multiply(X, P.op(self._ratio(lam)).mm(W), W.sum(0) if m is None else self.M.mm(W))
         if self.update_W:
-            lam = P.lam(X, W)
-            _multiply(W, P.tmm(self._ratio(lam), X), X.sum(0) if m is None else P.tmm(m, X))
-        self._lam = lam = P.lam(X, W)
+            lam = self._mean()
+            _multiply(W, P.op(self._ratio(lam)).tmm(X), X.sum(0) if m is None else self.M.tmm(X))
+        self._lam = lam = self._mean()
         return -self.kl(lam)
 
     def kl(self, lam) -> float:
-        term = lam - torch.xlogy(self.y, lam.clamp_min(EPSILON))
-        total = self.const + float(torch.sum(term if self.m is None else self.m * term, dtype=torch.float64))
-        if self.implicit_zeros:  # the zeros of Y outside the pattern add their model mean
-            total += float(self.X.sum(0).double() @ self.W.sum(0).double()) - float(torch.sum(lam, dtype=torch.float64))
-        return total
+        """``sum M (Y log Y - Y) + sum M (XW^T - Y log XW^T)``; unweighted, ``sum XW^T`` over all entries (the zeros
+        of sparse data included) is ``X.sum(0) . W.sum(0)`` and ``Y log XW^T`` is needed at the entries only."""
+        f64 = torch.float64
+        ylogl = self.y * lam.log()  # lam >= EPSILON > 0, so Y = 0 gives 0 (and this is much faster than xlogy)
+        if self.m is None:
+            return (self.const + float(self.X.sum(0).to(f64) @ self.W.sum(0).to(f64))
+                    - float(torch.sum(ylogl, dtype=f64)))
+        return self.const + float(torch.sum(self.m * (lam - ylogl), dtype=f64))
 
     def epoch(self) -> float:
         return self._frobenius_epoch() if self.loss == "frobenius" else self._kl_epoch()
@@ -231,36 +281,42 @@ def _masked_power(Y, mask: np.ndarray, n_iter: int = 10):
     return Xa, V
 
 
-def _model_mean_at(X, W, weights):
-    """``X W^T`` where the weights live: dense N x G for dense weights, a vector at the non-zeros of sparse ones."""
+def _zero_missing(Y, weights):
+    """``Y`` with its entries of weight 0 set to 0 (sparse Y stays sparse unless the weights are dense)."""
+    if weights is None:
+        return Y
     if sp.issparse(weights):
-        rows, cols = weights.nonzero()
-        return np.einsum("ik,ik->i", X[rows], W[cols]), np.asarray(weights[rows, cols]).ravel()
-    return X @ W.T, weights
+        return Y.multiply(weights > 0).tocsr() if sp.issparse(Y) else Y * (weights > 0).toarray()
+    return (Y.toarray() if sp.issparse(Y) else Y) * (weights > 0)
+
+
+def _at_weights(Y, X, W, weights):
+    """``(Y, X W^T, M)`` where the weights live: dense N x G for dense weights, vectors at the non-zeros of sparse
+    ones (whose zeros were eliminated, so all stored entries count)."""
+    if sp.issparse(weights):
+        coo = weights.tocoo()
+        y = np.asarray(Y[coo.row, coo.col]).ravel()
+        return y, np.einsum("ik,ik->i", X[coo.row], W[coo.col]), coo.data
+    return Y, X @ W.T, weights
 
 
 def _initial_factors(Y, K: int, mask: np.ndarray, init: str, seed: int, loss: str, weights=None):
-    """Starting ``(X, W)`` as float64 numpy arrays.
+    """Starting ``(X, W)`` as float64 numpy arrays (computed in the data's dtype, as scikit-learn).
 
     Annotated factors (one per column of ``mask``, genes x sets) start from a masked power iteration, exactly zero
     outside their set; the ``K - A`` free factors from NNDSVDa (or scikit-learn's random start) on the whole data.
     Missing entries (weight 0) count as zeros for the start. With annotations or weights the start is then
     rescaled by the one scalar that minimises the loss (scikit-learn's starts are already on the data's scale).
     """
-    if weights is not None:
-        if sp.issparse(weights):
-            Y = Y.multiply(weights > 0).tocsr() if sp.issparse(Y) else Y * (weights > 0).toarray()
-        else:  # dense weights: the data are densified for fitting anyway
-            Y = (Y.toarray() if sp.issparse(Y) else Y) * (weights > 0)
-    Y = Y.astype(np.float64) if sp.issparse(Y) else np.asarray(Y, dtype=np.float64)
+    Y = _zero_missing(Y, weights)
     A = mask.shape[1]
     parts = []
     if A:
         parts.append(_masked_power(Y, mask.astype(np.float64)))
     if K > A:
         parts.append((_nndsvda if init == "nndsvda" else _random_init)(Y, K - A, seed))
-    X = np.hstack([p[0] for p in parts])
-    W = np.hstack([p[1] for p in parts])
+    X = np.hstack([p[0] for p in parts]).astype(np.float64)
+    W = np.hstack([p[1] for p in parts]).astype(np.float64)
     if A or weights is not None:
         if weights is None:
             if loss == "frobenius":
@@ -268,8 +324,7 @@ def _initial_factors(Y, K: int, mask: np.ndarray, init: str, seed: int, loss: st
             else:
                 alpha = float(Y.sum()) / max(float(X.sum(0) @ W.sum(0)), 1e-300)
         else:
-            lam, m = _model_mean_at(X, W, weights)
-            y = np.asarray(Y[weights.nonzero()]).ravel() if sp.issparse(weights) else Y
+            y, lam, m = _at_weights(Y, X, W, weights)
             if loss == "frobenius":
                 alpha = float((m * y * lam).sum()) / max(float((m * lam * lam).sum()), 1e-300)
             else:
@@ -345,7 +400,7 @@ def _as_weights(weights, data, matrix, dtype):
 
 
 def _problem(Y, weights, dev, dt):
-    """The entries the loss runs over: ``(pattern, y, m, implicit_zeros)``.
+    """The entries the loss runs over: ``(pattern, y, m)``.
 
     dense Y, no or dense weights -> every entry; sparse Y without weights -> the non-zeros (the zeros implicit);
     sparse weights -> the entries with a non-zero weight; sparse Y with dense weights -> densified.
@@ -354,15 +409,15 @@ def _problem(Y, weights, dev, dt):
     if sp.issparse(weights):
         pattern = weights.tocsr()
         pattern.sort_indices()
-        rows, cols = pattern.nonzero()  # CSR order
-        y = np.asarray(Y[rows, cols]).ravel()
-        return _SparsePattern(pattern, dev), tensor(y), tensor(pattern.data), False
+        coo = pattern.tocoo()  # CSR order; the zeros were eliminated, so every stored entry is observed
+        y = np.asarray(Y[coo.row, coo.col]).ravel()
+        return _SparsePattern(pattern, dev), tensor(y), tensor(pattern.data)
     if sp.issparse(Y) and weights is None:
         Y = Y.tocsr(copy=True)
         Y.sum_duplicates()
-        return _SparsePattern(Y, dev), tensor(Y.data), None, True
+        return _SparsePattern(Y, dev), tensor(Y.data), None
     Y = Y.toarray() if sp.issparse(Y) else Y
-    return _DensePattern(Y.shape), tensor(Y), None if weights is None else tensor(weights), False
+    return _DensePattern(Y.shape), tensor(Y), None if weights is None else tensor(weights)
 
 
 # ============================================================================ the model
@@ -486,11 +541,11 @@ class NMF(LatentModel):
         X0, W0 = _initial_factors(matrix.Y, K, mask, self.init, seed, self._loss, M)
         allowed = np.concatenate([mask, np.ones((G, K - A), dtype=bool)], axis=1)
         W0 = W0 * allowed
-        pattern, y, m, implicit = _problem(matrix.Y, M, dev, dt)
+        pattern, y, m = _problem(matrix.Y, M, dev, dt)
         X = torch.as_tensor(X0, dtype=dt, device=dev)
         W = torch.as_tensor(W0, dtype=dt, device=dev)
-        task = _MultiplicativeUpdates(pattern, y, m, X, W, self._loss, implicit_zeros=implicit)
-        with _quiet_sparse_ctx():
+        with _quiet_sparse():
+            task = _MultiplicativeUpdates(pattern, y, m, X, W, self._loss)
             result = train(task, max_epochs=self.max_epochs, tol=self.tol, progress=self.progress, desc="NMF")
             relevance = _relevance(pattern, y, m, task.X, task.W)
         if self.tol > 0 and not result.converged:
@@ -540,15 +595,12 @@ class NMF(LatentModel):
         W = self.loadings_.to_numpy(dtype=np.float64)
         # start: every factor at the per-cell least-squares level c_n of y_n ≈ c_n * sum_k w_k
         s = W.sum(1)
-        Yz = Y if M is None else (Y.multiply(M > 0) if sp.issparse(Y) else Y * (M > 0 if not sp.issparse(M)
-                                                                              else (M > 0).toarray()))
-        c = np.asarray(Yz @ s).ravel() / max(float(s @ s), 1e-300)
+        c = np.asarray(_zero_missing(Y, M) @ s).ravel() / max(float(s @ s), 1e-300)
         X0 = np.repeat(np.maximum(c, EPSILON * max(float(c.mean()), 1.0))[:, None], W.shape[1], axis=1)
-        pattern, y, m, implicit = _problem(Y, M, dev, dt)
-        task = _MultiplicativeUpdates(pattern, y, m, torch.as_tensor(X0, dtype=dt, device=dev),
-                                      torch.as_tensor(W, dtype=dt, device=dev), self._loss, update_W=False,
-                                      implicit_zeros=implicit)
-        with _quiet_sparse_ctx():
+        pattern, y, m = _problem(Y, M, dev, dt)
+        with _quiet_sparse():
+            task = _MultiplicativeUpdates(pattern, y, m, torch.as_tensor(X0, dtype=dt, device=dev),
+                                          torch.as_tensor(W, dtype=dt, device=dev), self._loss, update_W=False)
             train(task, max_epochs=self.max_epochs, tol=self.tol, progress=self.progress, desc="NMF transform")
         return pd.DataFrame(task.X.double().cpu().numpy(), index=matrix.obs_names, columns=self.loadings_.columns)
 
@@ -568,26 +620,16 @@ class NMF(LatentModel):
         self.n_iter_, self.converged_ = meta["n_iter"], meta["converged"]
 
 
-class _quiet_sparse_ctx:
-    """Context: torch's beta warnings about sparse CSR tensors are not the user's concern."""
-
-    def __enter__(self):
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.filterwarnings("ignore", message=".*[Ss]parse (CSR tensor support|invariant checks).*")
-        return self
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
-
-
 def _relevance(pattern, y, m, X, W) -> np.ndarray:
     """Uncentred, weighted R^2 of each factor alone: ``1 - sum M (Y - x_k w_k^T)^2 / sum M Y^2``, from whole-matrix
     products (no N x G residual): ``sum M (2 Y x_k w_k^T - (x_k w_k^T)^2) / sum M Y^2``."""
-    y, X, W = y.double(), X.double(), W.double()
-    m = None if m is None else m.double()
+    f64 = torch.float64
     my = y if m is None else m * y
-    total = float(torch.sum(my * y))
-    cross = (X * pattern.mm(my, W)).sum(0)
-    square = (X * X).sum(0) * (W * W).sum(0) if m is None else ((X * X) * pattern.mm(m, W * W)).sum(0)
+    total = float(torch.sum(my * y, dtype=f64))
+    X64, W64 = X.to(f64), W.to(f64)
+    cross = (X64 * pattern.op(my).mm(W).to(f64)).sum(0)
+    if m is None:
+        square = (X64 * X64).sum(0) * (W64 * W64).sum(0)
+    else:
+        square = ((X64 * X64) * pattern.op(m).mm(W * W).to(f64)).sum(0)
     return ((2 * cross - square) / max(total, 1e-300)).cpu().numpy()

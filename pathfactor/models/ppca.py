@@ -11,15 +11,19 @@ and, for ``map`` and ``vi``, the poster's priors ``w_gk ~ N(0, 1)`` and ``sigma2
   sample covariance S (seed 000, "The MLE of W"); the eigen-decomposition is of the smaller Gram matrix.
 * ``em``: EM of seed 003 ("EM as an alternating maximisation"): the E-step's posterior q(x_n) = N(M^-1 W^T y_n,
   sigma2 M^-1), M = W^T W + sigma2 I, enters the M-step only through ``E[X]^T Y`` and ``sum_n E[x_n x_n^T]``.
-* ``map``: the poster's MAP, the mode of p(X, W, sigma2 | Y) (x integrated out nowhere), by exact block
-  coordinate ascent: X, then W (two ridge regressions), then sigma2 = (R + 2 b0) / (N G + 2 a0 + 2).
+* ``map``: the poster's MAP, the joint mode of p(X, W, sigma2 | Y) (seed 000, "MAP"), by exact block coordinate
+  ascent: X, then W (two ridge regressions), then sigma2 = (R + 2 b0) / (N G + 2 a0 + 2). Its subspace is the
+  MLE's, but the priors on X and W balance their scales (X^T X = W^T W at the mode), so the factors shrink as
+  N grows and sigma2 -> (G - K) / G of the MLE's: the bias of seed 000's Finding 1.
 * ``vi``: mean-field q(X) q(W) q(sigma2), Gaussian / Gaussian / inverse-gamma, minimising the poster's -ELBO by
   closed-form coordinate ascent (CAVI); q(x_n) share one K x K covariance, as do q(w_g).
 
-Every iterative method runs through :func:`pathfactor.train.train` and each epoch raises its objective (the
-log-likelihood, the log posterior, the ELBO) monotonically. The likelihood, rotation-invariant, fixes W only up to
-an orthogonal K x K rotation; fits are finally rotated to principal axes (W^T W diagonal, decreasing) and signed
-so that each factor's largest loading is positive.
+Every iterative method runs through :func:`pathfactor.train.train`; each epoch raises its objective (the
+log-likelihood, the log posterior, the ELBO) monotonically. Alternating updates crawl along the scale that X and W
+trade (EM's rate is ~ 1 - 2 sigma2 / lambda per step), so each epoch ends with a parameter-expansion step
+(:func:`expansion`), an exact maximisation over the reparametrisations ``X -> X R^-T``, ``W -> W R``: all methods
+then converge in a handful of epochs. The likelihood fixes W only up to a K x K rotation; fits are finally
+rotated to principal axes (W^T W diagonal, decreasing) and signed so that each factor's largest loading is positive.
 """
 from __future__ import annotations
 
@@ -125,7 +129,8 @@ def mle(Y: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
     sigma2 = (trace - lam.sum()) / (G - K)
     floor = 1e-10 * trace / G
     if sigma2 <= floor:
-        log.warning("the data have rank <= n_factors (no variance left for the noise); sigma2 floored at %.3g", float(floor))
+        log.warning("the data have rank <= n_factors (no variance left for the noise); sigma2 floored at %.3g",
+                    float(floor))
         sigma2 = torch.clamp(sigma2, min=floor)
     return U * torch.sqrt((lam - sigma2).clamp_min(0.0)), sigma2
 
@@ -137,16 +142,60 @@ def principal_rotation(W: torch.Tensor, metric: torch.Tensor | None = None) -> t
     return R.flip(1)
 
 
-class _EM:
-    """EM for PPCA (seed 003; Tipping & Bishop 1999, sec. 3.2). The objective is the log-likelihood."""
+def sym_sqrt(A: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root of a symmetric positive semi-definite K x K matrix."""
+    d, V = torch.linalg.eigh(A)
+    return (V * d.clamp_min(0.0).sqrt()) @ V.T
 
-    def __init__(self, Y, W, sigma2):
+
+def expansion(EXX: torch.Tensor, EWW: torch.Tensor, c: float) -> torch.Tensor:
+    """The K x K ``R`` of the best reparametrisation ``X -> X R^-T``, ``W -> W R`` (parameter expansion; Liu,
+    Rubin & Wu 1998; Qi & Jaakkola 2006). ``X W^T`` and so the likelihood do not change; the objective's other
+    terms ``-tr(EXX P^-1)/2 - tr(EWW P)/2 + c log|P| / 2`` (``P = R R^T``; ``c = G - N`` for VI, whose entropies
+    give the log-determinant, 0 for MAP) are maximised at the root of ``P EWW P - c P - EXX = 0``:
+    ``P = B^-1/2 Q B^-1/2`` with ``B = EWW``, ``Q = c/2 + (c^2/4 + B^1/2 EXX B^1/2)^1/2``. The step never
+    lowers the objective, and it removes the slow scale mode of plain alternating updates."""
+    K = EXX.shape[0]
+    d, V = torch.linalg.eigh(EWW)
+    d = d.clamp_min(torch.finfo(d.dtype).eps * d.max())
+    Bh, Bih = (V * d.sqrt()) @ V.T, (V / d.sqrt()) @ V.T
+    eye = torch.eye(K, dtype=EXX.dtype, device=EXX.device)
+    Q = c / 2 * eye + sym_sqrt(c * c / 4 * eye + Bh @ EXX @ Bh)
+    return sym_sqrt(Bih @ Q @ Bih)
+
+
+def _mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``A @ B`` in A's dtype (the data's: the N x G x K products), returned in float64 (the K x K algebra)."""
+    return (A @ B.to(A.dtype)).double()
+
+
+class _Task:
+    """Shared state of the iterative fits: the centred data ``Y`` in the model's dtype; everything else (W, X,
+    K x K statistics, objectives) in float64, so that float32 data give objectives smooth enough for ``tol``."""
+
+    def __init__(self, Y, W, sigma2, expand: bool = True):
         self.Y, (self.N, self.G) = Y, Y.shape
-        self.ss = (Y * Y).sum(0)
+        self.ss = (Y * Y).sum(0, dtype=torch.float64)
         self.total = self.ss.sum()
-        self.W, self.sigma2 = W, sigma2
-        self.YW = Y @ W
-        self.eye = torch.eye(W.shape[1], dtype=Y.dtype, device=Y.device)
+        self.expand = expand
+        self.eye = torch.eye(W.shape[1], dtype=torch.float64, device=Y.device)
+        self.W, self.sigma2 = W.double(), torch.as_tensor(sigma2, dtype=torch.float64, device=Y.device)
+        #: EM keeps sigma2 above this (noiseless data of rank <= K would drive it to 0); the constrained M-step
+        #: is still the maximum of a unimodal function of sigma2, so the log-likelihood still rises
+        self.floor = 1e-10 * float(self.total) / (self.N * self.G) + 1e-300
+
+
+class _EM(_Task):
+    """EM for PPCA (seed 003; Tipping & Bishop 1999, sec. 3.2); the objective is the log-likelihood.
+
+    ``expand=True`` (default) is parameter-expanded EM (Liu, Rubin & Wu 1998): the M-step also fits the prior
+    covariance of x, ``Sigma = sum_n E[x_n x_n^T] / N``, and folds it into W (``W <- W Sigma^1/2``). Plain EM's
+    scale of W converges at rate ~ ``1 - 2 sigma2 / lambda`` per step (very slowly at a high signal-to-noise
+    ratio); the expanded step's rate is ~ ``(sigma2 / lambda)^2``."""
+
+    def __init__(self, Y, W, sigma2, expand: bool = True):
+        super().__init__(Y, W, sigma2, expand)
+        self.YW = _mm(Y, self.W)
 
     def log_likelihood(self) -> float:
         psi = self.sigma2.expand(self.G)
@@ -158,34 +207,35 @@ class _EM:
         Minv = torch.linalg.inv(W.T @ W + self.sigma2 * self.eye)
         EX = self.YW @ Minv
         Sxx = N * self.sigma2 * Minv + EX.T @ EX
-        YtX = self.Y.T @ EX
+        YtX = _mm(self.Y.T, EX)
         # M-step: W = Y^T E[X] (sum E[x x^T])^-1; sigma2 = E||Y - X W^T||^2 / (N G)
         W = YtX @ torch.linalg.inv(Sxx)
-        self.sigma2 = (self.total - 2 * (YtX * W).sum() + (Sxx * (W.T @ W)).sum()) / (N * G)
-        self.W, self.YW = W, self.Y @ W
+        self.sigma2 = ((self.total - 2 * (YtX * W).sum() + (Sxx * (W.T @ W)).sum()) / (N * G)).clamp_min(self.floor)
+        if self.expand:
+            W = W @ sym_sqrt(Sxx / N)
+        self.W, self.YW = W, _mm(self.Y, W)
         return self.log_likelihood()
 
 
-class _MAP:
+class _MAP(_Task):
     """The poster's MAP: maximise log p(Y | X, W, sigma2) + log p(X) + log p(W) + log p(sigma2) (seed 000) by
-    exact block updates ``X = Y W (W^T W + sigma2 I)^-1``, ``W = Y^T X (X^T X + sigma2 I)^-1`` and the
-    closed-form mode of sigma2. The objective is the log joint density."""
+    exact block updates ``X = Y W (W^T W + sigma2 I)^-1``, ``W = Y^T X (X^T X + sigma2 I)^-1``, the closed-form
+    mode of sigma2 and a parameter-expansion step (:func:`expansion`, c = 0: it balances the priors of X and W).
+    The objective is the log joint density."""
 
-    def __init__(self, Y, W, sigma2):
-        self.Y, (self.N, self.G) = Y, Y.shape
-        self.total = (Y * Y).sum()
-        self.W, self.sigma2 = W, sigma2
-        self.eye = torch.eye(W.shape[1], dtype=Y.dtype, device=Y.device)
 
     def epoch(self) -> float:
         N, G = self.N, self.G
         a0, b0 = SIGMA2_PRIOR
         s = self.sigma2
-        X = (self.Y @ self.W) @ torch.linalg.inv(self.W.T @ self.W + s * self.eye)
-        XtX, YtX = X.T @ X, self.Y.T @ X
+        X = _mm(self.Y, self.W) @ torch.linalg.inv(self.W.T @ self.W + s * self.eye)
+        XtX, YtX = X.T @ X, _mm(self.Y.T, X)
         W = YtX @ torch.linalg.inv(XtX + s * self.eye / W_PRIOR_VAR)
         R = self.total - 2 * (YtX * W).sum() + (XtX * (W.T @ W)).sum()   # ||Y - X W^T||^2
         s = (R + 2 * b0) / (N * G + 2 * a0 + 2)
+        if self.expand:
+            T = expansion(XtX, W.T @ W / W_PRIOR_VAR, 0.0)
+            X, W = X @ torch.linalg.inv(T), W @ T
         self.X, self.W, self.sigma2 = X, W, s
         return self.log_posterior(R)
 
@@ -200,22 +250,20 @@ class _MAP:
         return float(lik + prior_x + prior_w + prior_s)
 
 
-class _VI:
+class _VI(_Task):
     """Mean-field VI for PPCA with the poster's priors: q(x_n) = N(m_n, Sigma_X), q(w_g) = N(M_g, Sigma_W),
-    q(sigma2) = InvGamma(a, b). Closed-form CAVI; the objective is the ELBO (seed 000's -ELBO, negated):
+    q(sigma2) = InvGamma(a, b). Closed-form CAVI, then a parameter-expansion step (:func:`expansion`, c = G - N;
+    Qi & Jaakkola 2006). The objective is the ELBO (seed 000's -ELBO, negated)::
 
-        E_q log p(Y | X, W, sigma2) - KL(q(X) || p(X)) - KL(q(W) || p(W)) - KL(q(sigma2) || p(sigma2)).
+        E_q log p(Y | X, W, sigma2) - KL(q(X) || p(X)) - KL(q(W) || p(W)) - KL(q(sigma2) || p(sigma2))
     """
 
-    def __init__(self, Y, W, sigma2):
-        self.Y, (self.N, self.G) = Y, Y.shape
-        K = W.shape[1]
-        self.total = (Y * Y).sum()
-        self.eye = torch.eye(K, dtype=Y.dtype, device=Y.device)
+    def __init__(self, Y, W, sigma2, expand: bool = True):
+        super().__init__(Y, W, sigma2, expand)
         a0, b0 = SIGMA2_PRIOR
-        self.M_W, self.S_W = W, torch.zeros(K, K, dtype=Y.dtype, device=Y.device)
-        self.a = torch.tensor(a0 + self.N * self.G / 2, dtype=Y.dtype, device=Y.device)
-        self.b = self.a * sigma2                                    # E[1/sigma2] = 1 / sigma2 to start
+        self.M_W, self.S_W = self.W, torch.zeros_like(self.eye)
+        self.a = torch.tensor(a0 + self.N * self.G / 2, dtype=torch.float64, device=Y.device)
+        self.b = self.a * self.sigma2                               # E[1/sigma2] = 1 / sigma2 to start
         self.update_x()
 
     @property
@@ -230,21 +278,32 @@ class _VI:
 
     def update_x(self) -> None:
         self.S_X = torch.linalg.inv(self.eye + self.tau * self.EWW())
-        self.M_X = self.tau * (self.Y @ self.M_W) @ self.S_X
+        self.M_X = self.tau * _mm(self.Y, self.M_W) @ self.S_X
+        self.YtX = None
 
     def update_w(self) -> None:
         self.S_W = torch.linalg.inv(self.eye / W_PRIOR_VAR + self.tau * self.EXX())
-        self.YtX = self.Y.T @ self.M_X
+        self.YtX = _mm(self.Y.T, self.M_X)
         self.M_W = self.tau * self.YtX @ self.S_W
-
-    def expected_residual(self):
-        """E_q ||Y - X W^T||^2 = ||Y||^2 - 2 tr(M_X^T Y M_W) + tr(E[X^T X] E[W^T W])."""
-        return self.total - 2 * ((self.Y.T @ self.M_X) * self.M_W).sum() + (self.EXX() * self.EWW()).sum()
 
     def update_sigma2(self) -> None:
         a0, b0 = SIGMA2_PRIOR
         self.a = torch.full_like(self.a, a0 + self.N * self.G / 2)
         self.b = b0 + self.expected_residual() / 2
+
+    def update_expansion(self) -> None:
+        R = expansion(self.EXX(), self.EWW() / W_PRIOR_VAR, float(self.G - self.N))
+        Ri = torch.linalg.inv(R)
+        self.M_X, self.S_X = self.M_X @ Ri.T, Ri @ self.S_X @ Ri.T
+        self.M_W, self.S_W = self.M_W @ R, R.T @ self.S_W @ R
+        if self.YtX is not None:
+            self.YtX = self.YtX @ Ri.T
+
+    def expected_residual(self):
+        """E_q ||Y - X W^T||^2 = ||Y||^2 - 2 tr(M_X^T Y M_W) + tr(E[X^T X] E[W^T W])."""
+        if self.YtX is None:
+            self.YtX = _mm(self.Y.T, self.M_X)
+        return self.total - 2 * (self.YtX * self.M_W).sum() + (self.EXX() * self.EWW()).sum()
 
     def elbo(self) -> float:
         N, G, K = self.N, self.G, self.M_W.shape[1]
@@ -264,6 +323,8 @@ class _VI:
         self.update_x()
         self.update_w()
         self.update_sigma2()
+        if self.expand:
+            self.update_expansion()
         return self.elbo()
 
 
@@ -320,10 +381,10 @@ class PPCA(LatentModel):
 
         history, self.converged_ = [], True
         if self.method == "mle":
-            W, sigma2 = mle(Y, K)
+            W, sigma2 = (t.double() for t in mle(Y, K))
         else:
-            var = (Y * Y).sum() / (N * G)
-            W0 = torch.randn(G, K, generator=generator, dtype=torch.float64).to(dt).to(dev) * var.sqrt()
+            var = (Y * Y).sum(dtype=torch.float64) / (N * G)
+            W0 = torch.randn(G, K, generator=generator, dtype=torch.float64).to(dev) * var.sqrt()
             task = {"em": _EM, "map": _MAP, "vi": _VI}[self.method](Y, W0, var)
             result = train(task, max_epochs=self.max_epochs, tol=self.tol, progress=self.progress,
                            desc=f"PPCA-{self.method}")
@@ -336,34 +397,29 @@ class PPCA(LatentModel):
 
         # principal axes, then signs: the rotation the likelihood (and both priors) cannot see
         R = principal_rotation(W)
+        R = R * torch.as_tensor(orient((W @ R).cpu().numpy()), dtype=R.dtype, device=dev)
         W = W @ R
-        signs = torch.as_tensor(orient(W.double().cpu().numpy()), dtype=dt, device=dev)
-        R, W = R * signs, W * signs
         loadings_sd = None
         if self.method == "vi":
             task.M_W, task.S_W = W, R.T @ task.S_W @ R
             task.update_x()                                  # q(X) for the final q(W), q(sigma2): a CAVI step
             P = task.tau * task.M_W @ task.S_X               # E_q[x_n] = P^T y_n
-            loadings_sd = torch.sqrt(torch.diagonal(task.S_W)).expand(G, K)
+            loadings_sd = torch.sqrt(torch.diagonal(task.S_W)).expand(G, K).cpu().numpy()
         else:
-            P = W @ torch.linalg.inv(W.T @ W + sigma2 * torch.eye(K, dtype=dt, device=dev))
-        X = Y @ P
-        Yn = Y.double().cpu().numpy()
-        X_np, W_np = X.double().cpu().numpy(), W.double().cpu().numpy()
-        self._set_results(scores=X_np, loadings=W_np, obs_names=matrix.obs_names, var_names=matrix.var_names,
-                          factor_names=[f"PPC{k + 1}" for k in range(K)], factor_kinds=["latent"] * K,
-                          relevance=factor_r2(Yn, X_np, W_np),
-                          loadings_sd=None if loadings_sd is None else loadings_sd.double().cpu().numpy(),
-                          history=history)
+            P = W @ torch.linalg.inv(W.T @ W + sigma2 * torch.eye(K, dtype=W.dtype, device=dev))
+        X = _mm(Y, P).cpu().numpy()
         self.mu_ = mu.double().cpu().numpy()
         self.sigma2_ = float(sigma2)
-        self._projection = P.double().cpu().numpy()
-        Y64 = torch.as_tensor(Yn)
-        self.log_likelihood_ = float(gaussian_log_likelihood(Y64, torch.as_tensor(W_np),
-                                                             torch.full((G,), self.sigma2_, dtype=torch.float64)))
-        self.objective_ = history[-1] if history else self.log_likelihood_
-        if not history:
-            self.history_ = [self.log_likelihood_]
+        self._projection = P.cpu().numpy()
+        psi = torch.full((G,), self.sigma2_, dtype=torch.float64, device=dev)
+        self.log_likelihood_ = float(gaussian_log_likelihood(Y, W, psi, YB=_mm(Y, W / psi[:, None]),
+                                                             ss=(Y * Y).sum(0, dtype=torch.float64)))
+        W = W.cpu().numpy()
+        self._set_results(scores=X, loadings=W, obs_names=matrix.obs_names, var_names=matrix.var_names,
+                          factor_names=[f"PPC{k + 1}" for k in range(K)], factor_kinds=["latent"] * K,
+                          relevance=factor_r2(Y.cpu().numpy(), X, W), loadings_sd=loadings_sd,
+                          history=history or [self.log_likelihood_])
+        self.objective_ = self.history_[-1]
         return self
 
     # ------------------------------------------------------------------ new data

@@ -176,8 +176,8 @@ class Spex(LatentModel):
         K = A + H
         if K == 0:
             raise ValueError("nothing to fit: give annotations (gene sets) or ask for n_sparse / n_dense factors")
-        if K + Z.shape[1] >= G:
-            raise ValueError(f"{K} factors + {Z.shape[1]} covariate columns need fewer than the data's {G} genes; "
+        if K >= G:
+            raise ValueError(f"{K} factors need fewer than the data's {G} genes; "
                              "use fewer gene sets (e.g. raise min_set_size) or fewer unannotated factors")
         if K + Z.shape[1] >= N:
             raise ValueError(f"{K} factors + {Z.shape[1]} covariate columns need fewer than the data's {N} cells")
