@@ -1,5 +1,10 @@
 """pathfactor: interpretable gene programs from single-cell data with prior knowledge and interventions."""
 import logging
+import os
+
+# Bitwise-reproducible BLAS: without this, MKL picks kernels by memory alignment and the same fit can differ in
+# the last float bits between runs. Takes effect if set before MKL's first call; set MKL_CBWR yourself to override.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 __version__ = "0.1.0"
 

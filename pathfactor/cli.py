@@ -58,7 +58,8 @@ def _model(name: str):
 #: model-specific CLI options (argparse dest -> the flag, for messages)
 MODEL_OPTIONS = {"n_sparse": "--n-sparse", "n_dense": "--n-dense", "min_set_size": "--min-set-size",
                  "max_set_size": "--max-set-size", "max_epochs": "--max-epochs", "n_factors": "--n-factors",
-                 "method": "--method", "posterior": "--posterior", "two_step": "--two-step"}
+                 "method": "--method", "posterior": "--posterior", "two_step": "--two-step",
+                 "loss": "--loss"}
 
 _SAME = lambda *names: {n: n for n in names}  # noqa: E731
 
@@ -72,6 +73,11 @@ MODELS: dict[str, ModelSpec] = {
     "supervised": ModelSpec(
         load=_model("Supervised"), options=_SAME("n_factors", "posterior", "two_step", "max_epochs"),
         gene_sets="unused", help="latent factors next to known covariates (seed 000; needs --covariates)",
+    ),
+    "nmf": ModelSpec(
+        load=_model("NMF"), options=_SAME("n_factors", "loss", "min_set_size", "max_set_size", "max_epochs"),
+        gene_sets="optional",
+        help="non-negative matrix factorisation (multiplicative updates, Frobenius or KL; gene sets mask W)",
     ),
     "pca": ModelSpec(load=_model("PCA"), options=_SAME("n_factors"), gene_sets="unused",
                      help="PCA baseline (scikit-learn)"),
@@ -101,7 +107,7 @@ def _fit_kwargs(model, **given) -> dict:
     """Keep the ``fit`` arguments the model takes; an argument the user set but the model lacks is an error."""
     params = inspect.signature(model.fit).parameters
     flags = {"annotations": "--gene-sets", "layer": "--layer", "covariates": "--covariates", "device": "--device",
-             "seed": "--seed"}
+             "seed": "--seed", "weights": "--weights-layer"}
     out = {}
     for key, value in given.items():
         if key in params:
@@ -252,7 +258,7 @@ def cmd_fit(args) -> int:
     sets = read_gene_sets(args.gene_sets) if args.gene_sets else None
     log.info("fitting %r", model)
     model.fit(adata, **_fit_kwargs(model, annotations=sets, layer=args.layer, covariates=covariates,
-                                   device=args.device, seed=args.seed))
+                                   device=args.device, seed=args.seed, weights=args.weights_layer))
     model.write(adata)
     _write_h5ad(adata, args.out)
     if args.save_model:
@@ -338,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="supervised: joint q(w_g, b_g) per gene (blocked, default) or q(W) q(B)")
     p.add_argument("--two-step", action="store_const", const=True, default=None,
                    help="supervised: OLS of Y on the covariates, then PPCA of the residuals")
+    p.add_argument("--loss", choices=["frobenius", "kl"], default=None, help="nmf: frobenius (log data) or kl (counts)")
+    p.add_argument("--weights-layer", default=None, metavar="LAYER",
+                   help="nmf: adata.layers entry of per-entry weights (0 = missing)")
     p.add_argument("--covariates", action="append", metavar="COL[,COL]",
                    help="obs column(s) to regress out (categorical: one effect per non-reference level)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")

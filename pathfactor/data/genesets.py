@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-__all__ = ["GeneSets"]
+__all__ = ["GeneSets", "as_gene_sets", "annotation_mask"]
 
 logger = logging.getLogger(__name__)
 
@@ -627,3 +627,37 @@ class GeneSets:
             sets[new] = [g for m in members for g in self._sets[names[m]]]
             desc[new] = "merged: " + ", ".join(names[m] for m in members)
         return GeneSets(sets, desc)
+
+
+def as_gene_sets(annotations) -> GeneSets | None:
+    """GeneSets from a GeneSets, a {name: genes} mapping, a genes x terms boolean DataFrame, a file path, or a
+    list of those (merged)."""
+    if annotations is None:
+        return None
+    if isinstance(annotations, GeneSets):
+        return annotations
+    if isinstance(annotations, (str, PathLike)):
+        return GeneSets.read(annotations)
+    if isinstance(annotations, pd.DataFrame):
+        return GeneSets.from_mask(annotations)
+    if isinstance(annotations, dict):
+        return GeneSets(annotations)
+    if isinstance(annotations, (list, tuple)):
+        parts = [as_gene_sets(a) for a in annotations]
+        out = parts[0]
+        for part in parts[1:]:
+            out = out + part
+        return out
+    raise ValueError(f"annotations must be GeneSets, a dict, a genes x terms DataFrame or a GMT/JSON path, "
+                     f"got {type(annotations).__name__}")
+
+
+def annotation_mask(annotations, var_names, min_size: int = 15, max_size: int = 500,
+                    min_fraction: float = 0.0) -> tuple[np.ndarray, list[str]]:
+    """The genes x terms boolean mask (numpy) and term names of ``annotations`` (anything :func:`as_gene_sets`
+    takes) after matching to ``var_names`` and filtering by size; an empty mask when ``annotations`` is None."""
+    sets = as_gene_sets(annotations)
+    if sets is None:
+        return np.zeros((len(var_names), 0), dtype=bool), []
+    sets = sets.filter(var_names, min_size=min_size, max_size=max_size, min_fraction=min_fraction)
+    return sets.to_mask(var_names).to_numpy(), list(sets.names)

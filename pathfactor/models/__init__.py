@@ -1,9 +1,10 @@
 """Models on one face: ``fit`` / ``transform`` / ``write`` / ``save``; see ``base.LatentModel``."""
 from .base import REGISTRY, LatentModel, load
 from .factor_analysis import FactorAnalysis
+from .nmf import NMF
 from .pca import PCA
 from .ppca import PPCA
 from .spex import Spex
 from .supervised import Supervised
 
-__all__ = ["LatentModel", "PCA", "PPCA", "FactorAnalysis", "Spex", "Supervised", "REGISTRY", "load"]
+__all__ = ["LatentModel", "PCA", "PPCA", "FactorAnalysis", "NMF", "Spex", "Supervised", "REGISTRY", "load"]

@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import torch
 
-from ..data.genesets import GeneSets
+from ..data.genesets import annotation_mask, as_gene_sets
 from ..data.inputs import as_matrix, covariate_design
 from ..evaluate import factor_r2, orient
 from ..train import resolve_device, seed_everything, train
@@ -22,33 +22,9 @@ from .base import LatentModel
 
 __all__ = ["Spex"]
 
+_as_gene_sets = as_gene_sets  # kept for models that import it from here
+
 log = logging.getLogger(__name__)
-
-
-def _as_gene_sets(annotations) -> GeneSets | None:
-    """GeneSets from a GeneSets, a {name: genes} mapping, a genes x terms boolean DataFrame, a file path, or a
-    list of those (merged)."""
-    import pandas as pd
-    from os import PathLike
-
-    if annotations is None:
-        return None
-    if isinstance(annotations, GeneSets):
-        return annotations
-    if isinstance(annotations, (str, PathLike)):
-        return GeneSets.read(annotations)
-    if isinstance(annotations, pd.DataFrame):
-        return GeneSets.from_mask(annotations)
-    if isinstance(annotations, dict):
-        return GeneSets(annotations)
-    if isinstance(annotations, (list, tuple)):
-        parts = [_as_gene_sets(a) for a in annotations]
-        out = parts[0]
-        for part in parts[1:]:
-            out = out + part
-        return out
-    raise ValueError(f"annotations must be GeneSets, a dict, a genes x terms DataFrame or a GMT/JSON path, "
-                     f"got {type(annotations).__name__}")
 
 
 def _initial_factors(Y: torch.Tensor, mask: torch.Tensor, n_free: int, n_iter: int = 10) -> torch.Tensor:
@@ -163,14 +139,8 @@ class Spex(LatentModel):
         dev, dt = resolve_device(device), getattr(torch, self.dtype)
         matrix = as_matrix(data, layer)
         N, G = matrix.shape
-        sets = _as_gene_sets(annotations)
-        if sets is not None:
-            sets = sets.filter(matrix.var_names, min_size=self.min_set_size, max_size=self.max_set_size,
-                               min_fraction=self.min_set_fraction)
-            mask = sets.to_mask(matrix.var_names).to_numpy()
-            term_names = list(sets.names)
-        else:
-            mask, term_names = np.zeros((G, 0), dtype=bool), []
+        mask, term_names = annotation_mask(annotations, matrix.var_names, self.min_set_size, self.max_set_size,
+                                           self.min_set_fraction)
         Z, covariate_names = covariate_design(getattr(data, "obs", None), covariates, N)
         A, H = mask.shape[1], self.n_sparse + self.n_dense
         K = A + H
