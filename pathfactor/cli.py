@@ -59,7 +59,7 @@ def _model(name: str):
 MODEL_OPTIONS = {"n_sparse": "--n-sparse", "n_dense": "--n-dense", "min_set_size": "--min-set-size",
                  "max_set_size": "--max-set-size", "max_epochs": "--max-epochs", "n_factors": "--n-factors",
                  "method": "--method", "posterior": "--posterior", "two_step": "--two-step",
-                 "loss": "--loss"}
+                 "loss": "--loss", "fpr": "--fpr", "fnr": "--fnr"}
 
 _SAME = lambda *names: {n: n for n in names}  # noqa: E731
 
@@ -73,6 +73,12 @@ MODELS: dict[str, ModelSpec] = {
     "supervised": ModelSpec(
         load=_model("Supervised"), options=_SAME("n_factors", "posterior", "two_step", "max_epochs"),
         gene_sets="unused", help="latent factors next to known covariates (seed 000; needs --covariates)",
+    ),
+    "slalom": ModelSpec(
+        load=_model("Slalom"), options=_SAME("n_sparse", "n_dense", "min_set_size", "max_set_size", "max_epochs",
+                                             "fpr", "fnr"),
+        gene_sets="required",
+        help="f-scLVM: spike-and-slab factors with annotation FPR/FNR and ARD (variational Bayes)",
     ),
     "nmf": ModelSpec(
         load=_model("NMF"), options=_SAME("n_factors", "loss", "min_set_size", "max_set_size", "max_epochs"),
@@ -201,11 +207,12 @@ def _format_top(model, n: int = 10) -> str:
     kinds = model.factor_kinds_
     shown = rel.index[:n]
     width = max([len("factor")] + [len(str(f)) for f in shown])
-    lines = [f"top {len(shown)} of {len(rel)} factors by relevance (R^2 on the training data):",
-             f"  {'factor':<{width}}  {'kind':<9}  {'R^2':>8}"]
+    measure = model.relevance_measure
+    lines = [f"top {len(shown)} of {len(rel)} factors by relevance ({measure} on the training data):",
+             f"  {'factor':<{width}}  {'kind':<9}  {measure:>10}"]
     for f in shown:
         flag = "" if model.active_[f] else "  (inactive)"
-        lines.append(f"  {str(f):<{width}}  {kinds[f]:<9}  {rel[f]:8.4f}{flag}")
+        lines.append(f"  {str(f):<{width}}  {kinds[f]:<9}  {rel[f]:10.4f}{flag}")
     return "\n".join(lines)
 
 
@@ -344,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="supervised: joint q(w_g, b_g) per gene (blocked, default) or q(W) q(B)")
     p.add_argument("--two-step", action="store_const", const=True, default=None,
                    help="supervised: OLS of Y on the covariates, then PPCA of the residuals")
+    p.add_argument("--fpr", type=float, default=None, help="slalom: annotation false-positive rate (default 0.01)")
+    p.add_argument("--fnr", type=float, default=None, help="slalom: annotation false-negative rate (default 0.001)")
     p.add_argument("--loss", choices=["frobenius", "kl"], default=None, help="nmf: frobenius (log data) or kl (counts)")
     p.add_argument("--weights-layer", default=None, metavar="LAYER",
                    help="nmf: adata.layers entry of per-entry weights (0 = missing)")

@@ -32,7 +32,8 @@ def _bar_height(n: int) -> float:
     return min(1.2 + 0.28 * n, 12.0)
 
 
-def relevance(relevance: pd.Series, kinds: pd.Series | None = None, top: int = 20, ax=None):
+def relevance(relevance: pd.Series, kinds: pd.Series | None = None, top: int = 20, ax=None,
+              measure: str = "R²"):
     """Horizontal bars of the ``top`` most relevant factors (R^2, indexed by factor name), most relevant on
     top, coloured by factor kind (``kinds``: factor name -> "annotated" | "sparse" | "dense")."""
     values = pd.Series(relevance, dtype=float).dropna().sort_values(ascending=False).head(top)
@@ -46,7 +47,8 @@ def relevance(relevance: pd.Series, kinds: pd.Series | None = None, top: int = 2
     ax.barh(y, values.to_numpy(), color=colors)
     ax.set_yticks(y, [str(name) for name in values.index])
     ax.invert_yaxis()
-    ax.set_xlabel("relevance (R², fraction of variance explained)")
+    ax.set_xlabel("relevance (R², fraction of variance explained)" if measure in ("R²", "R^2") else
+                  f"relevance ({measure})")
     ax.set_title("Factor relevance")
     ax.spines[["top", "right"]].set_visible(False)
     if kinds is not None and len(values):

@@ -47,6 +47,11 @@ class _Results:
     annotation: pd.DataFrame | None  # genes x factors, bool
     covariates: pd.DataFrame | None  # genes x covariates
     params: dict = field(default_factory=dict)
+    measure: str = "R^2"  # what relevance measures
+
+    @property
+    def is_r2(self) -> bool:
+        return self.measure in ("R^2", "R²")
 
 
 def _missing(what: str) -> ValueError:
@@ -98,7 +103,8 @@ def _load(adata, key: str) -> _Results:
                                                                             range(effects.shape[1])]))]
         covariates = table(effects, genes, cov_names, f"adata.varm['{key}_covariate_effects']")
     params = dict(meta.get("params", {}) or {})
-    return _Results(str(meta.get("model", key)), info, scores, loadings, annotation, covariates, params)
+    measure = str(meta.get("relevance_measure", "R^2"))
+    return _Results(str(meta.get("model", key)), info, scores, loadings, annotation, covariates, params, measure)
 
 
 def _save(fig_dir: Path, filename: str, draw, *args, **kwargs) -> str:
@@ -147,11 +153,13 @@ def _header(res: _Results, adata, title: str, color_by: str | None) -> str:
     return f"<h1>{escape(title)}</h1>\n<p class='meta'>{'<br>'.join(lines)}</p>\n{params}"
 
 
-def _how_to_read() -> str:
+def _how_to_read(res: _Results) -> str:
+    relevance = ("the fraction of the expression variance the factor explains (R²)" if res.is_r2
+                 else f"the model's own measure, {escape(res.measure)}")
     return f"""<h2>How to read this report</h2>
 <div class="note"><p>Each factor is a gene program: a score per cell and a loading per gene. Annotated factors start
 from a gene set and carry its name; <i>sparse</i> and <i>dense</i> factors are unannotated programs the data needed.
-<b>Relevance</b> is the fraction of the expression variance the factor explains (R²); only active factors get a section.</p>
+<b>Relevance</b> is {relevance}; only active factors get a section.</p>
 <p>A gene is <b>active</b> in a factor when |w| &gt; {ACTIVE_FRACTION:g} × the factor's largest |w|. <b>Gained</b>
 genes are active but not in the gene set (the data add them to the program); <b>lost</b> genes are in the gene set
 but not active (the data do not support them). The sign of a factor is arbitrary: a positive loading means the gene
@@ -185,9 +193,15 @@ def _factor_section(rank: int, name: str, res: _Results, refined: pd.DataFrame, 
             _img(_save(fig_dir, f"{stem}_scores.png", plot.factor_scores, res.scores[name], groups),
                  f"scores of {name}")]
     return f"""<h2>{rank}. {escape(name)} {_kind_badge(info['kind'])}</h2>
-<p>Relevance R² = {info['relevance']:.3g} ({100 * info['relevance']:.1f}% of variance).</p>
+<p>{_relevance_text(res, info['relevance'])}</p>
 <div class="figs">{''.join(figs)}</div>
 {_gained_lost(name, res, refined, top_genes)}"""
+
+
+def _relevance_text(res: _Results, value: float) -> str:
+    if res.is_r2:
+        return f"Relevance R² = {value:.3g} ({100 * value:.1f}% of variance)."
+    return f"Relevance ({escape(res.measure)}) = {value:.3g}."
 
 
 def _covariate_section(effects: pd.DataFrame, top_genes: int) -> str:
@@ -234,8 +248,9 @@ def write_report(adata, out_dir, key: str = "spex", color_by: str | None = None,
 
     ranked = res.info.sort_values("relevance", ascending=False)
     chosen = ranked.index[ranked["active"]][:top_factors].tolist()
-    relevance_png = _save(fig_dir, "relevance.png", plot.relevance, ranked["relevance"], ranked["kind"])
-    sections = [_header(res, adata, title or f"pathfactor report: {res.model}", color_by), _how_to_read(),
+    relevance_png = _save(fig_dir, "relevance.png", plot.relevance, ranked["relevance"], ranked["kind"],
+                          measure=res.measure)
+    sections = [_header(res, adata, title or f"pathfactor report: {res.model}", color_by), _how_to_read(res),
                 f"<h2>Factor relevance</h2>\n<div class='figs'>{_img(relevance_png, 'factor relevance')}</div>"]
     violin_groups = _violin_groups(groups) if groups is not None else None
     sections += [_factor_section(i + 1, name, res, refined, fig_dir, violin_groups, top_genes)

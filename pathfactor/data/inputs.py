@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-__all__ = ["Matrix", "as_matrix", "check_counts", "covariate_design"]
+__all__ = ["Matrix", "as_matrix", "aligned_centred", "check_counts", "covariate_design", "new_covariates"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,14 @@ class Matrix:
     def dense(self, dtype=np.float32) -> np.ndarray:
         Y = self.Y.toarray() if sp.issparse(self.Y) else self.Y
         return np.asarray(Y, dtype=dtype)
+
+    def centred(self, device, dtype):
+        """(Y - gene means, gene means) as torch tensors on ``device``; the means in float64, Y in ``dtype``."""
+        import torch
+
+        Y = torch.as_tensor(self.dense(np.float64), device=device)
+        mean = Y.mean(0)
+        return (Y - mean).to(dtype), mean
 
 
 def _values(Y):
@@ -101,6 +109,19 @@ def as_matrix(data, layer: str | None = None, dtype=np.float32) -> Matrix:
     return Matrix(Y, obs, var)
 
 
+def aligned_centred(data, layer, var_names, mean) -> tuple[np.ndarray, pd.Index]:
+    """``Y - mean`` (float64) of new ``data`` with its genes put in a fitted model's order (extra genes are
+    ignored, missing ones are an error), and the new cells' names."""
+    matrix = as_matrix(data, layer)
+    missing = pd.Index(var_names).difference(matrix.var_names)
+    if len(missing):
+        raise ValueError(f"{len(missing)} of the model's {len(var_names)} genes are missing from the new data "
+                         f"(e.g. {list(missing[:3])}); pass data with the genes the model was fitted on")
+    Y = matrix.Y[:, matrix.var_names.get_indexer(var_names)]
+    Y = Y.toarray() if sp.issparse(Y) else np.asarray(Y)
+    return Y.astype(np.float64) - np.asarray(mean, dtype=np.float64), matrix.obs_names
+
+
 def check_counts(matrix: Matrix, likelihood: str) -> None:
     """Raise if ``matrix`` cannot be counts, as a count ``likelihood`` requires."""
     vals = _values(matrix.Y)
@@ -159,3 +180,13 @@ def covariate_design(obs: pd.DataFrame | None, columns, n_cells: int) -> tuple[n
                 blocks.append((np.asarray(cat == lv, dtype=np.float64))[:, None])
                 names.append(f"{col}={lv}")
     return np.hstack(blocks).astype(np.float32), names
+
+
+def new_covariates(data, spec, n_cells: int, names: list[str], mean) -> np.ndarray:
+    """Centred covariates of new cells for a model fitted with covariate levels ``names`` and means ``mean``."""
+    if spec is None:
+        raise ValueError("the model was fitted with covariates; pass covariates= for the new cells")
+    Z, new_names = covariate_design(getattr(data, "obs", None), spec, n_cells)
+    if new_names != list(names):
+        raise ValueError(f"covariate levels of the new cells {new_names} differ from the model's {list(names)}")
+    return Z - np.asarray(mean)

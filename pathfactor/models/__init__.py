@@ -4,7 +4,8 @@ from .factor_analysis import FactorAnalysis
 from .nmf import NMF
 from .pca import PCA
 from .ppca import PPCA
+from .slalom import Slalom
 from .spex import Spex
 from .supervised import Supervised
 
-__all__ = ["LatentModel", "PCA", "PPCA", "FactorAnalysis", "NMF", "Spex", "Supervised", "REGISTRY", "load"]
+__all__ = ["LatentModel", "PCA", "PPCA", "FactorAnalysis", "NMF", "Slalom", "Spex", "Supervised", "REGISTRY", "load"]

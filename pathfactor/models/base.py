@@ -44,6 +44,8 @@ class LatentModel:
     """
 
     key = "model"
+    #: what ``relevance_`` measures (reports and the CLI print it)
+    relevance_measure = "R^2"
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -124,6 +126,7 @@ class LatentModel:
             "factor_names": [str(n) for n in self.loadings_.columns],
             "factor_kinds": [str(k) for k in self.factor_kinds_],
             "relevance": self.relevance_.to_numpy(dtype=float),
+            "relevance_measure": self.relevance_measure,
             "active": self.active_.to_numpy(dtype=bool),
             "covariate_names": [] if self.covariate_effects_ is None else [str(c) for c in self.covariate_effects_.columns],
             "params": {k: v for k, v in self.get_params().items() if isinstance(v, (int, float, str, bool))},

@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data.inputs import as_matrix
+from ..data.inputs import aligned_centred, as_matrix
 from ..evaluate import factor_r2, orient
 from ..train import resolve_device, seed_everything, train
 from .base import LatentModel
-from .ppca import (_mm, aligned_centred, check_common, check_shape, gaussian_log_likelihood, mle, principal_rotation,
+from .ppca import (_mm, check_common, check_shape, gaussian_log_likelihood, mle, principal_rotation,
                    sym_sqrt)
 
 __all__ = ["FactorAnalysis"]
@@ -107,9 +107,7 @@ class FactorAnalysis(LatentModel):
         N, G = matrix.shape
         K = int(self.n_factors)
         check_shape(K, N, G, "FactorAnalysis")
-        Y = torch.as_tensor(matrix.dense(np.float64), device=dev)
-        mu = Y.mean(0)
-        Y = (Y - mu).to(dt)
+        Y, mu = matrix.centred(dev, dt)
 
         W0, sigma2 = mle(Y, K)
         task = _FAEM(Y, W0, sigma2.double().expand(G))

@@ -33,10 +33,10 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from ..data.genesets import annotation_mask
 from ..data.inputs import as_matrix
 from ..train import resolve_device, seed_everything, train
 from .base import LatentModel
-from .spex import _as_gene_sets
 
 __all__ = ["NMF"]
 
@@ -515,12 +515,7 @@ class NMF(LatentModel):
         _check_nonnegative(matrix)
         N, G = matrix.shape
         M = _as_weights(weights, data, matrix, getattr(np, self.dtype))
-        sets = _as_gene_sets(annotations)
-        if sets is not None:
-            sets = sets.filter(matrix.var_names, min_size=self.min_set_size, max_size=self.max_set_size)
-            mask, term_names = sets.to_mask(matrix.var_names).to_numpy(), list(sets.names)
-        else:
-            mask, term_names = np.zeros((G, 0), dtype=bool), []
+        mask, term_names = annotation_mask(annotations, matrix.var_names, self.min_set_size, self.max_set_size)
         A = mask.shape[1]
         K = max(self.n_factors, A)
         if K > min(N, G):

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..data.inputs import as_matrix
+from ..data.inputs import aligned_centred, as_matrix
 from ..evaluate import orient
 from .base import LatentModel
-from .ppca import aligned_centred, check_int
+from .ppca import check_int
 
 __all__ = ["PCA"]
 

@@ -34,7 +34,7 @@ import numbers
 import numpy as np
 import torch
 
-from ..data.inputs import as_matrix
+from ..data.inputs import aligned_centred, as_matrix
 from ..evaluate import factor_r2, orient
 from ..train import resolve_device, seed_everything, train
 from .base import LatentModel
@@ -78,18 +78,6 @@ def check_shape(K: int, N: int, G: int, model: str) -> None:
     if K >= N - 1:
         raise ValueError(f"{model} with n_factors={K} needs at least n_factors + 2 cells, but the data have {N} "
                          f"cells; use n_factors < {N - 1}")
-
-
-def aligned_centred(data, layer, var_names, mu) -> tuple[np.ndarray, object]:
-    """``Y - mu`` (float64) of new ``data`` with its genes put in the model's order; extra genes are ignored."""
-    matrix = as_matrix(data, layer)
-    missing = var_names.difference(matrix.var_names)
-    if len(missing):
-        raise ValueError(f"{len(missing)} of the model's {len(var_names)} genes are missing from the data "
-                         f"(e.g. {list(missing[:3])}); pass data with the genes the model was fitted on")
-    Y = matrix.Y[:, matrix.var_names.get_indexer(var_names)]
-    Y = Y.toarray() if hasattr(Y, "toarray") else np.asarray(Y)
-    return Y.astype(np.float64) - mu, matrix.obs_names
 
 
 # ============================================================================ the maths
@@ -375,9 +363,7 @@ class PPCA(LatentModel):
         N, G = matrix.shape
         K = int(self.n_factors)
         check_shape(K, N, G, "PPCA")
-        Y = torch.as_tensor(matrix.dense(np.float64), device=dev)
-        mu = Y.mean(0)
-        Y = (Y - mu).to(dt)
+        Y, mu = matrix.centred(dev, dt)
 
         history, self.converged_ = [], True
         if self.method == "mle":

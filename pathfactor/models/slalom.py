@@ -43,12 +43,13 @@ import pandas as pd
 import torch
 from scipy.special import digamma
 
-from ..data.inputs import as_matrix, covariate_design
+from ..data.genesets import annotation_mask
+from ..data.inputs import aligned_centred, as_matrix, covariate_design, new_covariates
 from ..evaluate import factor_r2, orient
 from ..evaluate import refined_annotations as _refined_by_loading
 from ..train import resolve_device, seed_everything, train
 from .base import LatentModel
-from .spex import _as_gene_sets, _initial_factors
+from .spex import _initial_factors
 
 __all__ = ["Slalom"]
 
@@ -358,6 +359,7 @@ class Slalom(LatentModel):
     """
 
     key = "slalom"
+    relevance_measure = "1/E[alpha]"
 
     def __init__(self, n_dense: int = 0, n_sparse: int = 0, fpr: float = 0.01, fnr: float = 0.001,
                  switch_off: float = 1e3, max_epochs: int = 500, tol: float = 1e-5,
@@ -403,13 +405,7 @@ class Slalom(LatentModel):
         dev, dt = resolve_device(device), getattr(torch, self.dtype)
         matrix = as_matrix(data, layer)
         N, G = matrix.shape
-        sets = _as_gene_sets(annotations)
-        if sets is not None:
-            sets = sets.filter(matrix.var_names, min_size=self.min_set_size, max_size=self.max_set_size)
-            mask = sets.to_mask(matrix.var_names).to_numpy()
-            term_names = list(sets.names)
-        else:
-            mask, term_names = np.zeros((G, 0), dtype=bool), []
+        mask, term_names = annotation_mask(annotations, matrix.var_names, self.min_set_size, self.max_set_size)
         Z, covariate_names = covariate_design(getattr(data, "obs", None), covariates, N)
         A, H = mask.shape[1], self.n_sparse + self.n_dense
         K = A + H
@@ -421,9 +417,7 @@ class Slalom(LatentModel):
         if K + Z.shape[1] >= N:
             raise ValueError(f"{K} factors + {Z.shape[1]} covariate columns need fewer than the data's {N} cells")
 
-        Y = torch.as_tensor(matrix.dense(np.float64), device=dev)
-        gene_mean = Y.mean(0)
-        Y = (Y - gene_mean).to(dt)
+        Y, gene_mean = matrix.centred(dev, dt)
         Zt = torch.as_tensor(Z, dtype=torch.float64, device=dev)
         z_mean = Zt.mean(0)
         z_sd = Zt.std(0).clamp_min(1e-12) if Zt.shape[1] else torch.ones(0, dtype=torch.float64, device=dev)
@@ -508,7 +502,6 @@ class Slalom(LatentModel):
         key = key or self.key
         adata.varm[f"{key}_inclusion"] = self.inclusion_.reindex(adata.var_names, fill_value=0.0).to_numpy(np.float32)
         adata.uns[key]["r2"] = self.r2_.to_numpy(dtype=float)
-        adata.uns[key]["relevance_measure"] = "1/E[alpha]"
 
     def transform(self, data, layer: str | None = None, covariates=None) -> pd.DataFrame:
         """Factor scores of new cells: the posterior mean of x_n given the learned loadings and noise.
@@ -517,29 +510,17 @@ class Slalom(LatentModel):
         with covariates, pass the same covariates for the new cells (obs columns are found by name).
         """
         self._check_fitted()
-        matrix = as_matrix(data, layer)
-        var = self.loadings_.index
-        missing = var.difference(matrix.var_names)
-        if len(missing):
-            raise ValueError(f"{len(missing)} of the model's {len(var)} genes are missing from the new data "
-                             f"(e.g. {list(missing[:3])}); transform needs the genes the model was fitted on")
-        Y = matrix.Y[:, matrix.var_names.get_indexer(var)]
         post = self._posterior
-        Y = (Y.toarray() if hasattr(Y, "toarray") else np.asarray(Y)).astype(np.float64) - post["gene_mean"]
+        Y, obs_names = aligned_centred(data, layer, self.loadings_.index, post["gene_mean"])
         if post["B"].shape[1]:
-            spec = covariates if covariates is not None else self._covariates
-            if spec is None:
-                raise ValueError("the model was fitted with covariates; pass covariates= for the new cells")
-            Z, names = covariate_design(getattr(data, "obs", None), spec, Y.shape[0])
-            if names != list(self.covariate_effects_.columns):
-                raise ValueError(f"covariate levels of the new cells {names} differ from the model's "
-                                 f"{list(self.covariate_effects_.columns)}")
-            Y = Y - (Z - post["z_mean"]) @ post["B"].T
+            Z = new_covariates(data, covariates if covariates is not None else self._covariates, Y.shape[0],
+                               self.covariate_effects_.columns, post["z_mean"])
+            Y = Y - Z @ post["B"].T
         W, tau = post["W"], post["tau"]
         TW = tau[:, None] * W
         prec = W.T @ TW + np.diag(1.0 + tau @ post["loading_var"])
         mu = np.linalg.solve(prec, (Y @ TW).T).T
-        return pd.DataFrame(mu * post["signs"], index=matrix.obs_names, columns=self.loadings_.columns)
+        return pd.DataFrame(mu * post["signs"], index=obs_names, columns=self.loadings_.columns)
 
     # ------------------------------------------------------------------ save / load
     def _extra_state(self):

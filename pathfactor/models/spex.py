@@ -13,16 +13,14 @@ import logging
 import numpy as np
 import torch
 
-from ..data.genesets import annotation_mask, as_gene_sets
-from ..data.inputs import as_matrix, covariate_design
+from ..data.genesets import annotation_mask
+from ..data.inputs import aligned_centred, as_matrix, covariate_design, new_covariates
 from ..evaluate import factor_r2, orient
 from ..train import resolve_device, seed_everything, train
 from ._spex_vi import SpexVI
 from .base import LatentModel
 
 __all__ = ["Spex"]
-
-_as_gene_sets = as_gene_sets  # kept for models that import it from here
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +150,7 @@ class Spex(LatentModel):
         if K + Z.shape[1] >= N:
             raise ValueError(f"{K} factors + {Z.shape[1]} covariate columns need fewer than the data's {N} cells")
 
-        Y = torch.as_tensor(matrix.dense(np.float64), device=dev)
-        gene_mean = Y.mean(0)
-        Y = (Y - gene_mean).to(dt)
+        Y, gene_mean = matrix.centred(dev, dt)
         Zt = torch.as_tensor(Z, dtype=torch.float64, device=dev)
         z_mean = Zt.mean(0)
         Zt = (Zt - z_mean).to(dt)
@@ -210,32 +206,18 @@ class Spex(LatentModel):
         import pandas as pd
 
         self._check_fitted()
-        matrix = as_matrix(data, layer)
-        var = self.loadings_.index
-        missing = var.difference(matrix.var_names)
-        if len(missing):
-            raise ValueError(f"{len(missing)} of the model's {len(var)} genes are missing from the new data "
-                             f"(e.g. {list(missing[:3])}); transform needs the genes the model was fitted on")
-        cols = matrix.var_names.get_indexer(var)
-        Y = matrix.Y[:, cols]
-        Y = (Y.toarray() if hasattr(Y, "toarray") else np.asarray(Y)).astype(np.float64) - self._posterior["gene_mean"]
+        Y, obs_names = aligned_centred(data, layer, self.loadings_.index, self._posterior["gene_mean"])
         post, K = self._posterior, self.loadings_.shape[1]
         C = post["M"].shape[1] - K
         if C:
-            spec = covariates if covariates is not None else self._covariates
-            if spec is None:
-                raise ValueError("the model was fitted with covariates; pass covariates= for the new cells")
-            Z, names = covariate_design(getattr(data, "obs", None), spec, Y.shape[0])
-            if names != list(self.covariate_effects_.columns):
-                raise ValueError(f"covariate levels of the new cells {names} differ from the model's "
-                                 f"{list(self.covariate_effects_.columns)}")
-            Z = Z - post["z_mean"]
+            Z = new_covariates(data, covariates if covariates is not None else self._covariates, Y.shape[0],
+                               self.covariate_effects_.columns, post["z_mean"])
         else:
             Z = np.zeros((Y.shape[0], 0))
         Q, psi, M = post["Q"], post["psi"], post["M"]
         Sigma_x = np.linalg.inv(np.eye(K) + Q[:K, :K])
         mu = (Y @ (M[:, :K] * psi[:, None]) - Z @ Q[K:, :K]) @ Sigma_x
-        return pd.DataFrame(mu * post["signs"], index=matrix.obs_names, columns=self.loadings_.columns)
+        return pd.DataFrame(mu * post["signs"], index=obs_names, columns=self.loadings_.columns)
 
     def _extra_state(self):
         meta = {"covariates": self._covariates, "elbo": self.elbo_, "converged": self.converged_}
