@@ -80,6 +80,11 @@ MODELS: dict[str, ModelSpec] = {
         gene_sets="required",
         help="f-scLVM: spike-and-slab factors with annotation FPR/FNR and ARD (variational Bayes)",
     ),
+    "autoencoder": ModelSpec(
+        load=_model("Autoencoder"), options=_SAME("n_sparse", "n_dense", "min_set_size", "max_set_size", "max_epochs"),
+        gene_sets="required",
+        help="interpretable autoencoder: MLP encoder, linear decoder guided by gene sets (proximal steps)",
+    ),
     "nmf": ModelSpec(
         load=_model("NMF"), options=_SAME("n_factors", "loss", "min_set_size", "max_set_size", "max_epochs"),
         gene_sets="optional",
@@ -113,7 +118,7 @@ def _fit_kwargs(model, **given) -> dict:
     """Keep the ``fit`` arguments the model takes; an argument the user set but the model lacks is an error."""
     params = inspect.signature(model.fit).parameters
     flags = {"annotations": "--gene-sets", "layer": "--layer", "covariates": "--covariates", "device": "--device",
-             "seed": "--seed", "weights": "--weights-layer"}
+             "seed": "--seed", "weights": "--weights-layer", "checkpoint_dir": "--checkpoint"}
     out = {}
     for key, value in given.items():
         if key in params:
@@ -265,7 +270,8 @@ def cmd_fit(args) -> int:
     sets = read_gene_sets(args.gene_sets) if args.gene_sets else None
     log.info("fitting %r", model)
     model.fit(adata, **_fit_kwargs(model, annotations=sets, layer=args.layer, covariates=covariates,
-                                   device=args.device, seed=args.seed, weights=args.weights_layer))
+                                   device=args.device, seed=args.seed, weights=args.weights_layer,
+                                   checkpoint_dir=args.checkpoint))
     model.write(adata)
     _write_h5ad(adata, args.out)
     if args.save_model:
@@ -367,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="OUT.h5ad", help="where to write the data with the results")
     p.add_argument("--report", default=None, metavar="DIR", help="also write DIR/report.html")
     p.add_argument("--color-by", default=None, metavar="COL", help="obs column to colour the report's plots by")
+    p.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="save the training state to DIR every few epochs and resume from it (spex, supervised)")
     p.add_argument("--save-model", default=None, metavar="DIR", help="save the fitted model (JSON + npz) to DIR")
     common(p)
     p.set_defaults(func=cmd_fit)

@@ -1,4 +1,5 @@
 """Models on one face: ``fit`` / ``transform`` / ``write`` / ``save``; see ``base.LatentModel``."""
+from .autoencoder import Autoencoder
 from .base import REGISTRY, LatentModel, load
 from .factor_analysis import FactorAnalysis
 from .nmf import NMF
@@ -8,4 +9,4 @@ from .slalom import Slalom
 from .spex import Spex
 from .supervised import Supervised
 
-__all__ = ["LatentModel", "PCA", "PPCA", "FactorAnalysis", "NMF", "Slalom", "Spex", "Supervised", "REGISTRY", "load"]
+__all__ = ["LatentModel", "Autoencoder", "PCA", "PPCA", "FactorAnalysis", "NMF", "Slalom", "Spex", "Supervised", "REGISTRY", "load"]

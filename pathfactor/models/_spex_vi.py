@@ -43,6 +43,8 @@ class SpexVI:
     scaled up to N cells, implies (stochastic VI, Hoffman et al. 2013).
     """
 
+    checkpoint_exclude = ("Y", "Z")  # the data: not part of a checkpoint
+
     def __init__(self, Y: torch.Tensor, Z: torch.Tensor, s: torch.Tensor, X0: torch.Tensor,
                  slab_confidence: float = 0.5, noise_prior: tuple[float, float] = (1.0, 0.01),
                  tau: float | None = None, free_start: bool = True, batch_size: int | None = None,

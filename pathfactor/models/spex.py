@@ -124,13 +124,15 @@ class Spex(LatentModel):
 
     # ------------------------------------------------------------------ fit
     def fit(self, data, annotations=None, layer: str | None = None, covariates=None, device="auto",
-            seed: int = 0) -> "Spex":
+            seed: int = 0, checkpoint_dir=None) -> "Spex":
         """Fit to ``data`` (AnnData, DataFrame or array; cells x genes, log-normalised or scaled).
 
         ``annotations``: GeneSets, ``{name: genes}``, a genes x terms boolean DataFrame or a GMT/JSON path (or a
         list of them); sets are matched to the genes case-insensitively and filtered by size.
         ``covariates``: obs column name(s) (categorical -> one column per non-reference level, ``COL=level``) or
         a cells x C array. The caller's data are not modified; call :meth:`write` to store results.
+        ``checkpoint_dir``: save the state there every few epochs (atomically) and resume from it if a
+        checkpoint of the same fit is already there.
         """
         self._check_params()
         generator = seed_everything(seed)
@@ -167,7 +169,8 @@ class Spex(LatentModel):
         tau = None if self.global_scale is None else self.global_scale * data_sd
         vi = SpexVI(Y, Zt, torch.as_tensor(s, dtype=dt, device=dev), X0, slab_confidence=self.slab_confidence, tau=tau,
                     batch_size=self.batch_size, generator=generator, posterior=self.posterior)
-        result = train(vi, max_epochs=self.max_epochs, tol=self.tol, progress=self.progress, desc="Spex")
+        result = train(vi, max_epochs=self.max_epochs, tol=self.tol, progress=self.progress, desc=type(self).__name__,
+                       checkpoint_dir=checkpoint_dir)
         if not result.converged:
             log.warning("Spex did not converge in %d epochs (relative ELBO change above tol=%g); raise max_epochs",
                         self.max_epochs, self.tol)

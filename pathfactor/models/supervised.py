@@ -49,14 +49,15 @@ class Supervised(Spex):
         return [f"factor_{i}" for i in range(self.n_dense)]
 
     def fit(self, data, covariates=None, layer: str | None = None, device="auto", seed: int = 0,
-            annotations=None) -> "Supervised":
+            annotations=None, checkpoint_dir=None) -> "Supervised":
         if covariates is None or (not isinstance(covariates, str) and len(covariates) == 0):
             raise ValueError("the supervised model needs covariates= (obs column names or a cells x C array); "
                              "without them use Spex or PPCA")
         if annotations is not None:
             raise ValueError("the supervised model takes no gene sets; use Spex(covariates=...) for annotated factors")
         if not self.two_step:
-            super().fit(data, covariates=covariates, layer=layer, device=device, seed=seed)
+            super().fit(data, covariates=covariates, layer=layer, device=device, seed=seed,
+                        checkpoint_dir=checkpoint_dir)
             self.factor_kinds_[:] = "latent"
             return self
         return self._fit_two_step(data, covariates, layer, seed)
