@@ -46,14 +46,14 @@ def test_orientation_annotated_loadings_point_up(fitted):
 
 
 def test_transform_of_training_data_equals_scores_and_save_load(sim, fitted, tmp_path):
-    np.testing.assert_array_equal(fitted.transform(sim).to_numpy(), fitted.factor_scores_.to_numpy())
+    np.testing.assert_allclose(fitted.transform(sim).to_numpy(), fitted.factor_scores_.to_numpy(), rtol=1e-5, atol=1e-6)
     # genes aligned by name: shuffled columns give the same scores
     df = sim.to_df().iloc[:, ::-1]
     np.testing.assert_allclose(fitted.transform(df).to_numpy(), fitted.factor_scores_.to_numpy(), rtol=1e-5, atol=1e-5)
     fitted.save(tmp_path / "ae")
     back = pf.load(tmp_path / "ae")
     assert isinstance(back, Autoencoder)
-    np.testing.assert_array_equal(back.transform(sim).to_numpy(), fitted.transform(sim).to_numpy())
+    np.testing.assert_allclose(back.transform(sim).to_numpy(), fitted.transform(sim).to_numpy(), rtol=1e-5, atol=1e-6)
     pd.testing.assert_frame_equal(back.loadings_, fitted.loadings_)
     with pytest.raises(ValueError, match="missing"):
         fitted.transform(sim[:, :10])
@@ -63,8 +63,9 @@ def test_seeded_fit_is_deterministic(sim):
     kw = dict(progress=False, min_set_size=5, max_epochs=5)
     a = Autoencoder(**kw).fit(sim, annotations=annotation_sets(sim), seed=1)
     b = Autoencoder(**kw).fit(sim, annotations=annotation_sets(sim), seed=1)
-    np.testing.assert_array_equal(a.loadings_.to_numpy(), b.loadings_.to_numpy())
-    np.testing.assert_array_equal(a.factor_scores_.to_numpy(), b.factor_scores_.to_numpy())
+    # identical up to float32 rounding (vectorised kernels may sum in another order on differently aligned memory)
+    np.testing.assert_allclose(a.loadings_.to_numpy(), b.loadings_.to_numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a.factor_scores_.to_numpy(), b.factor_scores_.to_numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_proximal_operators_in_the_seeds_order():
