@@ -17,7 +17,6 @@ import gzip
 import io
 import json
 import re
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +84,12 @@ FACTORIES = {
 }
 #: constructor arguments asking for more factors than the 10 genes allow
 TOO_MANY = {"PCA": {"n_factors": G + 1}, "PPCA": {"n_factors": G}, "FactorAnalysis": {"n_factors": G},
-            "NMF": {"n_factors": G + 1}, "Spex": {"n_dense": G}, "Supervised": {"n_factors": G}, "Slalom": {"n_dense": G}}
+            "NMF": {"n_factors": G + 1}, "Spex": {"n_dense": G}, "Supervised": {"n_factors": G},
+            "Slalom": {"n_dense": G}}
+
+
+#: the covariate Supervised gets for input without .obs
+CELL_GROUP = np.asarray([i % 2 for i in range(N)], dtype=float)
 
 
 def fit(name: str, data, params: dict | None = None, **fit_kw):
@@ -140,7 +144,8 @@ class Works:
             raise AssertionError(f"expected it to work, got {type(result_or_error).__name__}: "
                                  f"{result_or_error}") from result_or_error
         if self.check is not None:
-            self.check(result_or_error)
+            ok = self.check(result_or_error)
+            assert ok is None or ok, f"check failed on {result_or_error!r:.300}"
 
     def describe(self) -> str:
         return "works"
@@ -285,15 +290,18 @@ S = "fit: degenerate data (constant genes, rank deficiency, extreme scale)"
 CONST = "constant (every gene has zero variance)"
 case(S, "fit-PCA-constant", "PCA.fit", "all-ones X", lambda c: fit("PCA", adata(np.ones((N, G), np.float32))),
      RaisesOrFinite("variance"),
-     bug="pca.py:68 passes sklearn's explained_variance_ratio_ = 0/0 on: relevance_ is all NaN, silently "
-         "(RuntimeWarning only)")
+     bug="pca.py:71 (PCA.fit) stores sklearn's explained_variance_ratio_ = 0/0: relevance_ is all NaN, "
+         "silently (a RuntimeWarning only)")
 case(S, "fit-PCA-constant-sparse", "PCA.fit", "all-zero CSR X",
      lambda c: fit("PCA", adata(sp.csr_matrix((N, G), dtype=np.float32))), RaisesOrFinite("variance"),
-     bug="pca.py:65 sklearn's ARPACK solver raises scipy ArpackError 'Starting vector is zero' on all-zero sparse data")
-for method, today in [("mle", "ppca.py:395 torch _LinAlgError 'linalg.inv: ... singular' (W = 0 and sigma2 = 0)"),
-                      ("em", "ppca.py:187 torch _LinAlgError 'linalg.inv: ... singular' in the E-step"),
-                      ("map", "ppca.py:213 torch _LinAlgError 'linalg.inv: ... singular'"),
-                      ("vi", "train.py:67 FloatingPointError 'the objective became nan at epoch 1' (not a ValueError)")]:
+     bug="pca.py:62 (PCA.fit) sklearn's ARPACK solver raises scipy ArpackError 'Starting vector is zero' on all-zero "
+         "sparse data")
+for method, today in [("mle", "ppca.py:395 (PPCA.fit) W = 0 and sigma2 = 0: torch _LinAlgError 'linalg.inv: ... "
+                             "singular'"),
+                      ("em", "ppca.py:195 (_EM.epoch) torch _LinAlgError 'linalg.inv: ... singular' in the E-step"),
+                      ("map", "ppca.py:219 (_MAP.epoch) torch _LinAlgError 'linalg.inv: ... singular'"),
+                      ("vi", "train.py:153 (train) FloatingPointError 'the objective became nan at epoch 1' (not a "
+                             "ValueError; the VI start is W0 = 0)")]:
     case(S, f"fit-PPCA-{method}-constant", f"PPCA(method={method!r}).fit", "all-ones X",
          lambda c, me=method: fit("PPCA", adata(np.ones((N, G), np.float32)), {"method": me}),
          RaisesOrFinite("variance"), bug=today)
@@ -302,18 +310,34 @@ for name in ["FactorAnalysis", "NMF", "Spex", "Supervised", "Slalom"]:
          lambda c, m=name: fit(m, adata(np.ones((N, G), np.float32))), Works(assert_finite))
 case(S, "fit-Supervised-two-step-constant", "Supervised(two_step=True).fit", "all-ones X",
      lambda c: fit("Supervised", adata(np.ones((N, G), np.float32)), {"two_step": True}), RaisesOrFinite("variance"),
-     bug="supervised.py:77 -> ppca.py:395 torch _LinAlgError 'linalg.inv: ... singular' (PPCA of all-zero residuals)")
+     bug="supervised.py:78 (_fit_two_step) -> ppca.py:395 torch _LinAlgError 'linalg.inv: ... singular' (PPCA of "
+         "all-zero residuals)")
 ONE_ENTRY = np.zeros((8, 4), np.float32)
 ONE_ENTRY[2, 0] = 4.0
 case(S, "fit-NMF-rank-deficient-float32", "NMF.fit", "8x4 X with one non-zero entry, n_factors=3 (K > rank)",
      lambda c: fit("NMF", ONE_ENTRY, {"n_factors": 3}), RaisesOrFinite("rank"),
-     bug="nmf.py:251 NNDSVDa divides a zero vector by max(norm, 1e-300), and 1e-300 is 0 in float32: the start X "
-         "holds NaN, then train.py:67 raises FloatingPointError 'the objective became nan at epoch 1'")
+     bug="nmf.py:250 (_nndsvda) NNDSVDa divides a zero vector by max(norm, 1e-300), and 1e-300 is 0 in float32: "
+         "the start X "
+         "holds NaN, then train.py:153 raises FloatingPointError 'the objective became nan at epoch 1'")
 case(S, "fit-NMF-rank-deficient-float64", "NMF(dtype='float64').fit", "the same X in float64",
      lambda c: fit("NMF", ONE_ENTRY, {"n_factors": 3, "dtype": "float64"}), Works(assert_finite))
-case(S, "fit-PPCA-huge-values", "PPCA.fit", "counts x 1e18 (finite in float32)",
-     lambda c: fit("PPCA", adata(counts() * np.float32(1e18))), RaisesOrFinite("scale"),
-     bug="ppca.py:112 Y^T Y overflows float32 (eigh on Inf): loadings_ and factor_scores_ are NaN, silently")
+HUGE_TODAY = {
+    "PCA": "pca.py:62 sklearn's PCA overflows float32: loadings_/relevance_ NaN, silently",
+    "PPCA": "ppca.py:111 (mle) torch _LinAlgError 'linalg.eigh: The algorithm failed to converge' (Y^T Y overflows "
+            "float32)",
+    "FactorAnalysis": "factor_analysis.py:112 -> ppca.py:111 (mle) torch _LinAlgError 'linalg.eigh: ... failed to "
+                      "converge'",
+    "NMF": "train.py:153 FloatingPointError 'the objective became nan at epoch 1' (already at 1e17)",
+    "Spex": "_spex_vi.py:147 (batched Cholesky) torch _LinAlgError 'linalg.cholesky: ... not positive-definite'",
+    "Supervised": "_spex_vi.py:147 (batched Cholesky) torch _LinAlgError 'linalg.cholesky: ... not positive-definite'",
+    "Slalom": "slalom.py:244 (SlalomVI.update_factors) torch _LinAlgError 'linalg.cholesky: ... not positive-definite'",
+}
+for name in MODEL_NAMES:
+    case(S, f"fit-{name}-huge-values", f"{name}.fit", "counts x 1e20 (finite in float32, squares are not)",
+         lambda c, m=name: fit(m, adata(counts() * np.float32(1e20))), RaisesOrFinite("scale"),
+         bug=HUGE_TODAY[name] + "; as_matrix (inputs.py:103) checks only isfinite: refuse |values| whose squares "
+                                "overflow the dtype (or compute in float64) with a 'scale your data' ValueError")
+
 
 # ---------------------------------------------------------------------------- negative / non-integer values
 S = "fit: negative data (NMF) and count likelihoods (`check_counts`)"
@@ -342,7 +366,8 @@ case(S, "check_counts-sparse-non-integer", "check_counts", "CSC with a stored 0.
 case(S, "check_counts-large-non-integer", "check_counts", "100000.5 among counts",
      lambda c: check_counts(as_matrix(np.array([[100000.5, 3.0], [1.0, 2.0]])), "poisson"),
      Raises(ValueError, "needs integer counts"),
-     bug="inputs.py:127 np.allclose(vals, np.round(vals)) has rtol=1e-5, so any value above 1e5 passes as an "
+     bug="inputs.py:133 (check_counts) np.allclose(vals, np.round(vals)) has rtol=1e-5, so any value above 1e5 "
+         "passes as an "
          "integer (100000.5 is accepted); use np.all(vals == np.round(vals)) or an absolute tolerance")
 case(S, "check_counts-integer-floats", "check_counts", "float counts 0, 1, 3", lambda c: check_counts(
     as_matrix(np.array([[1.0, 0.0], [3.0, 2.0]])), "poisson"), Works())
@@ -353,7 +378,8 @@ case(S, "check_counts-booleans", "check_counts", "bool X (0/1 counts)",
 S = "`as_matrix` (the door of every fit and transform): containers and dtypes"
 case(S, "as_matrix-complex", "as_matrix", "complex128 X",
      lambda c: as_matrix(np.array([[1 + 2j, 3], [4, 5j]])), Raises(ValueError, "numeric"),
-     bug="inputs.py:89 np.issubdtype(complex, np.number) is True, so complex data pass and .astype(float32) drops "
+     bug="inputs.py:88 (as_matrix) np.issubdtype(complex, np.number) is True, so complex data pass and "
+         ".astype(float32) drops "
          "the imaginary parts (a ComplexWarning only); reject np.complexfloating")
 case(S, "as_matrix-3d", "as_matrix", "a 2x2x2 array", lambda c: as_matrix(np.zeros((2, 2, 2))),
      Raises(ValueError, "expression data must be 2-D (cells x genes), got shape (2, 2, 2)"))
@@ -394,7 +420,7 @@ def fit_every_model(data):
         kw = {"annotations": sets} if name in ("Spex", "Slalom") else {}
         model = fit(name, data, **kw)
         assert_finite(model)
-        scores = model.transform(data)
+        scores = model.transform(data, **({"covariates": CELL_GROUP} if name == "Supervised" else {}))
         assert scores.shape == (N, model.loadings_.shape[1]) and np.isfinite(scores.to_numpy()).all(), name
     return True
 
@@ -405,9 +431,19 @@ for fmt in ["csr", "csc", "coo", "lil", "dok", "bsr", "dia"]:
         make = getattr(sp, f"{fmt}_{kind}")
         case(S, f"sparse-{fmt}_{kind}", "every model's fit + transform", f"scipy.sparse.{fmt}_{kind} of counts",
              lambda c, make=make: fit_every_model(make(counts())), Works())
+
+
+def fit_every_model_anndata(X):
+    """Fit every model to an AnnData holding ``X``; transform dense data with the same genes."""
+    for name in MODEL_NAMES:
+        model = fit(name, adata(X))
+        assert_finite(model)
+        assert np.isfinite(model.transform(adata(counts())).to_numpy()).all(), name
+    return True
+
+
 case(S, "sparse-anndata-csc", "every model's fit + transform", "AnnData with a CSC X",
-     lambda c: all(np.isfinite(fit(m, adata(sp.csc_matrix(counts()))).transform(adata(counts())).to_numpy()).all()
-                   for m in MODEL_NAMES) or None, Works())
+     lambda c: fit_every_model_anndata(sp.csc_matrix(counts())), Works())
 
 
 # ---------------------------------------------------------------------------- transform
@@ -439,7 +475,7 @@ for name in MODEL_NAMES:
     case(S, f"transform-{m}-single-cell", f"{m}.transform", "1 new cell",
          lambda c, m=m: fitted(m).transform(adata(counts()[:1])),
          Works(lambda s: s.shape[0] == 1 and np.isfinite(s.to_numpy()).all()),
-         bug="inputs.py:93 as_matrix (via aligned_centred, inputs.py:117, or nmf.py _read_matrix) demands 2 cells "
+         bug="inputs.py:93 as_matrix (via aligned_centred, inputs.py:115, or nmf.py _read_matrix) demands 2 cells "
              "for transform too: 'need at least 2 cells to fit a latent variable model, got 1'")
     case(S, f"transform-{m}-not-fitted", f"{m}.transform", "a model never fitted",
          lambda c, m=m: FACTORIES[m]().transform(adata(counts())),
@@ -461,9 +497,9 @@ for name in ["Spex", "Supervised", "Slalom"]:
     case(S, f"transform-{m}-one-group", f"{m}.transform (fitted with covariates='grp')",
          "new cells all of group b", lambda c, m=m: fitted(m, True).transform(
              adata(counts(), obs={"grp": ["b"] * N})), Works(lambda s: np.isfinite(s.to_numpy()).all()),
-         bug="inputs.py:188 new_covariates rebuilds the design from the new cells alone (covariate_design, "
-             "inputs.py:170): one group -> 'covariate 'grp' has a single level'; groups without the reference "
-             "level get mis-coded. Encode new cells with the model's stored levels instead")
+         bug="inputs.py:189 new_covariates rebuilds the design from the new cells alone (covariate_design, "
+             "inputs.py:176): one group -> 'covariate 'grp' has a single level'; a batch without the reference "
+             "level is refused as 'levels ... differ'. Encode new cells with the model's stored levels instead")
 
 # ---------------------------------------------------------------------------- covariates
 S = "fit: covariates (Spex, Supervised, Slalom through `covariate_design`)"
@@ -496,15 +532,16 @@ case(S, "fit-Supervised-annotations", "Supervised.fit", "annotations=SETS",
 case(S, "fit-Supervised-two-step-collinear", "Supervised(two_step=True).fit", "covariates=['grp', 'grp']",
      lambda c: fit("Supervised", adata(counts()), {"two_step": True}, covariates=["grp", "grp"]),
      RaisesOrFinite("collinear"),
-     bug="supervised.py:80 np.linalg.inv(Zc.T @ Zc) raises numpy LinAlgError 'Singular matrix' for collinear or "
+     bug="supervised.py:77 (_fit_two_step) np.linalg.inv(Zc.T @ Zc) raises numpy LinAlgError 'Singular matrix' for "
+         "collinear or "
          "constant covariates (Spex/Supervised(two_step=False) accept them); check the rank of Zc and say which "
          "columns are collinear")
 case(S, "fit-Supervised-two-step-constant-covariate", "Supervised(two_step=True).fit",
      "a numeric covariate that is constant", lambda c: fit("Supervised", adata(counts()), {"two_step": True},
                                                           covariates=np.ones((N, 1))),
      RaisesOrFinite("single level"),
-     bug="inputs.py:163 a constant numeric covariate passes covariate_design (only categorical single levels are "
-         "refused), then supervised.py:80 raises numpy LinAlgError 'Singular matrix'")
+     bug="inputs.py:168 a constant numeric covariate passes covariate_design (only categorical single levels are "
+         "refused), then supervised.py:77 raises numpy LinAlgError 'Singular matrix'")
 
 # ---------------------------------------------------------------------------- gene sets
 S = "gene sets: `GeneSets.read` / `filter` / `to_mask` and `annotations=`"
@@ -520,7 +557,8 @@ def write(ctx, name, content) -> Path:
 
 
 READS = [
-    ("missing-file", lambda c: c.tmp / "nope.gmt", Raises(FileNotFoundError, "nope.gmt' does not exist; check the path")),
+    ("missing-file", lambda c: c.tmp / "nope.gmt",
+     Raises(FileNotFoundError, "nope.gmt' does not exist; check the path")),
     ("directory", lambda c: (c.tmp / "x.gmt").mkdir() or c.tmp / "x.gmt", Raises(ValueError, "is a directory")),
     ("unknown-suffix", lambda c: write(c, "a.txt", "S\td\tA\n"), Raises(ValueError, "cannot tell the format of")),
     ("gmt-no-tab", lambda c: write(c, "a.gmt", "S A B\n"), Raises(ValueError, "line 1 has no tab")),
@@ -544,12 +582,20 @@ READS = [
     ("json-name-clash", lambda c: write(c, "a.json", '{"G/S": ["A"], "G": {"S": ["B"]}}'),
      Raises(ValueError, "set name 'G/S' occurs twice")),
     ("gmt-gz-corrupt", lambda c: write(c, "a.gmt.gz", b"\x1f\x8bnot really gzip"), Raises(ValueError, "a.gmt.gz"),
-     "genesets.py:297 read_gmt catches only UnicodeDecodeError: a corrupt or truncated .gz raises gzip.BadGzipFile "
-     "(OSError) or EOFError; the CLI (cli.py:27 INPUT_ERRORS) then prints a traceback"),
+     "genesets.py:314 (read_gmt) catches only UnicodeDecodeError: a corrupt or truncated .gz raises gzip.BadGzipFile "
+     "(OSError) or EOFError; the CLI (cli.py:29 INPUT_ERRORS) then prints a traceback"),
+    ("gmt-gz-truncated", lambda c: write(c, "a.gmt.gz", gzip.compress(b"S\td\tA\tB\n" * 50)[:30]),
+     Raises(ValueError, "a.gmt.gz"),
+     "genesets.py:314 (read_gmt) catches only UnicodeDecodeError: a truncated .gz raises EOFError 'Compressed file "
+     "ended before the end-of-stream marker was reached'"),
+    ("gmt-gz", lambda c: write(c, "a.gmt.gz", gzip.compress(b"S\td\tA\tB\n")), Works(lambda gs: gs["S"] == ("A", "B"))),
     ("gmt-utf8-bom", lambda c: write(c, "a.gmt", "\ufeffS\td\tA\n"), Works(lambda gs: gs.names == ["S"]),
-     "genesets.py:43 opens GMT as 'utf-8', not 'utf-8-sig': a byte-order mark (Excel/Windows exports) stays in the "
+     "genesets.py:43-44 (_open_text) opens GMT as 'utf-8', not 'utf-8-sig': a byte-order mark (Excel/Windows "
+     "exports) stays in the "
      "first set's name ('\\ufeffS'), silently"),
 ]
+case(S, "genesets-read-none", "GeneSets.read", "None instead of a path", lambda c: GeneSets.read(None),
+     Raises(TypeError, "expected str, bytes or os.PathLike object, not NoneType"))
 for key, path, expect, *bug in READS:
     case(S, f"genesets-read-{key}", "GeneSets.read", key.replace("-", " "),
          lambda c, path=path: GeneSets.read(path(c)), expect, bug[0] if bug else None)
@@ -602,7 +648,8 @@ for name in ["Spex", "Slalom", "NMF"]:
          Works(assert_finite))
 case(S, "fit-Spex-annotations-empty-list", "Spex.fit", "annotations=[]",
      lambda c: fit("Spex", adata(counts()), annotations=[]), Raises(ValueError, "annotations"),
-     bug="genesets.py:647 as_gene_sets([]) indexes parts[0] of an empty list: IndexError 'list index out of range'")
+     bug="genesets.py:647 (as_gene_sets) as_gene_sets([]) indexes parts[0] of an empty list: IndexError 'list index "
+         "out of range'")
 case(S, "fit-Spex-annotations-int", "Spex.fit", "annotations=5", lambda c: fit("Spex", adata(counts()), annotations=5),
      Raises(ValueError, "annotations must be GeneSets, a dict, a genes x terms DataFrame or a GMT/JSON path, got int"))
 case(S, "fit-Slalom-annotations-missing-file", "Slalom.fit", "annotations='/nope.gmt'",
@@ -663,34 +710,36 @@ LOADS = [
      Raises(ValueError, "Object arrays cannot be loaded when allow_pickle=False"), None),
     ("json-not-object", lambda c: saved(c, lambda p: (p / "model.json").write_text("[1]")),
      Raises(ValueError, "model.json"),
-     "base.py:174 meta.get(...) on a JSON list raises AttributeError \"'list' object has no attribute 'get'\""),
+     "base.py:179 (load) meta.get(...) on a JSON list raises AttributeError \"'list' object has no attribute 'get'\""),
     ("format-version-string", lambda c: saved(c, edit_json(lambda m: m.update(format_version="2"))),
      Raises(ValueError, "format"),
-     "base.py:174 meta.get('format_version', 0) > 1 raises TypeError for a string or null version"),
+     "base.py:179 (load) meta.get('format_version', 0) > 1 raises TypeError for a string or null version"),
     ("missing-key", lambda c: saved(c, edit_json(lambda m: m.pop("var_names"))), Raises(ValueError, "var_names"),
-     "base.py:186 meta['var_names'] raises a bare KeyError 'var_names' (no file named, no 'corrupted' hint)"),
+     "base.py:189 (load) meta['var_names'] raises a bare KeyError 'var_names' (no file named, no 'corrupted' hint)"),
     ("unknown-parameter", lambda c: saved(c, edit_json(lambda m: m["params"].update(bogus=1))),
      Raises(ValueError, "bogus"),
-     "base.py:183 cls(**meta['params']) raises TypeError \"PPCA.__init__() got an unexpected keyword argument "
+     "base.py:187 (load) cls(**meta['params']) raises TypeError \"PPCA.__init__() got an unexpected keyword argument "
      "'bogus'\""),
     ("not-utf8-json", lambda c: saved(c, lambda p: (p / "model.json").write_bytes(b"\xff\xfe\x00")),
      Raises(ValueError, "model.json"),
-     "base.py:170 read_text() raises UnicodeDecodeError (a ValueError, but 'utf-8 codec can't decode byte 0xff' "
+     "base.py:176 (load) read_text() raises UnicodeDecodeError (a ValueError, but 'utf-8 codec can't decode byte 0xff' "
      "names no file)"),
     ("corrupt-arrays", lambda c: saved(c, lambda p: (p / "arrays.npz").write_bytes(b"garbage")),
      Raises(ValueError, "arrays.npz"),
-     "base.py:181 np.load of a non-zip file says 'This file contains pickled (object) data. If you trust the file "
+     "base.py:185 (load) np.load of a non-zip file says 'This file contains pickled (object) data. If you trust "
+     "the file "
      "...' -- misleading, and it names no file"),
     ("truncated-arrays", lambda c: saved(c, lambda p: (p / "arrays.npz").write_bytes(
         (p / "arrays.npz").read_bytes()[:200])), Raises(ValueError, "arrays.npz"),
-     "base.py:181 np.load of a truncated .npz raises zipfile.BadZipFile 'File is not a zip file'"),
+     "base.py:185 (load) np.load of a truncated .npz raises zipfile.BadZipFile 'File is not a zip file'"),
     ("missing-array", lambda c: saved(c, edit_npz(lambda a: a.pop("loadings"))), Raises(ValueError, "loadings"),
-     "base.py:185 arrays['loadings'] raises a bare KeyError 'loadings'"),
+     "base.py:189 (load) arrays['loadings'] raises a bare KeyError 'loadings'"),
     ("missing-extra-array", lambda c: saved(c, edit_npz(lambda a: a.pop("extra_mu"))), Raises(ValueError, "mu"),
      "ppca.py:436 _load_extra_state: arrays['mu'] raises a bare KeyError 'mu'"),
     ("wrong-shape-array", lambda c: saved(c, edit_npz(lambda a: a.update(loadings=a["loadings"][:3]))),
      Raises(ValueError, "arrays.npz"),
-     "base.py:185 pandas raises 'Shape of passed values is (3, 2), indices imply (10, 2)': a ValueError that names "
+     "base.py:189 (load -> _set_results) pandas raises 'Shape of passed values is (3, 2), indices imply (10, 2)': "
+     "a ValueError that names "
      "neither the file nor the array"),
 ]
 for key, path, expect, bug in LOADS:
@@ -765,22 +814,23 @@ CLI_FIT = [
     ("option-not-for-model", ["ok", "--model", "pca", "--fpr", "0.1"], "--fpr do(es) not apply to --model pca", None),
     ("weights-layer-for-pca", ["ok", "--model", "pca", "--weights-layer", "w"], "PCA does not take --weights-layer",
      None),
-    ("seed-negative", ["ok", "--model", "pca", "--n-factors", "2", "--seed", "-1"],
+    ("seed-negative", ["ok", "--model", "ppca", "--n-factors", "2", "--seed", "-1"],
      "seed must be a non-negative integer, got -1", None),
     ("gene-sets-corrupt-gz", ["ok", "--model", "spex", "--gene-sets", "badgz"], "bad.gmt.gz",
-     "genesets.py:297 (see genesets-read-gmt-gz-corrupt): EOFError is not in cli.py:27 INPUT_ERRORS, so main() "
+     "genesets.py:314 (see genesets-read-gmt-gz-corrupt): EOFError is not in cli.py:29 INPUT_ERRORS, so main() "
      "raises 'Compressed file ended before the end-of-stream marker was reached' with a traceback"),
     ("constant-data-ppca", ["const", "--model", "ppca", "--n-factors", "2"], "variance",
      "ppca.py:395 (see fit-PPCA-mle-constant): torch _LinAlgError escapes main() with a traceback"),
     ("constant-data-ppca-vi", ["const", "--model", "ppca", "--method", "vi", "--n-factors", "2"], "variance",
-     "train.py:67 FloatingPointError (not in cli.py:27 INPUT_ERRORS) escapes main() with a traceback"),
+     "train.py:153 FloatingPointError (not in cli.py:29 INPUT_ERRORS) escapes main() with a traceback"),
     ("constant-data-pca", ["const", "--model", "pca", "--n-factors", "2"], "variance",
-     "pca.py:68 (see fit-PCA-constant): exit 0 and NaN relevance written to the output and printed as 'nan'"),
-    ("device-bogus", ["ok", "--model", "pca", "--n-factors", "2", "--device", "bogus"], "device",
-     "train.py:28 torch.device('bogus') raises RuntimeError 'Expected one of cpu, cuda, ...' (not caught: "
-     "traceback); PCA does not even use --device"),
+     "pca.py:71 (see fit-PCA-constant): exit 0 and NaN relevance written to the output and printed as 'nan'"),
+    ("device-bogus", ["ok", "--model", "ppca", "--n-factors", "2", "--device", "bogus"], "device",
+     "train.py:36 (resolve_device) torch.device('bogus') raises RuntimeError 'Expected one of cpu, cuda, ...' "
+     "(not caught: "
+     "traceback)"),
     ("save-model-onto-file", ["ok", "--model", "pca", "--n-factors", "2", "--save-model", "sets"], "sets.gmt",
-     "base.py:148 path.mkdir on an existing file raises FileExistsError (an OSError, not in cli.py:27 "
+     "base.py:147 (save) path.mkdir on an existing file raises FileExistsError (an OSError, not in cli.py:29 "
      "INPUT_ERRORS): traceback, after the output .h5ad was already written"),
 ]
 for key, args, msg, bug in CLI_FIT:
