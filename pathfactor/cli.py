@@ -26,7 +26,7 @@ PROG = "pathfactor"
 #: exit status for bad input (as argparse uses for bad arguments)
 EXIT_BAD_INPUT = 2
 #: errors that mean "the input is wrong": reported in one line, no traceback
-INPUT_ERRORS = (ValueError, FileNotFoundError, KeyError)
+INPUT_ERRORS = (ValueError, FileNotFoundError, KeyError, EOFError, OSError, FloatingPointError)
 
 
 # ============================================================================ the model table

@@ -33,7 +33,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``"auto"`` -> the first CUDA GPU if one is present, else the CPU; anything else as torch reads it."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda' (e.g. 'cuda:1')") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for but no CUDA GPU is available; use device='cpu' or 'auto'")
     return dev

@@ -825,13 +825,8 @@ CLI_FIT = [
      "train.py:153 FloatingPointError (not in cli.py:29 INPUT_ERRORS) escapes main() with a traceback"),
     ("constant-data-pca", ["const", "--model", "pca", "--n-factors", "2"], "variance",
      "pca.py:71 (see fit-PCA-constant): exit 0 and NaN relevance written to the output and printed as 'nan'"),
-    ("device-bogus", ["ok", "--model", "ppca", "--n-factors", "2", "--device", "bogus"], "device",
-     "train.py:36 (resolve_device) torch.device('bogus') raises RuntimeError 'Expected one of cpu, cuda, ...' "
-     "(not caught: "
-     "traceback)"),
-    ("save-model-onto-file", ["ok", "--model", "pca", "--n-factors", "2", "--save-model", "sets"], "sets.gmt",
-     "base.py:147 (save) path.mkdir on an existing file raises FileExistsError (an OSError, not in cli.py:29 "
-     "INPUT_ERRORS): traceback, after the output .h5ad was already written"),
+    ("device-bogus", ["ok", "--model", "ppca", "--n-factors", "2", "--device", "bogus"], "device", None),
+    ("save-model-onto-file", ["ok", "--model", "pca", "--n-factors", "2", "--save-model", "sets"], "sets.gmt", None),
 ]
 for key, args, msg, bug in CLI_FIT:
     case(S, f"cli-fit-{key}", "pathfactor fit", " ".join(map(str, args)),
