@@ -11,15 +11,14 @@ import json
 import time
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
-import scanpy as sc
 import torch
 
 import pathfactor as pf
+
+from kang import SHARED_DATA, load_kang_log
 from pathfactor.models.autoencoder import Autoencoder
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def compare(adata, sets, n_dense: int, seed: int) -> dict:
@@ -71,18 +70,14 @@ def compare(adata, sets, n_dense: int, seed: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    p.add_argument("--data", type=Path, default=SHARED_DATA)
     p.add_argument("--n-top-genes", type=int, default=2000)
     p.add_argument("--n-dense", type=int, nargs="+", default=[0, 3],
                    help="unannotated dense factors of both models; one comparison per value")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(2)
-    adata = ad.read_h5ad(args.data / "kang2018_ifnb_sub2000_counts.h5ad")
-    sc.pp.normalize_total(adata, target_sum=1e4)
-    sc.pp.log1p(adata)
-    sc.pp.highly_variable_genes(adata, n_top_genes=args.n_top_genes)
-    adata = adata[:, adata.var.highly_variable].copy()
+    adata = load_kang_log(args.data, args.n_top_genes)
     sets = pf.GeneSets.read(args.data / "genesets" / "msigdb_c2.cp.reactome.v4.0.symbols.gmt.gz")
 
     out = {"data": f"kang2018_ifnb_sub2000 (log1p CP10k, {args.n_top_genes} HVGs)", "cells": adata.n_obs,

@@ -10,30 +10,25 @@ import json
 import time
 from pathlib import Path
 
-import anndata as ad
-import scanpy as sc
 import torch
 
 import pathfactor as pf
+
+from kang import SHARED_DATA, load_kang_log
 from pathfactor.evaluate import auroc
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    p.add_argument("--data", type=Path, default=SHARED_DATA)
     p.add_argument("--n-top-genes", type=int, default=2000)
     p.add_argument("--n-sparse", type=int, default=2)
     p.add_argument("--n-dense", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(2)
-    adata = ad.read_h5ad(args.data / "kang2018_ifnb_sub2000_counts.h5ad")
-    sc.pp.normalize_total(adata, target_sum=1e4)
-    sc.pp.log1p(adata)
-    sc.pp.highly_variable_genes(adata, n_top_genes=args.n_top_genes)
-    adata = adata[:, adata.var.highly_variable].copy()
+    adata = load_kang_log(args.data, args.n_top_genes)
     start = time.perf_counter()
     model = pf.models.Spex(n_sparse=args.n_sparse, n_dense=args.n_dense, progress=False)
     model.fit(adata, annotations=pf.datasets.gene_sets("hallmark"), seed=args.seed)

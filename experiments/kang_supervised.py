@@ -11,31 +11,26 @@ import json
 import time
 from pathlib import Path
 
-import anndata as ad
-import scanpy as sc
 import torch
 
 import pathfactor as pf
+
+from kang import SHARED_DATA, load_kang_log
 from pathfactor.evaluate import auroc
 
-ROOT = Path(__file__).resolve().parents[1]
 INTERFERON = ("HALLMARK_INTERFERON_ALPHA_RESPONSE", "HALLMARK_INTERFERON_GAMMA_RESPONSE")
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    p.add_argument("--data", type=Path, default=SHARED_DATA)
     p.add_argument("--n-top-genes", type=int, default=2000)
     p.add_argument("--n-factors", type=int, default=10)
     p.add_argument("--posterior", default="blocked")
     p.add_argument("--two-step", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(2)
-    adata = ad.read_h5ad(args.data / "kang2018_ifnb_sub2000_counts.h5ad")
-    sc.pp.normalize_total(adata, target_sum=1e4)
-    sc.pp.log1p(adata)
-    sc.pp.highly_variable_genes(adata, n_top_genes=args.n_top_genes)
-    adata = adata[:, adata.var.highly_variable].copy()
+    adata = load_kang_log(args.data, args.n_top_genes)
     start = time.perf_counter()
     model = pf.models.Supervised(n_factors=args.n_factors, posterior=args.posterior, two_step=args.two_step,
                                  progress=False).fit(adata, covariates="stim")

@@ -11,6 +11,7 @@ and a task built the same way resumes from there and ends where an uninterrupted
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,7 +25,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["resolve_device", "seed_everything", "Trainable", "TrainResult", "train", "save_state", "load_state"]
+__all__ = ["resolve_device", "seed_everything", "one_thread", "Trainable", "TrainResult", "train", "save_state",
+           "load_state"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,22 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(int(seed) % 2**32)
     torch.manual_seed(int(seed))
     return torch.Generator().manual_seed(int(seed))
+
+
+@contextlib.contextmanager
+def one_thread(device: torch.device, enabled: bool = True):
+    """Run many small tensor operations on one CPU thread (restoring the caller's setting after). An operation on
+    a G-vector is too small to share between threads, and the fork/join of every one stalls when the cores are
+    busy (measured on 2 shared cores: 12 ms for the log of 6635 numbers with 2 threads, 6 us with one)."""
+    if device.type != "cpu" or not enabled:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 class Trainable(Protocol):

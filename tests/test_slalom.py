@@ -8,7 +8,8 @@ import torch
 import pathfactor as pf
 from pathfactor.data.simulate import annotation_sets, noisy_annotations, ppca_interventions
 from pathfactor.evaluate import mask_f1
-from pathfactor.models.slalom import Slalom, SlalomVI, _one_thread, _update_order
+from pathfactor.models.slalom import Slalom, SlalomVI, _update_order
+from pathfactor.train import one_thread
 from pathfactor.models.spex import _initial_factors
 
 
@@ -44,7 +45,7 @@ def test_every_block_update_raises_the_elbo():
     bound = lambda: vi.elbo(vi.expected_rss())
     blocks = [("loadings", vi.update_loadings), ("covariates", vi.update_covariates),
               ("factors", vi.update_factors), ("noise", lambda: vi.update_noise(vi.expected_rss()))]
-    with _one_thread(torch.device("cpu")):
+    with one_thread(torch.device("cpu")):
         for _ in range(6):
             for name, update in blocks:
                 before = bound()

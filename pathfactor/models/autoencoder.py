@@ -14,7 +14,6 @@ So an annotated factor may only recruit a gene outside its set when the data pus
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -24,7 +23,7 @@ from torch import nn
 from ..data.genesets import annotation_mask
 from ..data.inputs import as_matrix
 from ..evaluate import factor_r2, orient
-from ..train import resolve_device, seed_everything, train
+from ..train import one_thread, resolve_device, seed_everything, train
 from .base import LatentModel
 
 __all__ = ["Autoencoder"]
@@ -34,22 +33,6 @@ log = logging.getLogger(__name__)
 
 #: below this many multiply-adds per minibatch step (batch x genes x widest layer) training runs on one CPU thread
 SMALL_STEP = 2e8
-
-
-@contextmanager
-def _threads(device: torch.device, n_ops: float):
-    """One CPU thread for small minibatch steps: on busy shared cores the fork/join of every small operation
-    stalls (measured on 2 shared cores, 128 cells x 300 genes x 256 hidden: 0.2 s a step on 2 threads,
-    1.5 ms on one)."""
-    if device.type != "cpu" or n_ops >= SMALL_STEP:
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _soft_threshold(W: torch.Tensor, t: float) -> torch.Tensor:
@@ -102,7 +85,7 @@ class _AutoencoderTask:
     def epoch(self) -> float:
         order = torch.randperm(self.Y.shape[0], generator=self.generator).to(self.Y.device)
         self.encoder.train()
-        with _threads(self.Y.device, self.step_ops):
+        with one_thread(self.Y.device, enabled=self.step_ops < SMALL_STEP):  # small steps stall on 2 threads
             total, count = self._pass(order)
         return -total / count
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -47,7 +46,7 @@ from ..data.genesets import annotation_mask
 from ..data.inputs import aligned_centred, as_matrix, covariate_design, new_covariates
 from ..evaluate import factor_r2, orient
 from ..evaluate import refined_annotations as _refined_by_loading
-from ..train import resolve_device, seed_everything, train
+from ..train import one_thread, resolve_device, seed_everything, train
 from .base import LatentModel
 from .spex import _initial_factors
 
@@ -61,7 +60,7 @@ PI_DENSE, PI_SPARSE = 0.99, 0.01
 #: Gamma(shape, rate) hyper-priors of the ARD and noise precisions, rates in units of the data's variance
 #: (slalom: Gamma(1e-3, 1e-3) on its data scale)
 ARD_PRIOR, NOISE_PRIOR = (1e-3, 1e-3), (1e-3, 1e-3)
-#: below this many multiply-adds (N G K) a sweep's matrix products run on one CPU thread (see ``_one_thread``)
+#: below this many multiply-adds (N G K) a sweep's matrix products run on one CPU thread (see ``train.one_thread``)
 SMALL_PRODUCT = 2e8
 #: prior sd of a covariate effect per sd of the (standardised) covariate, in data sd
 COVARIATE_PRIOR_SD = 100.0
@@ -73,23 +72,6 @@ def _gamma_elbo(shape, rate, shape0, rate0) -> torch.Tensor:
     prior = shape0 * math.log(rate0) - math.lgamma(shape0) + (shape0 - 1) * e_log - rate0 * shape / rate
     entropy = shape - torch.log(rate) + torch.lgamma(shape) + (1 - shape) * torch.digamma(shape)
     return (prior + entropy).sum()
-
-
-@contextmanager
-def _one_thread(device: torch.device, enabled: bool = True):
-    """Run many small tensor operations on one CPU thread. An operation on a G-vector is too small to share
-    between threads, and the fork/join of every one stalls when the cores are busy with other work (measured on
-    2 shared cores: 12 ms for the log of 6635 numbers with 2 threads, 6 us with one; a whole mESC sweep
-    470 ms against 95 ms)."""
-    if device.type != "cpu" or not enabled:
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _update_order(Y: torch.Tensor, X0: torch.Tensor, mask: torch.Tensor) -> list[int]:
@@ -293,9 +275,9 @@ class SlalomVI:
     # ------------------------------------------------------------------ one sweep
     def epoch(self) -> float:
         dev = self.Y.device
-        with _one_thread(dev):
+        with one_thread(dev):
             self.update_loadings()
-        with _one_thread(dev, enabled=self.N * self.G * self.K < SMALL_PRODUCT):
+        with one_thread(dev, enabled=self.N * self.G * self.K < SMALL_PRODUCT):
             self.update_covariates()
             self.update_factors()
             rss = self.expected_rss()
