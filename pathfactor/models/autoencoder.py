@@ -24,7 +24,7 @@ from ..data.genesets import annotation_mask
 from ..data.inputs import as_matrix
 from ..evaluate import factor_r2, orient
 from ..train import one_thread, resolve_device, seed_everything, train
-from .base import LatentModel
+from .base import LatentModel, factor_layout
 
 __all__ = ["Autoencoder"]
 
@@ -262,8 +262,7 @@ class Autoencoder(LatentModel):
         self._state["signs"] = np.ones(K)
         Wn = W.detach().double().cpu().numpy() * scale
         Xs = self._encode(Y)
-        kinds = ["annotated"] * A + ["sparse"] * S + ["dense"] * D
-        names = term_names + [f"sparse_{i}" for i in range(S)] + [f"dense_{i}" for i in range(D)]
+        names, kinds = factor_layout(term_names, S, D)
         annotation = np.concatenate([mask, np.zeros((G, S + D), dtype=bool)], axis=1)
         signs = orient(Wn, annotation)
         self._state["signs"] = signs

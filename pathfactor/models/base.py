@@ -15,7 +15,7 @@ import pandas as pd
 from .. import __version__
 from ..evaluate import ACTIVE_FRACTION, refined_annotations
 
-__all__ = ["LatentModel", "REGISTRY", "load"]
+__all__ = ["LatentModel", "REGISTRY", "load", "factor_layout"]
 
 #: model class name -> class, filled by ``LatentModel.__init_subclass__`` (used by :func:`load`)
 REGISTRY: dict[str, type] = {}
@@ -25,6 +25,14 @@ MIN_RELEVANCE = 1e-4
 
 _FORMAT = "pathfactor-model"
 _FORMAT_VERSION = 1
+
+
+def factor_layout(term_names, n_sparse: int, n_dense: int, dense_name: str = "dense") -> tuple[list[str], list[str]]:
+    """Names and kinds of a model's factors, in their order: one per gene set (named after it), then
+    ``sparse_i``, then ``{dense_name}_i``."""
+    names = [*term_names, *(f"sparse_{i}" for i in range(n_sparse)), *(f"{dense_name}_{i}" for i in range(n_dense))]
+    kinds = ["annotated"] * len(term_names) + ["sparse"] * n_sparse + ["dense"] * n_dense
+    return names, kinds
 
 
 class LatentModel:

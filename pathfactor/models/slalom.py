@@ -47,7 +47,7 @@ from ..data.inputs import aligned_centred, as_matrix, covariate_design, new_cova
 from ..evaluate import factor_r2, orient
 from ..evaluate import refined_annotations as _refined_by_loading
 from ..train import one_thread, resolve_device, seed_everything, train
-from .base import LatentModel
+from .base import LatentModel, factor_layout
 from .spex import _initial_factors
 
 __all__ = ["Slalom"]
@@ -404,7 +404,7 @@ class Slalom(LatentModel):
         z_mean = Zt.mean(0)
         z_sd = Zt.std(0).clamp_min(1e-12) if Zt.shape[1] else torch.ones(0, dtype=torch.float64, device=dev)
         Zt = ((Zt - z_mean) / z_sd).to(dt)
-        kinds = ["annotated"] * A + ["sparse"] * self.n_sparse + ["dense"] * self.n_dense
+        names, kinds = factor_layout(term_names, self.n_sparse, self.n_dense)
         pi = np.concatenate([np.where(mask, 1.0 - self.fpr, self.fnr), np.full((G, self.n_sparse), PI_SPARSE),
                              np.full((G, self.n_dense), PI_DENSE)], axis=1)
         # f-scLVM's start: each term's leading principal component, then those of what the terms leave
@@ -422,7 +422,6 @@ class Slalom(LatentModel):
         W = vi.W.T.double().cpu().numpy()
         sd = vi.loading_var().T.sqrt().double().cpu().numpy()
         scores = vi.M.double().cpu().numpy()
-        names = term_names + [f"sparse_{i}" for i in range(self.n_sparse)] + [f"dense_{i}" for i in range(self.n_dense)]
         annotation = np.concatenate([mask, np.zeros((G, H), dtype=bool)], axis=1)
         signs = orient(W, annotation)
         relevance = 1.0 / vi.alpha.double().cpu().numpy()

@@ -18,7 +18,7 @@ from ..data.inputs import aligned_centred, as_matrix, covariate_design, new_cova
 from ..evaluate import factor_r2, orient
 from ..train import resolve_device, seed_everything, train
 from ._spex_vi import SpexVI
-from .base import LatentModel
+from .base import LatentModel, factor_layout
 
 __all__ = ["Spex"]
 
@@ -90,6 +90,8 @@ class Spex(LatentModel):
     """
 
     key = "spex"
+    #: dense factors are named ``{dense_name}_i``
+    dense_name = "dense"
 
     def __init__(self, n_sparse: int = 0, n_dense: int = 0, slab_in: float = 1.0, slab_out: float = 1e-3,
                  slab_sparse: float = 0.1, slab_dense: float = 1.0, slab_confidence: float = 2.0,
@@ -158,7 +160,7 @@ class Spex(LatentModel):
         Zt = (Zt - z_mean).to(dt)
         data_sd = float(Y.var(0).mean().sqrt().clamp_min(1e-12))
         # slab widths s_gk (seed 002: ~1 inside a set, < 0.1 outside; sparse narrow, dense wide)
-        kinds = ["annotated"] * A + ["sparse"] * self.n_sparse + ["dense"] * self.n_dense
+        names, kinds = factor_layout(term_names, self.n_sparse, self.n_dense, self.dense_name)
         s = np.concatenate([np.where(mask, self.slab_in, self.slab_out),
                             np.full((G, self.n_sparse), self.slab_sparse), np.full((G, self.n_dense), self.slab_dense)],
                            axis=1) * data_sd
@@ -179,7 +181,6 @@ class Spex(LatentModel):
         M = vi.M.double().cpu().numpy()
         sd = vi.loadings_sd().double().cpu().numpy()
         mu = vi.scores().double().cpu().numpy()
-        names = term_names + [f"sparse_{i}" for i in range(self.n_sparse)] + self._dense_names()
         annotation = np.concatenate([mask, np.zeros((G, H), dtype=bool)], axis=1)
         signs = orient(M[:, :K], annotation)
         relevance = factor_r2(Y.double().cpu().numpy(), mu, M[:, :K])
@@ -195,9 +196,6 @@ class Spex(LatentModel):
                            "M": M, "gene_mean": gene_mean.cpu().numpy(), "z_mean": z_mean.cpu().numpy()}
         self._covariates = covariates if isinstance(covariates, (str, list, tuple)) else None
         return self
-
-    def _dense_names(self) -> list[str]:
-        return [f"dense_{i}" for i in range(self.n_dense)]
 
     # ------------------------------------------------------------------ transform
     def transform(self, data, layer: str | None = None, covariates=None):

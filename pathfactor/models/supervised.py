@@ -14,6 +14,7 @@ import numpy as np
 
 from ..data.inputs import as_matrix, covariate_design
 from ..evaluate import factor_r2
+from .base import factor_layout
 from .spex import Spex
 
 __all__ = ["Supervised"]
@@ -34,6 +35,7 @@ class Supervised(Spex):
     """
 
     key = "supervised"
+    dense_name = "factor"
 
     def __init__(self, n_factors: int = 5, posterior: str = "blocked", two_step: bool = False,
                  max_epochs: int = 500, tol: float = 1e-6, progress: bool = True, dtype: str = "float32"):
@@ -44,9 +46,6 @@ class Supervised(Spex):
     def get_params(self) -> dict:
         return {k: getattr(self, k) for k in ("n_factors", "posterior", "two_step", "max_epochs", "tol", "progress",
                                               "dtype")}
-
-    def _dense_names(self) -> list[str]:
-        return [f"factor_{i}" for i in range(self.n_dense)]
 
     def fit(self, data, covariates=None, layer: str | None = None, device="auto", seed: int = 0,
             annotations=None, checkpoint_dir=None) -> "Supervised":
@@ -78,7 +77,8 @@ class Supervised(Spex):
         ppca = PPCA(n_factors=self.n_factors, method="mle", progress=False).fit(R, seed=seed)
         X, W = ppca.factor_scores_.to_numpy(), ppca.loadings_.to_numpy()
         self._set_results(scores=X, loadings=W, obs_names=matrix.obs_names, var_names=matrix.var_names,
-                          factor_names=self._dense_names(), factor_kinds=["latent"] * self.n_factors,
+                          factor_names=factor_layout([], 0, self.n_factors, self.dense_name)[0],
+                          factor_kinds=["latent"] * self.n_factors,
                           relevance=factor_r2(Yc, X, W), covariate_effects=B.T, covariate_effects_sd=B_sd.T,
                           covariate_names=names)
         self.elbo_, self.converged_ = float("nan"), True
