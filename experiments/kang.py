@@ -16,3 +16,10 @@ def load_kang_log(data: Path = SHARED_DATA, n_top_genes: int = 2000) -> ad.AnnDa
     sc.pp.log1p(adata)
     sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes)
     return adata[:, adata.var.highly_variable].copy()
+
+
+def load_kang_counts(data: Path = SHARED_DATA, n_top_genes: int = 2000) -> ad.AnnData:
+    """Raw counts of the Kang cells on the same ``n_top_genes`` highly variable genes as :func:`load_kang_log`."""
+    counts = ad.read_h5ad(Path(data) / "kang2018_ifnb_sub2000_counts.h5ad")
+    genes = load_kang_log(data, n_top_genes).var_names
+    return counts[:, genes].copy()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from os import PathLike
@@ -33,15 +34,26 @@ MERGE_SEP = "|"
 
 # ----------------------------------------------------------------------------- helpers
 def _open_text(path: Path, mode: str = "rt"):
-    """Open ``path`` as text; gzip is detected from the magic bytes (reading) or suffix (writing)."""
+    """Open ``path`` as text; gzip is detected from the magic bytes (reading) or suffix (writing). Reading
+    drops a UTF-8 byte-order mark (Excel and Windows tools write one)."""
     if "r" in mode:
         with open(path, "rb") as fh:
             gz = fh.read(2) == _GZIP_MAGIC
     else:
         gz = path.name.lower().endswith(".gz")
+    encoding = "utf-8-sig" if "r" in mode else "utf-8"
     if gz:
-        return gzip.open(path, mode, encoding="utf-8", newline="")
-    return open(path, mode, encoding="utf-8", newline="")
+        return gzip.open(path, mode, encoding=encoding, newline="")
+    return open(path, mode, encoding=encoding, newline="")
+
+
+#: what a corrupt or truncated gzip stream raises while it is read
+_GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+
+
+def _bad_gzip(path: Path, err: Exception) -> ValueError:
+    return ValueError(f"{path} is not a valid gzip file ({type(err).__name__}: {err}); it is corrupt or "
+                      "truncated: download or compress it again")
 
 
 def _existing(path) -> Path:
@@ -313,6 +325,8 @@ class GeneSets:
                     where[name] = lineno
         except UnicodeDecodeError as e:
             raise ValueError(f"{p} is not UTF-8 text ({e}); is this really a GMT file?") from None
+        except _GZIP_ERRORS as e:
+            raise _bad_gzip(p, e) from None
         return cls(sets, desc)
 
     @classmethod
@@ -328,6 +342,8 @@ class GeneSets:
                 data = json.load(fh)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{p} is not valid JSON ({e})") from None
+        except _GZIP_ERRORS as e:
+            raise _bad_gzip(p, e) from None
         if not isinstance(data, dict):
             raise ValueError(
                 f"{p}: expected a JSON object {{name: [genes]}} or {{group: {{name: [genes]}}}}, "
@@ -643,6 +659,9 @@ def as_gene_sets(annotations) -> GeneSets | None:
     if isinstance(annotations, dict):
         return GeneSets(annotations)
     if isinstance(annotations, (list, tuple)):
+        if not annotations:
+            raise ValueError("annotations is an empty list; pass None to fit without gene sets, or list "
+                             "GeneSets / {name: genes} / GMT or JSON paths")
         parts = [as_gene_sets(a) for a in annotations]
         out = parts[0]
         for part in parts[1:]:

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-__all__ = ["Matrix", "as_matrix", "aligned_centred", "check_counts", "covariate_design", "new_covariates"]
+__all__ = ["Matrix", "CovariateNames", "as_matrix", "aligned_centred", "check_counts", "check_variance",
+           "covariate_design", "new_covariates"]
 
 
 @dataclass(frozen=True)
@@ -39,15 +40,20 @@ class Matrix:
         return (Y - mean).to(dtype), mean
 
 
+#: sums of squares of the data must stay this factor below the dtype's largest number (see _check_magnitude)
+SQUARES_HEADROOM = 1e8
+
+
 def _values(Y):
     return Y.data if sp.issparse(Y) else np.asarray(Y)
 
 
-def as_matrix(data, layer: str | None = None, dtype=np.float32) -> Matrix:
+def as_matrix(data, layer: str | None = None, dtype=np.float32, new_cells: bool = False) -> Matrix:
     """Extract and validate the expression matrix of ``data``.
 
     ``data`` is an AnnData (``layer=None`` takes ``.X``), a pandas DataFrame (cells x genes), a numpy
-    array or any scipy sparse matrix (names are then generated).
+    array or any scipy sparse matrix (names are then generated). ``new_cells=True``: the cells are for a
+    fitted model's ``transform``, where a single cell is enough (a fit needs 2).
     """
     if hasattr(data, "obs_names") and hasattr(data, "var_names"):
         if layer is None:
@@ -91,7 +97,7 @@ def as_matrix(data, layer: str | None = None, dtype=np.float32) -> Matrix:
     n, g = Y.shape
     if n == 0 or g == 0:
         raise ValueError(f"expression data is empty ({n} cells x {g} genes); filter less strictly")
-    if n < 2:
+    if n < 2 and not new_cells:
         raise ValueError("need at least 2 cells to fit a latent variable model, got 1")
     if var.has_duplicates:
         dup = var[var.duplicated()].unique()[:5].tolist()
@@ -105,15 +111,50 @@ def as_matrix(data, layer: str | None = None, dtype=np.float32) -> Matrix:
         bad = int((~np.isfinite(vals)).sum())
         raise ValueError(
             f"expression data contains {bad} NaN or infinite values; remove or impute them "
-            "(e.g. np.nan_to_num) before fitting"
+            f"(e.g. np.nan_to_num) before {'transforming' if new_cells else 'fitting'}"
         )
+    _check_magnitude(vals, n, g, Y.dtype)
     return Matrix(Y, obs, var)
+
+
+def _check_magnitude(vals: np.ndarray, n: int, g: int, dtype) -> None:
+    """Refuse values so large that their squares, summed over the ``n x g`` entries, come within a factor
+    ``SQUARES_HEADROOM`` of the largest ``dtype`` number: the models form such sums and products of them (Gram
+    matrices, residual norms, NMF's ``X W^T W``), which would overflow to Inf/NaN mid-way."""
+    if not vals.size:
+        return
+    top = float(np.abs(vals).max())
+    limit = float(np.sqrt(np.finfo(dtype).max / SQUARES_HEADROOM / (float(n) * float(g))))
+    if top > limit:
+        raise ValueError(
+            f"expression data hold values up to {top:.3g}, too large for {np.dtype(dtype).name} arithmetic (at most "
+            f"{limit:.3g} for {n} cells x {g} genes: the models sum their squares); log-transform "
+            "(e.g. sc.pp.normalize_total + sc.pp.log1p) or scale the data first"
+        )
+
+
+def check_variance(matrix: Matrix, model: str) -> None:
+    """Raise if every gene of ``matrix`` is constant: the centred data are then all zero and a model of their
+    covariance (PCA, PPCA) has nothing to fit."""
+    Y = matrix.Y
+    if Y.shape[0] < 2:
+        return
+    if sp.issparse(Y):  # column max and min count the implicit zeros
+        spread = np.asarray(Y.max(axis=0).toarray() - Y.min(axis=0).toarray())
+    else:
+        spread = Y.max(axis=0) - Y.min(axis=0)
+    if not (spread > 0).any():
+        raise ValueError(
+            f"{model}: the expression data have zero variance (every gene is constant across the cells); "
+            "remove constant genes (all-zero ones with sc.pp.filter_genes(adata, min_cells=1)) or check that the "
+            "right layer was passed"
+        )
 
 
 def aligned_centred(data, layer, var_names, mean) -> tuple[np.ndarray, pd.Index]:
     """``Y - mean`` (float64) of new ``data`` with its genes put in a fitted model's order (extra genes are
     ignored, missing ones are an error), and the new cells' names."""
-    matrix = as_matrix(data, layer)
+    matrix = as_matrix(data, layer, new_cells=True)
     missing = pd.Index(var_names).difference(matrix.var_names)
     if len(missing):
         raise ValueError(f"{len(missing)} of the model's {len(var_names)} genes are missing from the new data "
@@ -138,14 +179,18 @@ def check_counts(matrix: Matrix, likelihood: str) -> None:
         )
 
 
-def covariate_design(obs: pd.DataFrame | None, columns, n_cells: int) -> tuple[np.ndarray, list[str]]:
-    """One-hot/numeric design matrix Z (cells x levels) for ``columns`` of ``obs``.
+class CovariateNames(list):
+    """The names of a covariate design's columns (a plain list to every caller), carrying ``levels``: for each
+    categorical covariate, its levels at fit time as strings, the reference first. A model keeps them
+    (``covariate_levels_``) so that :func:`new_covariates` encodes new cells exactly as the training cells."""
 
-    Categorical columns give one column per level except the first (the reference, absorbed in the gene
-    means), named ``COL=level``; numeric columns keep their name. Models centre Z themselves.
-    """
-    if columns is None or len(columns) == 0:
-        return np.zeros((n_cells, 0), dtype=np.float32), []
+    def __init__(self, names=(), levels: dict | None = None):
+        super().__init__(names)
+        self.levels = dict(levels or {})
+
+
+def _covariate_frame(obs, columns, n_cells) -> tuple[pd.DataFrame | None, list]:
+    """(frame holding the covariates, their column names): arrays and DataFrames become the frame."""
     if isinstance(columns, str):
         columns = [columns]
     if isinstance(columns, (np.ndarray, pd.DataFrame, pd.Series)):
@@ -156,38 +201,118 @@ def covariate_design(obs: pd.DataFrame | None, columns, n_cells: int) -> tuple[n
         columns, obs = [str(c) for c in frame.columns], frame.set_axis([str(c) for c in frame.columns], axis=1)
     if obs is None:
         raise ValueError("covariates given by column name need AnnData input with those columns in .obs")
-    blocks, names = [], []
+    return obs, list(columns)
+
+
+def _covariate_values(obs: pd.DataFrame, col, n_cells: int) -> pd.Series:
+    if col not in obs.columns:
+        raise ValueError(f"covariate {col!r} is not a column of obs (columns: {list(obs.columns)[:10]}...)")
+    values = obs[col]
+    if isinstance(values, pd.DataFrame):
+        raise ValueError(f"obs has {values.shape[1]} columns named {col!r}; make the column names unique")
+    if len(values) != n_cells:
+        raise ValueError(f"covariate {col!r} has {len(values)} values but the data have {n_cells} cells")
+    if values.isna().any():
+        raise ValueError(f"covariate {col!r} has {int(values.isna().sum())} missing values; "
+                         "fill them or drop those cells first")
+    return values
+
+
+def _is_numeric(values: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+
+
+def _numeric(values: pd.Series, col) -> np.ndarray:
+    v = values.to_numpy(dtype=np.float64)
+    if not np.isfinite(v).all():
+        raise ValueError(f"covariate {col!r} has infinite values; remove them first")
+    return v
+
+
+def _as_strings(values: pd.Series) -> np.ndarray:
+    return np.asarray(values.astype(str), dtype=object)
+
+
+def covariate_design(obs: pd.DataFrame | None, columns, n_cells: int) -> tuple[np.ndarray, CovariateNames]:
+    """One-hot/numeric design matrix Z (cells x levels) for ``columns`` of ``obs``.
+
+    Categorical columns give one column per level except the first (the reference, absorbed in the gene
+    means), named ``COL=level``; numeric columns keep their name. Models centre Z themselves. A covariate that
+    is constant (one level, or one numeric value) or listed twice explains nothing and is refused. The names
+    come as :class:`CovariateNames`, whose ``levels`` encode new cells the same way (:func:`new_covariates`).
+    """
+    if columns is None or len(columns) == 0:
+        return np.zeros((n_cells, 0), dtype=np.float32), CovariateNames()
+    obs, columns = _covariate_frame(obs, columns, n_cells)
+    repeated = pd.Index(columns)[pd.Index(columns).duplicated()].unique().tolist()
+    if repeated:
+        raise ValueError(f"covariate(s) {repeated} are listed twice; their columns would be identical "
+                         "(collinear): list each covariate once")
+    blocks, names, levels = [], [], {}
     for col in columns:
-        if col not in obs.columns:
-            raise ValueError(f"covariate {col!r} is not a column of obs (columns: {list(obs.columns)[:10]}...)")
-        values = obs[col]
-        if len(values) != n_cells:
-            raise ValueError(f"covariate {col!r} has {len(values)} values but the data have {n_cells} cells")
-        if values.isna().any():
-            raise ValueError(f"covariate {col!r} has {int(values.isna().sum())} missing values; "
-                             "fill them or drop those cells first")
-        if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
-            v = values.to_numpy(dtype=np.float64)
-            if not np.isfinite(v).all():
-                raise ValueError(f"covariate {col!r} has infinite values; remove them first")
+        values = _covariate_values(obs, col, n_cells)
+        if _is_numeric(values):
+            v = _numeric(values, col)
+            if n_cells > 1 and np.all(v == v[0]):
+                raise ValueError(f"covariate {col!r} has a single level [{v[0]:g}] (it is constant); it explains "
+                                 "nothing, drop it")
             blocks.append(v[:, None])
             names.append(str(col))
         else:
             cat = pd.Categorical(values.astype(str) if not isinstance(values.dtype, pd.CategoricalDtype) else values)
-            levels = [lv for lv in cat.categories if (cat == lv).any()]
-            if len(levels) < 2:
-                raise ValueError(f"covariate {col!r} has a single level {levels}; it explains nothing, drop it")
-            for lv in levels[1:]:
+            found = [lv for lv in cat.categories if (cat == lv).any()]
+            if len(found) < 2:
+                raise ValueError(f"covariate {col!r} has a single level {found}; it explains nothing, drop it")
+            levels[str(col)] = [str(lv) for lv in found]
+            for lv in found[1:]:
                 blocks.append((np.asarray(cat == lv, dtype=np.float64))[:, None])
                 names.append(f"{col}={lv}")
+    return np.hstack(blocks).astype(np.float32), CovariateNames(names, levels)
+
+
+def _encode(obs, columns, n_cells: int, levels: dict) -> tuple[np.ndarray, list[str]]:
+    """The design of new cells against a fitted model's categorical ``levels`` (reference first): any subset of
+    the levels is fine (one cell, one group); a level the model never saw is refused."""
+    if columns is None or len(columns) == 0:
+        return np.zeros((n_cells, 0), dtype=np.float32), []
+    obs, columns = _covariate_frame(obs, columns, n_cells)
+    blocks, names = [], []
+    for col in columns:
+        values = _covariate_values(obs, col, n_cells)
+        known = levels.get(str(col))
+        if known is None:
+            if not _is_numeric(values):
+                raise ValueError(f"covariate {col!r} was numeric when the model was fitted, but the new cells' "
+                                 f"values are {values.dtype}; pass numbers")
+            blocks.append(_numeric(values, col)[:, None])
+            names.append(str(col))
+            continue
+        strings = _as_strings(values)
+        unseen = sorted(set(strings) - set(known))
+        if unseen:
+            raise ValueError(f"covariate {col!r} of the new cells has levels {unseen[:5]} the model was not "
+                             f"fitted with (it knows {known}); drop those cells or refit with them")
+        for lv in known[1:]:
+            blocks.append((strings == lv).astype(np.float64)[:, None])
+            names.append(f"{col}={lv}")
+    if not blocks:
+        return np.zeros((n_cells, 0), dtype=np.float32), names
     return np.hstack(blocks).astype(np.float32), names
 
 
-def new_covariates(data, spec, n_cells: int, names: list[str], mean) -> np.ndarray:
-    """Centred covariates of new cells for a model fitted with covariate levels ``names`` and means ``mean``."""
+def new_covariates(data, spec, n_cells: int, names: list[str], mean, levels: dict | None = None) -> np.ndarray:
+    """Centred covariates of new cells for a model fitted with covariate columns ``names``, means ``mean`` and
+    categorical ``levels`` (the model's ``covariate_levels_``): new cells are one-hot encoded against the
+    training levels, so a batch of one group, or a single cell, is fine. ``levels=None`` (models saved without
+    them) re-derives the levels from the new cells, which then need every level of the training cells."""
     if spec is None:
         raise ValueError("the model was fitted with covariates; pass covariates= for the new cells")
-    Z, new_names = covariate_design(getattr(data, "obs", None), spec, n_cells)
-    if new_names != list(names):
-        raise ValueError(f"covariate levels of the new cells {new_names} differ from the model's {list(names)}")
+    obs = getattr(data, "obs", None)
+    if levels is None:
+        Z, new_names = covariate_design(obs, spec, n_cells)
+    else:
+        Z, new_names = _encode(obs, spec, n_cells, levels)
+    if list(new_names) != list(names):
+        raise ValueError(f"covariate levels of the new cells {list(new_names)} differ from the model's {list(names)}; "
+                         "pass the covariates the model was fitted with")
     return Z - np.asarray(mean)

@@ -92,11 +92,15 @@ def ppca_interventions(
     sigma2: float = 0.5,
     shift=2.0,
     seed: int = 0,
+    factor_correlation: float = 0.0,
 ) -> ad.AnnData:
     """PPCA data with a control and a stimulated group (poster: PPCA with interventions).
 
     ``W ~ N(0, 1)`` (genes x factors), ``x_n ~ N(0, I)``, ``y_n = W x_n + z_n c + eps``,
-    ``eps ~ N(0, sigma2 I)``. The first ``n_cells // 2`` cells are "control" (``z = 0``), the rest
+    ``eps ~ N(0, sigma2 I)``. With ``factor_correlation = rho`` (in [0, 1)) every factor correlates with the
+    group: ``x_n = rho * zs_n + sqrt(1 - rho^2) * e_n`` with ``zs`` the standardised group indicator, so each
+    factor keeps unit variance and correlation ``rho`` with z.
+    The first ``n_cells // 2`` cells are "control" (``z = 0``), the rest
     "stimulated" (``z = 1``; with an odd ``n_cells`` the stimulated group has one cell more).
     ``shift`` is a float (``c = shift * ones(G)``) or a length-``n_genes`` array (``c = shift``).
 
@@ -109,6 +113,10 @@ def ppca_interventions(
     n_factors = _int("n_factors", n_factors, 1)
     sigma2 = _positive("sigma2", sigma2)
     seed = _seed(seed)
+    if isinstance(factor_correlation, (bool, np.bool_)) or not isinstance(factor_correlation, numbers.Real) \
+            or not 0.0 <= float(factor_correlation) < 1.0:
+        raise ValueError(f"factor_correlation must be a number in [0, 1), got {factor_correlation!r}")
+    rho = float(factor_correlation)
     if isinstance(shift, (bool, np.bool_)):
         raise ValueError(f"shift must be a number or an array of length n_genes={n_genes}, got {shift!r}")
     if isinstance(shift, numbers.Real):
@@ -132,6 +140,8 @@ def ppca_interventions(
     n_control = n_cells // 2
     z = np.zeros(n_cells)
     z[n_control:] = 1.0
+    if rho > 0.0:
+        X = rho * ((z - z.mean()) / z.std())[:, None] + np.sqrt(1.0 - rho ** 2) * X
     eps = rng.standard_normal((n_cells, n_genes)) * np.sqrt(sigma2)
     Y = X @ W.T + z[:, None] * c[None, :] + eps
 
@@ -154,6 +164,7 @@ def ppca_interventions(
         "n_factors": n_factors,
         "sigma2": sigma2,
         "shift": scalar_shift if scalar_shift is not None else "per-gene (see var['c_true'])",
+        "factor_correlation": rho,
         "n_control": n_control,
         "n_stimulated": n_cells - n_control,
         "seed": seed,

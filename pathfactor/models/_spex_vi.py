@@ -18,6 +18,13 @@ Mean-field family q(X) q(W, B) q(sigma2) q(lam) q(tau) q(c) with
   loadings and the covariate effects (seed 000), computed for all genes at once by a batched Cholesky;
 * inverse-gamma factors for every variance (see ``pathfactor.priors``).
 
+With covariates, the likelihood cannot tell ``x_n`` from ``x_n - A z_n`` with ``b_g`` moved to ``b_g + A^T w_g``
+(any K x C matrix A): only the priors of X and B pick the split. Coordinate ascent on q(X) and q(W, B) crawls
+along this ridge when the factors correlate with the covariates, and stops near its start (the two-step OLS
++ PCA split, biased B). The blocked family is closed under the shear, so each epoch also takes the best A in
+closed form (parameter expansion, Qi & Jaakkola 2006): an exact ELBO step that q(W) q(B) cannot take. The ridge
+also carries posterior variance of B that q(X) q(W, B) leaves out; ``covariate_effects_var`` adds it back.
+
 Each update maximises the ELBO in its block, so the ELBO rises monotonically; one iteration costs two
 N x G x K matrix products plus a batched Cholesky of G (K+C) x (K+C) matrices. The updates read the data only
 through the sufficient statistics ``E[F]^T Y``, ``E[F^T F]`` and ``sum_n y_ng^2`` with F = [X, Z], so the same
@@ -29,9 +36,23 @@ import math
 
 import torch
 
+from ..data.stream import TensorRows
 from ..priors import FixedScale, HalfCauchy, InverseGamma, RandomSlab, gaussian_prior_terms
 
 _LOG_2PI = math.log(2 * math.pi)
+
+
+def natural_gaussian(P: torch.Tensor, h: torch.Tensor):
+    """A batch of Gaussians given in natural form (precision P, G x D x D; P mean = h, G x D): the means, the
+    inverse Cholesky factors Linv (covariance = Linv^T Linv) and log det of the covariances."""
+    L, info = torch.linalg.cholesky_ex(P)
+    if int(info.max()) > 0:  # numerically indefinite: add jitter and retry once
+        eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
+        L = torch.linalg.cholesky(P + 1e-6 * P.diagonal(dim1=1, dim2=2).mean() * eye)
+    mean = torch.cholesky_solve(h.unsqueeze(-1), L).squeeze(-1)
+    eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
+    Linv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+    return mean, Linv, -2.0 * torch.log(torch.diagonal(L, dim1=1, dim2=2)).sum(1)
 
 
 class SpexVI:
@@ -41,17 +62,25 @@ class SpexVI:
     the cells in random minibatches: the batch's factors are updated exactly (local step), then the global
     factors take a natural-gradient step of size ``rho_t = (t + 1)^-forget`` towards the update that the batch,
     scaled up to N cells, implies (stochastic VI, Hoffman et al. 2013).
+
+    The rows come from a data source (``pathfactor.data.stream``): pass tensors ``Y``, ``Z`` (held in memory), or a
+    row source as ``Y`` (``Z=None``; e.g. ``BackedRows``, streamed from a backed .h5ad). ``reduce`` sums a dict of
+    per-cell sums over the processes of a data-parallel fit (``pathfactor.distributed``): each process then holds
+    its own cells, and the statistics and the ELBO's per-cell sums cover all of them.
     """
 
-    checkpoint_exclude = ("Y", "Z")  # the data: not part of a checkpoint
+    checkpoint_exclude = ("Y", "Z", "data")  # the data: not part of a checkpoint
 
     def __init__(self, Y: torch.Tensor, Z: torch.Tensor, s: torch.Tensor, X0: torch.Tensor,
                  slab_confidence: float = 0.5, noise_prior: tuple[float, float] = (1.0, 0.01),
                  tau: float | None = None, free_start: bool = True, batch_size: int | None = None,
-                 forget: float = 0.7, generator: torch.Generator | None = None, posterior: str = "blocked"):
-        self.Y, self.Z = Y, Z
-        self.N, self.G = Y.shape
-        self.K, self.C = s.shape[1], Z.shape[1]
+                 forget: float = 0.7, generator: torch.Generator | None = None, posterior: str = "blocked",
+                 reduce=None):
+        self.data = Y if hasattr(Y, "blocks") else TensorRows(Y, Z)
+        self.Y, self.Z, self.reduce = getattr(self.data, "Y", None), self.data.Z, reduce
+        self.N = self.data.N if reduce is None else int(reduce({"n": self.data.N})["n"])
+        self.G = self.data.G
+        self.K, self.C = s.shape[1], self.Z.shape[1]
         self.D = self.K + self.C
         self.batch_size = None if batch_size is None or batch_size >= self.N else int(batch_size)
         if posterior not in ("blocked", "mean-field"):
@@ -59,10 +88,16 @@ class SpexVI:
         if posterior == "mean-field" and self.batch_size is not None:
             raise ValueError("the mean-field posterior q(W) q(B) is only implemented for full batches (batch_size=None)")
         self.mean_field = posterior == "mean-field"
+        if reduce is not None and self.C and not self.mean_field:
+            raise ValueError("a data-parallel fit with covariates needs posterior='mean-field' (the blocked "
+                             "posterior's shear step is not distributed yet); or fit in one process")
         self.forget, self.generator, self.t = float(forget), generator, 0
-        dt, dev = Y.dtype, Y.device
+        dt, dev = self.data.dtype, self.data.device
         self._eye_K = torch.eye(self.K, dtype=dt, device=dev)
-        var = ((Y * Y).sum(0) / self.N).mean().clamp_min(1e-12)
+        yy = self.data.sum_squares()
+        self._yy = yy if reduce is None else reduce({"yy": yy})["yy"]    # sum_n y_ng^2 over all cells
+        yy = self._yy
+        var = (yy / self.N).mean().clamp_min(1e-12)
         self.a0, self.b0 = float(noise_prior[0]), float(noise_prior[1]) * float(var)
         # q(X): point initialisation, no covariance yet
         self.mu = X0.to(dt)
@@ -74,7 +109,6 @@ class SpexVI:
         self.slab = RandomSlab(s.to(dt), alpha=slab_confidence)
         if free_start:  # first loadings under the widest slab everywhere: the data, not the start, decide gains
             self.slab.q.rate = torch.full_like(self.slab.q.rate, float(self.slab.rate0.max()))
-        yy = (Y * Y).sum(0)
         self.sigma2 = InverseGamma(torch.full((self.G,), self.a0 + 0.5 * self.N, dtype=dt, device=dev),
                                    (yy / self.N).clamp_min(1e-6 * float(var)) * (self.a0 + 0.5 * self.N))
         stats = self._stats(slice(None), self.mu)
@@ -94,23 +128,57 @@ class SpexVI:
 
     def _stats(self, cells, mu: torch.Tensor) -> dict[str, torch.Tensor]:
         """Sufficient statistics of a batch of cells, scaled up to N cells: E[F]^T Y (D x G), E[F^T F] (D x D),
-        sum_n y_ng^2 (G) and sum_n |mu_n|^2, for F = [X, Z]."""
-        Y, Z = self.Y[cells], self.Z[cells]
-        n = Y.shape[0]
-        scale = self.N / n
+        sum_n y_ng^2 (G) and sum_n |mu_n|^2, for F = [X, Z]. ``mu``: the batch's factor means, in its order."""
+        full, parts, start = _is_all(cells), [], 0
+        for Y, Z in self.data.blocks(cells):
+            parts.append(self._block_sums(Y, Z, mu[start:start + Y.shape[0]], full))
+            start += Y.shape[0]
+        return self._scaled(parts, full)
+
+    def _block_sums(self, Y, Z, mu, full: bool) -> dict:
+        """The unscaled per-cell sums of one block of rows (``sum_n y_ng^2`` is known beforehand for all cells)."""
         XtZ = mu.T @ Z
-        A = torch.cat([torch.cat([mu.T @ mu + n * self.Sigma_x, XtZ], 1), torch.cat([XtZ.T, Z.T @ Z], 1)], 0)
-        return {"FtY": scale * torch.cat([mu.T @ Y, Z.T @ Y], 0), "A": scale * A,
-                "yy": scale * (Y * Y).sum(0), "mu2": scale * (mu * mu).sum()}
+        A = torch.cat([torch.cat([mu.T @ mu, XtZ], 1), torch.cat([XtZ.T, Z.T @ Z], 1)], 0)
+        sums = {"FtY": torch.cat([mu.T @ Y, Z.T @ Y], 0), "A": A, "mu2": (mu * mu).sum(), "n": Y.shape[0]}
+        if not full:
+            sums["yy"] = (Y * Y).sum(0)
+        return sums
+
+    def _scaled(self, parts: list[dict], full: bool) -> dict[str, torch.Tensor]:
+        """Blocks' sums added up (and over processes), E[x x^T] = mu mu^T + Sigma_x, all scaled up to N cells."""
+        stats = parts[0] if len(parts) == 1 else {k: sum(p[k] for p in parts) for k in parts[0]}
+        if self.reduce is not None:
+            stats = self.reduce(stats)
+        n, K = stats.pop("n"), self.K
+        stats["A"][:K, :K] += n * self.Sigma_x
+        if full:
+            stats["yy"] = self._yy
+        scale = self.N / n
+        return stats if scale == 1.0 else {k: scale * v for k, v in stats.items()}
 
     # ----------------------------------------------------------------------------------------- updates
-    def _local_factors(self, cells) -> torch.Tensor:
-        """q(x_n) = N(mu_n, Sigma_x), Sigma_x = (I + sum_g psi_g E[w_g w_g^T])^-1,
-        mu_n = Sigma_x (sum_g psi_g (E[w_g] y_ng - E[w_g b_g^T] z_n))."""
+    def _factor_maps(self):
+        """Sigma_x = (I + sum_g psi_g E[w_g w_g^T])^-1 (set) and the maps of y_n and z_n to mu_n."""
         Q, K = self.second_moment(), self.K
         Sigma_x = torch.linalg.inv(self._eye_K + Q[:K, :K])
         self.Sigma_x = 0.5 * (Sigma_x + Sigma_x.T)
-        return (self.Y[cells] @ (self.M[:, :K] * self.psi[:, None]) - self.Z[cells] @ Q[K:, :K]) @ self.Sigma_x
+        return self.M[:, :K] * self.psi[:, None], Q[K:, :K]
+
+    def _local_factors(self, cells) -> torch.Tensor:
+        """q(x_n) = N(mu_n, Sigma_x), Sigma_x = (I + sum_g psi_g E[w_g w_g^T])^-1,
+        mu_n = Sigma_x (sum_g psi_g (E[w_g] y_ng - E[w_g b_g^T] z_n))."""
+        Wpsi, QzK = self._factor_maps()
+        mus = [(Y @ Wpsi - Z @ QzK) @ self.Sigma_x for Y, Z in self.data.blocks(cells)]
+        return mus[0] if len(mus) == 1 else torch.cat(mus)
+
+    def _local_step(self, cells):
+        """The batch's factors (``_local_factors``) and statistics (``_stats``) in one sweep over its rows."""
+        Wpsi, QzK = self._factor_maps()
+        full, mus, parts = _is_all(cells), [], []
+        for Y, Z in self.data.blocks(cells):
+            mus.append((Y @ Wpsi - Z @ QzK) @ self.Sigma_x)
+            parts.append(self._block_sums(Y, Z, mus[-1], full))
+        return (mus[0] if len(mus) == 1 else torch.cat(mus)), self._scaled(parts, full)
 
     def _update_loadings(self, stats: dict[str, torch.Tensor], rho: float) -> None:
         """q(w_g, b_g) = N(m_g, S_g) with natural parameters S_g^-1 = psi_g E[F^T F] + diag(prior precision) and
@@ -122,7 +190,7 @@ class SpexVI:
         h = psi[:, None] * stats["FtY"].T
         if rho < 1.0:
             P, h = (1 - rho) * self._P + rho * P, (1 - rho) * self._h + rho * h
-        self.M, Linv, logdet = self._gaussian(P, h)
+        self.M, Linv, logdet = natural_gaussian(P, h)
         self._set_covariance(Linv, logdet)
         self._P, self._h = P, h
 
@@ -134,21 +202,10 @@ class SpexVI:
         for own, other in ((slice(0, K), slice(K, None)), (slice(K, None), slice(0, K))):
             P = psi[:, None, None] * A[own, own] + torch.diag_embed(prec[:, own])
             h = psi[:, None] * (FtY[:, own] - M[:, other] @ A[other, own])
-            M[:, own], Linv, logdet = self._gaussian(P, h)
+            M[:, own], Linv, logdet = natural_gaussian(P, h)
             blocks.append((Linv, logdet))
         self.M = M
         self._set_covariance(_block_diagonal(blocks[0][0], blocks[1][0]), blocks[0][1] + blocks[1][1])
-
-    def _gaussian(self, P: torch.Tensor, h: torch.Tensor):
-        """Mean P^-1 h, inverse Cholesky factor and log det P^-1 of a batch of Gaussians in natural form."""
-        L, info = torch.linalg.cholesky_ex(P)
-        if int(info.max()) > 0:  # numerically indefinite: add jitter and retry once
-            eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
-            L = torch.linalg.cholesky(P + 1e-6 * P.diagonal(dim1=1, dim2=2).mean() * eye)
-        mean = torch.cholesky_solve(h.unsqueeze(-1), L).squeeze(-1)
-        eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
-        Linv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
-        return mean, Linv, -2.0 * torch.log(torch.diagonal(L, dim1=1, dim2=2)).sum(1)
 
     def _set_covariance(self, Linv: torch.Tensor, logdet: torch.Tensor) -> None:
         self._Linv, self.logdet_S = Linv, logdet
@@ -169,6 +226,58 @@ class SpexVI:
         self.slab.update(Ew2)
         self._mu2 = stats["mu2"]
 
+    def _ridge(self):
+        """Eigen-decompositions behind the shear: Phi = sum_g E[w_g w_g^T] = U diag(a) U^T (curvature of the B
+        prior along A) and Z^T Z = V diag(d) V^T (curvature of the X prior)."""
+        K, Mw = self.K, self.M[:, : self.K]
+        Phi = Mw.T @ Mw + self._sum_covariance()[:K, :K]
+        a, U = torch.linalg.eigh(Phi)
+        d, V = torch.linalg.eigh(self.Z.T @ self.Z)
+        return a, U, d, V
+
+    def _sum_covariance(self) -> torch.Tensor:
+        """sum_g S_g (D x D)."""
+        R = self._Linv.reshape(-1, self.D)
+        return R.T @ R
+
+    def _shear(self) -> None:
+        """Parameter-expansion step along the likelihood's symmetry x_n -> x_n - A z_n, b_g -> b_g + A^T w_g.
+
+        Only the X prior -1/2 sum_n |mu_n - A z_n|^2 and the B prior -1/2 sum_g E|b_g + A^T w_g|^2 change, so the
+        best A solves the Sylvester equation Phi A + A Z^T Z = mu^T Z - sum_g E[w_g b_g^T] (solved in the two
+        eigenbases). q(w_g, b_g) is mapped by the unit-determinant shear L = [[I, 0], [A^T, I]]: entropy and
+        expected likelihood stay put, and the ELBO rises by the prior terms."""
+        K = self.K
+        a, U, d, V = self._ridge()
+        Mw, Mb = self.M[:, :K], self.M[:, K:]
+        rhs = self.mu.T @ self.Z - Mw.T @ Mb - self._sum_covariance()[:K, K:]
+        A = U @ ((U.T @ rhs @ V) / (a[:, None] + d[None, :])) @ V.T
+        self.mu = self.mu - self.Z @ A.T
+        self._mu2 = (self.mu * self.mu).sum()
+        L = torch.eye(self.D, dtype=A.dtype, device=A.device)
+        L[K:, :K] = A.T
+        self.M = self.M @ L.T
+        self._Linv = self._Linv @ L.T                          # S_g -> L S_g L^T with S_g = Linv^T Linv
+        self.S_diag = (self._Linv * self._Linv).sum(1)
+        if hasattr(self, "_P"):                                # natural parameters: P -> L^-T P L^-1, h -> L^-T h
+            Linv_shear = torch.linalg.inv(L)
+            self._P = Linv_shear.T @ self._P @ Linv_shear
+            self._h = self._h @ Linv_shear
+
+    def covariate_effects_var(self) -> torch.Tensor:
+        """G x C posterior variances of B: diag of S_g's B block plus the variance along the shear ridge.
+
+        The ELBO is quadratic in A with precision Z^T Z (x) I + I (x) Phi; taking A ~ N(0, that^-1) (a Laplace step
+        along the symmetry, which q(X) q(W, B) cannot represent) adds Var(A^T E[w_g]) to b_g:
+        sum_ij (U^T m_wg)_i^2 V_cj^2 / (a_i + d_j)."""
+        K = self.K
+        var = self.S_diag[:, K:]
+        if self.mean_field or not self.C:
+            return var
+        a, U, d, V = self._ridge()
+        proj2 = (self.M[:, :K] @ U) ** 2                         # G x K
+        return var + proj2 @ (1.0 / (a[:, None] + d[None, :])) @ (V * V).T
+
     def second_moment(self) -> torch.Tensor:
         """Q = sum_g psi_g E[(w_g, b_g)(w_g, b_g)^T] (D x D)."""
         psi, M = self.psi, self.M
@@ -178,30 +287,35 @@ class SpexVI:
     def _batches(self):
         if self.batch_size is None:
             return [slice(None)]
-        order = torch.randperm(self.N, generator=self.generator).to(self.Y.device)
-        return list(order.split(self.batch_size))
+        order = torch.randperm(self.data.N, generator=self.generator).to(self.data.device)
+        if self.reduce is None:
+            return list(order.split(self.batch_size))
+        # across processes every one must take part in every step: the same number of batches everywhere
+        return list(order.tensor_split(math.ceil(self.N / self.batch_size)))
 
     def epoch(self) -> float:
         """One pass: per batch, the factors X, then a step for (W, B), sigma2, lam, tau, c. Returns the ELBO
         (exact for full batches; for minibatches the mean of the batches' unbiased estimates)."""
         elbos = []
         for cells in self._batches():
-            mu = self._local_factors(cells)
+            mu, stats = self._local_step(cells)
             rho = 1.0 if self.batch_size is None else (self.t + 1.0) ** -self.forget
-            stats = self._stats(cells, mu)
             self._update_loadings(stats, rho)
             self._update_noise_and_priors(stats, rho)
             if self.batch_size is None:
                 self.mu = mu
+                if self.C and not self.mean_field:
+                    self._shear()
             self.t += 1
             elbos.append(float(self.elbo()))
         return sum(elbos) / len(elbos)
 
     def scores(self) -> torch.Tensor:
-        """Posterior means of the factors of all cells under the current global factors."""
+        """Posterior means of the factors of all cells (of this process's cells, in a data-parallel fit) under the
+        current global factors."""
         if self.batch_size is None:
             return self.mu
-        return torch.cat([self._local_factors(cells) for cells in torch.arange(self.N).split(self.batch_size)])
+        return self._local_factors(slice(None))
 
     # ----------------------------------------------------------------------------------------- ELBO
     def elbo(self) -> torch.Tensor:
@@ -227,7 +341,8 @@ class SpexVI:
         return self._Linv.transpose(1, 2) @ self._Linv
 
     def loadings_sd(self) -> torch.Tensor:
-        return self.S_diag.sqrt()
+        """Posterior sd of (W, B); B's includes the ridge variance (``covariate_effects_var``)."""
+        return torch.cat([self.S_diag[:, : self.K], self.covariate_effects_var()], dim=1).sqrt()
 
 
 def _block_diagonal(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -236,3 +351,8 @@ def _block_diagonal(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     out = A.new_zeros(G, k + c, k + c)
     out[:, :k, :k], out[:, k:, k:] = A, B
     return out
+
+
+def _is_all(cells) -> bool:
+    """Whether ``cells`` selects every cell (a full batch)."""
+    return isinstance(cells, slice) and cells == slice(None)

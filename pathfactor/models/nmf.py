@@ -247,8 +247,10 @@ def _nndsvda(Y, K: int, seed: int):
         mp, mn = np.linalg.norm(up) * np.linalg.norm(vp), np.linalg.norm(un) * np.linalg.norm(vn)
         a, b, sigma = (up, vp, mp) if mp > mn else (un, vn, mn)
         scale = np.sqrt(S[j] * sigma)
-        X[:, j] = scale * a / max(np.linalg.norm(a), 1e-300)
-        W[:, j] = scale * b / max(np.linalg.norm(b), 1e-300)
+        # a zero part (rank below K) stays zero and is filled below; no 0 / 0 (1e-300 is 0 in float32)
+        norm_a, norm_b = np.linalg.norm(a), np.linalg.norm(b)
+        X[:, j] = scale * a / norm_a if norm_a > 0 else 0
+        W[:, j] = scale * b / norm_b if norm_b > 0 else 0
     X[X < 1e-6], W[W < 1e-6] = 0, 0
     avg = Y.mean()
     X[X == 0], W[W == 0] = avg, avg
@@ -346,9 +348,9 @@ def _check_nonnegative(matrix) -> None:
             "use counts (e.g. layer='counts') or log-normalised data, not scaled or centred data (sc.pp.scale)")
 
 
-def _read_matrix(data, layer, dtype):
+def _read_matrix(data, layer, dtype, new_cells: bool = False):
     try:
-        return as_matrix(data, layer, dtype=dtype)
+        return as_matrix(data, layer, dtype=dtype, new_cells=new_cells)
     except ValueError as err:
         if "NaN" in str(err):
             raise ValueError(f"{err}; or, to treat them as missing, set them to 0 and pass weights= with weight 0 "
@@ -580,7 +582,7 @@ class NMF(LatentModel):
         """
         self._check_fitted()
         dev, dt = resolve_device(device), getattr(torch, self.dtype)
-        matrix = _read_matrix(data, layer, getattr(np, self.dtype))
+        matrix = _read_matrix(data, layer, getattr(np, self.dtype), new_cells=True)
         var = self.loadings_.index
         missing = var.difference(matrix.var_names)
         if len(missing):

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..data.inputs import aligned_centred, as_matrix
+from ..data.inputs import aligned_centred, as_matrix, check_variance
 from ..evaluate import orient
 from .base import LatentModel
 from .ppca import check_int
@@ -59,6 +59,7 @@ class PCA(LatentModel):
                              f"data: more), but the data have {N} cells x {G} genes; use n_factors < {min(N, G)}")
         if sp.issparse(matrix.Y) and self.svd_solver not in ("auto", "arpack"):
             raise ValueError(f"svd_solver={self.svd_solver!r} does not take sparse data; use 'auto' or 'arpack'")
+        check_variance(matrix, "PCA")  # else sklearn divides 0 by 0 (dense) or ARPACK fails (sparse)
         sk = SkPCA(n_components=K, svd_solver=self.svd_solver, random_state=int(seed)).fit(matrix.Y)
         signs = orient(sk.components_.T)
         W = sk.components_.T.astype(np.float64) * signs

@@ -34,7 +34,7 @@ import numbers
 import numpy as np
 import torch
 
-from ..data.inputs import aligned_centred, as_matrix
+from ..data.inputs import aligned_centred, as_matrix, check_variance
 from ..evaluate import factor_r2, orient
 from ..train import resolve_device, seed_everything, train
 from .base import LatentModel
@@ -363,6 +363,7 @@ class PPCA(LatentModel):
         N, G = matrix.shape
         K = int(self.n_factors)
         check_shape(K, N, G, "PPCA")
+        check_variance(matrix, "PPCA")  # W = 0 and sigma2 = 0 would make every method's K x K algebra singular
         Y, mu = matrix.centred(dev, dt)
 
         history, self.converged_ = [], True

@@ -495,7 +495,8 @@ class Slalom(LatentModel):
         Y, obs_names = aligned_centred(data, layer, self.loadings_.index, post["gene_mean"])
         if post["B"].shape[1]:
             Z = new_covariates(data, covariates if covariates is not None else self._covariates, Y.shape[0],
-                               self.covariate_effects_.columns, post["z_mean"])
+                               self.covariate_effects_.columns, post["z_mean"],
+                               getattr(self, "covariate_levels_", None))
             Y = Y - Z @ post["B"].T
         W, tau = post["W"], post["tau"]
         TW = tau[:, None] * W

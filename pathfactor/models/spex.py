@@ -13,16 +13,26 @@ import logging
 import numpy as np
 import torch
 
+from .. import distributed
+from ..data import stream
 from ..data.genesets import annotation_mask
-from ..data.inputs import aligned_centred, as_matrix, covariate_design, new_covariates
+from ..data.inputs import aligned_centred, as_matrix, check_counts, covariate_design, new_covariates
 from ..evaluate import factor_r2, orient
 from ..train import resolve_device, seed_everything, train
+from ._spex_nb import SpexNB, nb_factor_scores
 from ._spex_vi import SpexVI
 from .base import LatentModel, factor_layout
 
 __all__ = ["Spex"]
 
 log = logging.getLogger(__name__)
+
+
+def _log_normalised(counts: torch.Tensor) -> torch.Tensor:
+    """Centred log1p of counts per 10,000: where the count model's factors start."""
+    library = counts.sum(1, keepdim=True).clamp_min(1)
+    Y = torch.log1p(counts / library * 1e4)
+    return Y - Y.mean(0)
 
 
 def _initial_factors(Y: torch.Tensor, mask: torch.Tensor, n_free: int, n_iter: int = 10) -> torch.Tensor:
@@ -75,6 +85,9 @@ class Spex(LatentModel):
         of that many cells (natural-gradient steps for the global factors), for data with very many cells.
     posterior : "blocked" (default): one joint Gaussian over each gene's loadings and covariate effects;
         "mean-field": q(W) q(B) apart, as MuVI does (seed 000's comparison: biased B, too-narrow intervals).
+    likelihood : "normal" (default; log-normalised or scaled data) or "nb": raw counts under a negative binomial
+        with a log link and the library size as offset (``_spex_nb``; per-gene dispersion by the method of
+        moments, a gene intercept, loadings in log units: a loading of 1 is an e-fold change per factor sd).
     max_epochs, tol : stop after ``max_epochs`` sweeps or when the ELBO's relative change stays below ``tol``.
     progress : show a progress bar.
     dtype : "float32" (default) or "float64".
@@ -98,8 +111,9 @@ class Spex(LatentModel):
                  global_scale: float | None = 1.0,
                  min_set_size: int = 15, max_set_size: int = 500, min_set_fraction: float = 0.0,
                  max_epochs: int = 300, tol: float = 1e-5, batch_size: int | None = None, posterior: str = "blocked",
-                 progress: bool = True, dtype: str = "float32"):
+                 likelihood: str = "normal", progress: bool = True, dtype: str = "float32"):
         self.n_sparse, self.n_dense = n_sparse, n_dense
+        self.likelihood = likelihood
         self.slab_in, self.slab_out, self.slab_sparse, self.slab_dense = slab_in, slab_out, slab_sparse, slab_dense
         self.slab_confidence, self.global_scale = slab_confidence, global_scale
         self.min_set_size, self.max_set_size, self.min_set_fraction = min_set_size, max_set_size, min_set_fraction
@@ -121,6 +135,12 @@ class Spex(LatentModel):
             raise ValueError(f"batch_size must be None or an integer >= 2, got {self.batch_size!r}")
         if self.posterior not in ("blocked", "mean-field"):
             raise ValueError(f"posterior must be 'blocked' or 'mean-field', got {self.posterior!r}")
+        if self.likelihood not in ("normal", "nb"):
+            raise ValueError(f"likelihood must be 'normal' (log-normalised data) or 'nb' (raw counts), "
+                             f"got {self.likelihood!r}")
+        if self.likelihood == "nb" and (self.batch_size is not None or self.posterior != "blocked"):
+            raise ValueError("likelihood='nb' fits all cells at once with the blocked posterior; "
+                             "leave batch_size=None and posterior='blocked'")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
 
@@ -135,11 +155,21 @@ class Spex(LatentModel):
         a cells x C array. The caller's data are not modified; call :meth:`write` to store results.
         ``checkpoint_dir``: save the state there every few epochs (atomically) and resume from it if a
         checkpoint of the same fit is already there.
+
+        Out of core: an AnnData opened with ``anndata.read_h5ad(path, backed="r")`` is streamed from disk
+        (``data.stream``), ``batch_size`` rows at a time (a few MiB when ``batch_size=None``); memory then holds one
+        block of the data plus N x K factor scores. Data-parallel: inside a ``torch.distributed`` process group
+        of several processes (``pathfactor.distributed.init()`` under torchrun), each process fits its shard of the
+        cells and every process returns the whole model.
         """
         self._check_params()
         generator = seed_everything(seed)
         dev, dt = resolve_device(device), getattr(torch, self.dtype)
-        matrix = as_matrix(data, layer)
+        # rows streamed from a backed .h5ad and/or shared among the processes of a data-parallel fit
+        comm = distributed.current()
+        reduce = None if comm is None else comm.reduce
+        streamed = self.likelihood == "normal" and (comm is not None or stream.is_backed(data, layer))
+        matrix = stream.backed_matrix(data) if streamed and stream.is_backed(data, layer) else as_matrix(data, layer)
         N, G = matrix.shape
         mask, term_names = annotation_mask(annotations, matrix.var_names, self.min_set_size, self.max_set_size,
                                            self.min_set_fraction)
@@ -154,25 +184,41 @@ class Spex(LatentModel):
         if K + Z.shape[1] >= N:
             raise ValueError(f"{K} factors + {Z.shape[1]} covariate columns need fewer than the data's {N} cells")
 
-        Y, gene_mean = matrix.centred(dev, dt)
         Zt = torch.as_tensor(Z, dtype=torch.float64, device=dev)
         z_mean = Zt.mean(0)
         Zt = (Zt - z_mean).to(dt)
-        data_sd = float(Y.var(0).mean().sqrt().clamp_min(1e-12))
-        # slab widths s_gk (seed 002: ~1 inside a set, < 0.1 outside; sparse narrow, dense wide)
         names, kinds = factor_layout(term_names, self.n_sparse, self.n_dense, self.dense_name)
+        # slab widths s_gk (seed 002: ~1 inside a set, < 0.1 outside; sparse narrow, dense wide)
         s = np.concatenate([np.where(mask, self.slab_in, self.slab_out),
                             np.full((G, self.n_sparse), self.slab_sparse), np.full((G, self.n_dense), self.slab_dense)],
-                           axis=1) * data_sd
+                           axis=1)
         mask_t = torch.as_tensor(mask, dtype=dt, device=dev)
-        # start the factors on what the covariates leave unexplained (the two-step OLS + PCA view, seed 000)
-        Y_resid = Y - Zt @ torch.linalg.lstsq(Zt, Y).solution if Zt.shape[1] else Y
-        X0 = _initial_factors(Y_resid, mask_t, H)
+        if self.likelihood == "nb":
+            check_counts(matrix, "negative binomial")
+            counts = torch.as_tensor(matrix.dense(np.float64), device=dev).to(dt)
+            Y, gene_mean = _log_normalised(counts), None
+            data_sd = 1.0  # loadings act on the log-mean: slab widths and tau are in log units
+        elif streamed:  # Y is a row source; same gene means, sd and start as below, from passes over the rows
+            prep = stream.prepare(matrix.Y, Zt, mask_t, H, dev, dt, reduce=reduce,
+                                  rows=None if comm is None else comm.shard(N), block_rows=self.batch_size)
+            Y, gene_mean, data_sd, X0 = prep.source, prep.gene_mean, prep.data_sd, prep.X0
+        else:
+            Y, gene_mean = matrix.centred(dev, dt)
+            data_sd = float(Y.var(0).mean().sqrt().clamp_min(1e-12))
+        if not streamed:  # start the factors on what the covariates leave unexplained (two-step OLS + PCA, seed 000)
+            Y_resid = Y - Zt @ torch.linalg.lstsq(Zt, Y).solution if Zt.shape[1] else Y
+            X0 = _initial_factors(Y_resid, mask_t, H)
         tau = None if self.global_scale is None else self.global_scale * data_sd
-        vi = SpexVI(Y, Zt, torch.as_tensor(s, dtype=dt, device=dev), X0, slab_confidence=self.slab_confidence, tau=tau,
-                    batch_size=self.batch_size, generator=generator, posterior=self.posterior)
-        result = train(vi, max_epochs=self.max_epochs, tol=self.tol, progress=self.progress, desc=type(self).__name__,
-                       checkpoint_dir=checkpoint_dir)
+        s_t = torch.as_tensor(s * data_sd, dtype=dt, device=dev)
+        if self.likelihood == "nb":
+            vi = SpexNB(counts, Zt, s_t, X0, slab_confidence=self.slab_confidence, tau=tau)
+        else:
+            vi = SpexVI(Y, Zt, s_t, X0, slab_confidence=self.slab_confidence, tau=tau, batch_size=self.batch_size,
+                        generator=generator, posterior=self.posterior, reduce=reduce)
+        if comm is not None and checkpoint_dir is not None:  # each process saves its own cells' state
+            checkpoint_dir = f"{checkpoint_dir}/rank{comm.rank}"
+        result = train(vi, max_epochs=self.max_epochs, tol=self.tol, progress=self.progress and not (comm and comm.rank),
+                       desc=type(self).__name__, checkpoint_dir=checkpoint_dir)
         if not result.converged:
             log.warning("Spex did not converge in %d epochs (relative ELBO change above tol=%g); raise max_epochs",
                         self.max_epochs, self.tol)
@@ -180,10 +226,17 @@ class Spex(LatentModel):
         # results, each factor oriented so that its gene set's loadings point up
         M = vi.M.double().cpu().numpy()
         sd = vi.loadings_sd().double().cpu().numpy()
-        mu = vi.scores().double().cpu().numpy()
+        mu = vi.scores()
+        if streamed:
+            relevance = stream.factor_r2(Y, mu, vi.M[:, :K], reduce)
+            mu = mu if comm is None else comm.gather_rows(mu)
+        mu = mu.double().cpu().numpy()
         annotation = np.concatenate([mask, np.zeros((G, H), dtype=bool)], axis=1)
         signs = orient(M[:, :K], annotation)
-        relevance = factor_r2(Y.double().cpu().numpy(), mu, M[:, :K])
+        if not streamed:
+            fitted = vi.log_mean() if self.likelihood == "nb" else Y            # what the factors explain
+            fitted = fitted - fitted.mean(0)
+            relevance = factor_r2(fitted.double().cpu().numpy(), mu, M[:, :K])
         self._set_results(scores=mu * signs, loadings=M[:, :K] * signs, loadings_sd=sd[:, :K],
                           obs_names=matrix.obs_names, var_names=matrix.var_names, factor_names=names, factor_kinds=kinds,
                           relevance=relevance, annotation=annotation if A else None,
@@ -191,9 +244,15 @@ class Spex(LatentModel):
                           history=result.history)
         self.elbo_ = result.history[-1]
         self.converged_ = result.converged
-        # what transform() needs: the posterior's second moment and noise precisions
-        self._posterior = {"signs": signs, "psi": vi.psi.double().cpu().numpy(), "Q": vi.second_moment().double().cpu().numpy(),
-                           "M": M, "gene_mean": gene_mean.cpu().numpy(), "z_mean": z_mean.cpu().numpy()}
+        # what transform() needs
+        post = {"signs": signs, "M": M, "z_mean": z_mean.cpu().numpy()}
+        if self.likelihood == "nb":
+            post.update(T2=vi._theta_second().cpu().numpy(), beta=vi.beta.double().cpu().numpy(),
+                        dispersion=vi.r.double().cpu().numpy())
+        else:
+            post.update(psi=vi.psi.double().cpu().numpy(), Q=vi.second_moment().double().cpu().numpy(),
+                        gene_mean=gene_mean.cpu().numpy())
+        self._posterior = post
         self._covariates = covariates if isinstance(covariates, (str, list, tuple)) else None
         return self
 
@@ -207,17 +266,26 @@ class Spex(LatentModel):
         import pandas as pd
 
         self._check_fitted()
-        Y, obs_names = aligned_centred(data, layer, self.loadings_.index, self._posterior["gene_mean"])
         post, K = self._posterior, self.loadings_.shape[1]
         C = post["M"].shape[1] - K
+        if self.likelihood == "nb":
+            matrix = as_matrix(data, layer)
+            check_counts(matrix, "negative binomial")
+            Y, obs_names = aligned_centred(data, layer, self.loadings_.index, np.zeros(len(self.loadings_)))
+        else:
+            Y, obs_names = aligned_centred(data, layer, self.loadings_.index, post["gene_mean"])
         if C:
             Z = new_covariates(data, covariates if covariates is not None else self._covariates, Y.shape[0],
-                               self.covariate_effects_.columns, post["z_mean"])
+                               self.covariate_effects_.columns, post["z_mean"],
+                               getattr(self, "covariate_levels_", None))
         else:
             Z = np.zeros((Y.shape[0], 0))
-        Q, psi, M = post["Q"], post["psi"], post["M"]
-        Sigma_x = np.linalg.inv(np.eye(K) + Q[:K, :K])
-        mu = (Y @ (M[:, :K] * psi[:, None]) - Z @ Q[K:, :K]) @ Sigma_x
+        if self.likelihood == "nb":
+            mu = nb_factor_scores(Y, Z, post["M"], post["T2"], post["beta"], post["dispersion"])
+        else:
+            Q, psi, M = post["Q"], post["psi"], post["M"]
+            Sigma_x = np.linalg.inv(np.eye(K) + Q[:K, :K])
+            mu = (Y @ (M[:, :K] * psi[:, None]) - Z @ Q[K:, :K]) @ Sigma_x
         return pd.DataFrame(mu * post["signs"], index=obs_names, columns=self.loadings_.columns)
 
     def _extra_state(self):

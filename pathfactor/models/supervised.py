@@ -1,11 +1,12 @@
 """The supervised model of seed 000 (MuVI with known covariates): ``y_n ~ N(W x_n + B^T z_n, Psi)``.
 
 Horseshoe loadings W on latent factors, ``B ~ N(0, I)`` effects of known covariates Z (e.g. stimulated vs
-control). This is Spex with covariates and no gene sets (dense factors, learned per-factor global scale), so
-the maths lives in one place (``_spex_vi``). Two estimators on top:
+control). This is Spex with covariates and no gene sets (dense factors), so the maths lives in one place
+(``_spex_vi``). Two estimators on top:
 
 * ``posterior="blocked"`` (default): per gene one joint Gaussian q(w_g, b_g) — the blocked posterior seed 000
-  proposes; ``"mean-field"``: q(W) q(B) apart, as MuVI;
+  proposes — plus the closed-form step along the likelihood's symmetry ``x -> x - A z``, ``b -> b + A^T w``
+  (see ``_spex_vi``) and the posterior variance of B along it; ``"mean-field"``: q(W) q(B) apart, as MuVI;
 * ``two_step=True``: the poster's reading of MuVI — OLS of Y on Z, then PPCA of the residuals.
 """
 from __future__ import annotations
@@ -28,6 +29,10 @@ class Supervised(Spex):
     n_factors : number of latent factors X next to the covariates.
     posterior : "blocked" | "mean-field" (see module docstring).
     two_step : estimate B by OLS and the factors by PPCA (maximum likelihood) of the OLS residuals instead.
+    global_scale : the horseshoe's global scale tau in units of the data's sd (default 1.0, fixed, as Spex);
+        ``None`` learns tau ~ C+(0, 1) per factor as MuVI and seed 000 do. Learned, tau shrinks W, which lets
+        B absorb the part of the factors that correlates with the covariates (bias of B 0.15 vs 0.12 with a
+        fixed tau in ``experiments/poster_findings.py``'s Finding 3 set-up).
     max_epochs, tol, progress, dtype : as :class:`Spex`.
 
     ``fit(data, covariates=..., layer=None, device="auto", seed=0)``; results as Spex's, with
@@ -38,14 +43,15 @@ class Supervised(Spex):
     dense_name = "factor"
 
     def __init__(self, n_factors: int = 5, posterior: str = "blocked", two_step: bool = False,
-                 max_epochs: int = 500, tol: float = 1e-6, progress: bool = True, dtype: str = "float32"):
-        super().__init__(n_dense=n_factors, global_scale=None, max_epochs=max_epochs, tol=tol, posterior=posterior,
-                         progress=progress, dtype=dtype)
+                 global_scale: float | None = 1.0, max_epochs: int = 500, tol: float = 1e-6, progress: bool = True,
+                 dtype: str = "float32"):
+        super().__init__(n_dense=n_factors, global_scale=global_scale, max_epochs=max_epochs, tol=tol,
+                         posterior=posterior, progress=progress, dtype=dtype)
         self.n_factors, self.two_step = n_factors, two_step
 
     def get_params(self) -> dict:
-        return {k: getattr(self, k) for k in ("n_factors", "posterior", "two_step", "max_epochs", "tol", "progress",
-                                              "dtype")}
+        return {k: getattr(self, k) for k in ("n_factors", "posterior", "two_step", "global_scale", "max_epochs", "tol",
+                                              "progress", "dtype")}
 
     def fit(self, data, covariates=None, layer: str | None = None, device="auto", seed: int = 0,
             annotations=None, checkpoint_dir=None) -> "Supervised":
