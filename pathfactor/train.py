@@ -150,12 +150,32 @@ def load_state(task, path) -> dict | None:
     return numbers
 
 
+class _LastGood:
+    """The task's state before an epoch, to put back if that epoch's objective is not finite. Tensors are held
+    by reference (the tasks' updates rebind attributes to new tensors rather than write into them); torch
+    modules, which optimisers change in place, are copied."""
+
+    def __init__(self, task):
+        exclude = frozenset(getattr(task, "checkpoint_exclude", ()))
+        self.values = [(owner, attr, value) for _, owner, attr, value in _walk(task, "", exclude, set())
+                       if not isinstance(value, torch.Generator)]
+        self.modules = {attr: {k: v.detach().clone() for k, v in value.state_dict().items()}
+                        for attr, value in vars(task).items() if isinstance(value, torch.nn.Module)}
+
+    def restore(self, task) -> None:
+        for owner, attr, value in self.values:
+            setattr(owner, attr, value)
+        for attr, state in self.modules.items():
+            getattr(task, attr).load_state_dict(state)
+
+
 def train(task: Trainable, max_epochs: int = 200, tol: float = 1e-5, patience: int = 2,
           progress: bool = True, desc: str = "fit", checkpoint_dir=None, checkpoint_every: int = 5) -> TrainResult:
     """Call ``task.epoch()`` until the relative change of the objective stays below ``tol`` for ``patience``
     epochs in a row, or ``max_epochs`` is reached. A NaN or infinite objective stops with a ``FloatingPointError``
-    (the last checkpoint, if any, keeps the last good state). With ``checkpoint_dir``, resume from a checkpoint
-    there and save one every ``checkpoint_every`` epochs."""
+    after putting the task back to its state before that epoch (the last good one; also written to
+    ``checkpoint_dir`` when given, so a fit can resume from it); the error carries ``history`` and ``epoch``.
+    With ``checkpoint_dir``, resume from a checkpoint there and save one every ``checkpoint_every`` epochs."""
     if max_epochs < 1:
         raise ValueError(f"max_epochs must be at least 1, got {max_epochs}")
     result, calm = TrainResult(), 0
@@ -168,13 +188,22 @@ def train(task: Trainable, max_epochs: int = 200, tol: float = 1e-5, patience: i
     bar = tqdm(range(result.n_epochs, max_epochs), desc=desc, disable=not progress, leave=False)
     done = result.n_epochs > 0 and calm >= patience
     for _ in ([] if done else bar):
+        last_good = _LastGood(task)
         value = float(task.epoch())
         if not math.isfinite(value):
             bar.close()
-            raise FloatingPointError(
-                f"the objective became {value} at epoch {result.n_epochs + 1}; the data may hold extreme values "
-                "(scale or log-transform them) or the model is mis-specified for them"
+            last_good.restore(task)
+            where = ""
+            if checkpoint_dir is not None:
+                save_state(task, checkpoint_dir, {"_history": result.history, "_calm": calm})
+                where = f"; that state is saved in {checkpoint_dir}"
+            err = FloatingPointError(
+                f"the objective became {value} at epoch {result.n_epochs + 1}; the fit keeps its state of epoch "
+                f"{result.n_epochs} (the last finite objective){where}. The data may hold extreme values (scale "
+                "or log-transform them) or the model is mis-specified for them"
             )
+            err.history, err.epoch = list(result.history), result.n_epochs
+            raise err
         previous = result.history[-1] if result.history else None
         result.history.append(value)
         result.n_epochs += 1

@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import pathfactor as pf
 from pathfactor.data.simulate import noisy_annotations
@@ -67,3 +68,35 @@ def test_checkpoint_files_are_plain_arrays_and_json(tmp_path):
     with np.load(tmp_path / "state.npz", allow_pickle=False) as npz:
         assert all(npz[k].dtype != object for k in npz.files)
         assert not any(k.endswith(":Y") for k in npz.files)  # the data are not copied into checkpoints
+
+
+class _Diverging:
+    """A task whose third epoch turns its state and objective to NaN (rebinding a tensor, and writing into a
+    torch module in place, as optimisers do)."""
+
+    def __init__(self):
+        self.t = 0
+        self.theta = torch.zeros(3)
+        self.net = torch.nn.Linear(2, 2)
+
+    def epoch(self):
+        self.t += 1
+        self.theta = self.theta + 1.0 if self.t < 3 else self.theta * float("nan")
+        with torch.no_grad():
+            self.net.weight.add_(1.0 if self.t < 3 else float("nan"))
+        return float(self.theta.sum())
+
+
+def test_non_finite_objective_stops_and_keeps_the_last_good_state(tmp_path):
+    from pathfactor.train import load_state, train
+
+    task = _Diverging()
+    weight_after_two = task.net.weight.detach().clone() + 2.0
+    with pytest.raises(FloatingPointError, match="keeps its state of epoch 2") as info:
+        train(task, max_epochs=10, tol=0.0, progress=False, checkpoint_dir=tmp_path / "ck")
+    assert info.value.epoch == 2 and info.value.history == [3.0, 6.0]
+    assert task.t == 2 and torch.equal(task.theta, torch.full((3,), 2.0))
+    torch.testing.assert_close(task.net.weight.detach(), weight_after_two)
+    fresh = _Diverging()
+    assert load_state(fresh, tmp_path / "ck")["_history"] == [3.0, 6.0]
+    assert torch.equal(fresh.theta, torch.full((3,), 2.0))

@@ -125,6 +125,7 @@ class SpexNB:
         self.psi_mean = self.mean_psi()
         self.c = self._second_psi(self.psi_mean).sqrt()
         self.omega = _pg_weight(self.count, self.c)
+        self._tight = True
 
     def _target(self) -> torch.Tensor:
         """kappa_ng - omega_ng o_ng with the known offset o_ng = log l_n + beta_g - log r_g."""
@@ -132,6 +133,10 @@ class SpexNB:
         return self.kappa - self.omega * o
 
     def _update_factors(self) -> None:
+        self._tight = False
+        self._update_factors_given_weights()
+
+    def _update_factors_given_weights(self) -> None:
         """q(x_n) = N(mu_n, Sigma_n): Sigma_n^-1 = I + sum_g omega_ng E[w_g w_g^T],
         mu_n = Sigma_n sum_g (E[w_g] t_ng - omega_ng E[w_g b_g^T] z_n), t = kappa - omega o."""
         K, C = self.K, self.C
@@ -174,8 +179,9 @@ class SpexNB:
         self.slab.update(Ew2)
 
     def epoch(self) -> float:
+        """One sweep; every block update maximises the bound for the current c, and the last one makes it tight
+        (the bound holds for any c, so one weight update per sweep keeps the ELBO monotone)."""
         self._update_factors()
-        self._update_weights()
         self._update_loadings()
         self._update_priors()
         self._update_intercepts()
@@ -188,10 +194,12 @@ class SpexNB:
     # ----------------------------------------------------------------------------------------- ELBO
     def elbo(self) -> torch.Tensor:
         """The Polya-Gamma bound on E_q[log NB] plus the Gaussian and scale-prior terms (as ``_spex_vi``)."""
-        psi2 = self.c * self.c
-        second = self._second_psi(self.psi_mean)
-        lik = self.const + (self.kappa * self.psi_mean - self.count * _log_2cosh_half(self.c)
-                            - 0.5 * self.omega * (second - psi2)).sum()
+        if getattr(self, "_tight", False):       # c^2 = E[psi^2]: the bound's quadratic term vanishes
+            mean, quad = self.psi_mean, 0.0
+        else:
+            mean = self.mean_psi()
+            quad = 0.5 * self.omega * (self._second_psi(mean) - self.c * self.c)
+        lik = self.const + (self.kappa * mean - self.count * _log_2cosh_half(self.c) - quad).sum()
         K = self.K
         trace = torch.diagonal(self.Sigma, dim1=1, dim2=2).sum(1)
         x_term = 0.5 * (self.N * K + self._logdet_Sigma.sum() - trace.sum() - (self.mu * self.mu).sum()) \

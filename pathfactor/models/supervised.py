@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data.inputs import as_matrix, covariate_design
+from ..data.inputs import as_matrix, check_variance, covariate_design
 from ..evaluate import factor_r2
 from .base import factor_layout
 from .spex import Spex
@@ -72,9 +72,14 @@ class Supervised(Spex):
         from .ppca import PPCA
 
         matrix = as_matrix(data, layer)
+        check_variance(matrix, "Supervised")
         Z, names = covariate_design(getattr(data, "obs", None), covariates, matrix.shape[0])
         Y = matrix.dense(np.float64)
         Yc, Zc = Y - Y.mean(0), Z - Z.mean(0)
+        rank = np.linalg.matrix_rank(Zc)
+        if rank < Zc.shape[1]:
+            raise ValueError(f"covariate columns {list(names)} are collinear (rank {rank} < {Zc.shape[1]}): OLS needs "
+                             "independent columns; drop the redundant covariate or use two_step=False")
         B, *_ = np.linalg.lstsq(Zc, Yc, rcond=None)                       # C x G
         R = Yc - Zc @ B
         dof = max(Y.shape[0] - Z.shape[1] - 1, 1)
