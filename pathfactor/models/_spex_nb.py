@@ -81,7 +81,7 @@ class SpexNB:
         self.mu = X0.to(dt)
         self.Sigma = torch.zeros(self.N, self.K, self.K, dtype=dt, device=dev)
         self.M = torch.zeros(self.G, self.D, dtype=dt, device=dev)
-        self._Linv = torch.zeros(self.G, self.D, self.D, dtype=dt, device=dev)
+        self.S = torch.zeros(self.G, self.D, self.D, dtype=dt, device=dev)
         self.S_diag = torch.zeros(self.G, self.D, dtype=dt, device=dev)
         self.logdet_S = torch.zeros(self.G, dtype=dt, device=dev)
         self.lam = HalfCauchy((self.G, self.K), dtype=dt, device=dev)
@@ -105,7 +105,7 @@ class SpexNB:
 
     def _theta_second(self) -> torch.Tensor:
         """E[theta_g theta_g^T] for theta_g = [w_g, b_g]: G x D x D."""
-        return self.M[:, :, None] * self.M[:, None, :] + self._Linv.transpose(1, 2) @ self._Linv
+        return self.M[:, :, None] * self.M[:, None, :] + self.S
 
     def mean_psi(self) -> torch.Tensor:
         """E[psi_ng] = log l_n + beta_g - log r_g + E[f_n]^T m_g (N x G)."""
@@ -147,10 +147,7 @@ class SpexNB:
         if C:
             cross = (self.omega @ T2[:, :K, K:].reshape(self.G, -1)).reshape(self.N, K, C)
             h = h - (cross @ self.Z[:, :, None]).squeeze(-1)
-        L = torch.linalg.cholesky(prec)
-        self.Sigma = torch.cholesky_inverse(L)
-        self.mu = torch.cholesky_solve(h[:, :, None], L).squeeze(-1)
-        self._logdet_Sigma = -2.0 * torch.log(torch.diagonal(L, dim1=1, dim2=2)).sum(1)
+        self.mu, self.Sigma, self._logdet_Sigma = natural_gaussian(prec, h)
 
     def prior_precision(self) -> torch.Tensor:
         prec_w = self.tau.mean_inv[None, :] * self.lam.mean_inv + self.slab.mean_inv
@@ -163,8 +160,8 @@ class SpexNB:
         P = (self.omega.T @ self._F_second()).reshape(self.G, self.D, self.D)
         P.diagonal(dim1=1, dim2=2).add_(self.prior_precision())
         h = (F.T @ self._target()).T
-        self.M, self._Linv, self.logdet_S = natural_gaussian(P, h)
-        self.S_diag = (self._Linv * self._Linv).sum(1)
+        self.M, self.S, self.logdet_S = natural_gaussian(P, h)
+        self.S_diag = torch.diagonal(self.S, dim1=1, dim2=2).clone()
 
     def _update_intercepts(self) -> None:
         """beta_g maximises sum_n kappa psi - omega psi^2 / 2 (flat prior): a weighted mean."""
@@ -249,9 +246,7 @@ def nb_factor_scores(Y, Z, M, T2, beta, dispersion, n_iter: int = 100, tol: floa
         h = (kappa - omega * o) @ M[:, :K]
         if C:
             h = h - ((omega @ cross).reshape(N, K, C) @ Z[:, :, None]).squeeze(-1)
-        L = torch.linalg.cholesky(prec)
-        Sigma = torch.cholesky_inverse(L)
-        new = torch.cholesky_solve(h[:, :, None], L).squeeze(-1)
+        new, Sigma, _ = natural_gaussian(prec, h)
         done = float((new - mu).abs().max()) < tol
         mu = new
         if done:

@@ -42,17 +42,40 @@ from ..priors import FixedScale, HalfCauchy, InverseGamma, RandomSlab, gaussian_
 _LOG_2PI = math.log(2 * math.pi)
 
 
-def natural_gaussian(P: torch.Tensor, h: torch.Tensor):
-    """A batch of Gaussians given in natural form (precision P, G x D x D; P mean = h, G x D): the means, the
-    inverse Cholesky factors Linv (covariance = Linv^T Linv) and log det of the covariances."""
+def in_threads(fn, *batches: torch.Tensor):
+    """``fn`` over the leading (batch) dimension of ``batches``, split across the CPU threads torch may use.
+
+    torch runs a batch of small LAPACK factorisations on one thread, and with several threads asked for it can
+    even stall (measured: a batched cholesky_inverse of 4000 100 x 100 matrices took 2 s on one thread, 16 s
+    on two). Chunks on Python threads, each op on one thread, use all cores instead."""
+    n = torch.get_num_threads()
+    if n == 1 or batches[0].device.type != "cpu" or batches[0].shape[0] < 2 * n:
+        return fn(*batches)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..train import one_thread
+
+    chunks = list(zip(*(b.chunk(n) for b in batches)))
+    with one_thread(batches[0].device), ThreadPoolExecutor(len(chunks)) as pool:
+        parts = list(pool.map(lambda args: fn(*args), chunks))
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(p) for p in zip(*parts))
+    return torch.cat(parts)
+
+
+def _factorise(P: torch.Tensor, h: torch.Tensor):
     L, info = torch.linalg.cholesky_ex(P)
     if int(info.max()) > 0:  # numerically indefinite: add jitter and retry once
         eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
-        L = torch.linalg.cholesky(P + 1e-6 * P.diagonal(dim1=1, dim2=2).mean() * eye)
+        L = torch.linalg.cholesky(P + 1e-6 * P.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * eye)
     mean = torch.cholesky_solve(h.unsqueeze(-1), L).squeeze(-1)
-    eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
-    Linv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
-    return mean, Linv, -2.0 * torch.log(torch.diagonal(L, dim1=1, dim2=2)).sum(1)
+    return mean, torch.cholesky_inverse(L), -2.0 * torch.log(torch.diagonal(L, dim1=1, dim2=2)).sum(1)
+
+
+def natural_gaussian(P: torch.Tensor, h: torch.Tensor):
+    """A batch of Gaussians given in natural form (precision P, G x D x D; P mean = h, G x D): the means, the
+    covariances S = P^-1 and their log determinants, by one Cholesky factorisation each (on all CPU threads)."""
+    return in_threads(_factorise, P, h)
 
 
 class SpexVI:
@@ -63,8 +86,8 @@ class SpexVI:
     factors take a natural-gradient step of size ``rho_t = (t + 1)^-forget`` towards the update that the batch,
     scaled up to N cells, implies (stochastic VI, Hoffman et al. 2013).
 
-    The rows come from a data source (``pathfactor.data.stream``): pass tensors ``Y``, ``Z`` (held in memory), or a
-    row source as ``Y`` (``Z=None``; e.g. ``BackedRows``, streamed from a backed .h5ad). ``reduce`` sums a dict of
+    The rows come from a data source (``pathfactor.data.stream``): pass tensors ``Y``, ``Z`` (held in memory), or
+    a row source as ``Y`` (``Z=None``; e.g. ``BackedRows``, streamed from a backed .h5ad). ``reduce`` sums a dict of
     per-cell sums over the processes of a data-parallel fit (``pathfactor.distributed``): each process then holds
     its own cells, and the statistics and the ELBO's per-cell sums cover all of them.
     """
@@ -190,8 +213,8 @@ class SpexVI:
         h = psi[:, None] * stats["FtY"].T
         if rho < 1.0:
             P, h = (1 - rho) * self._P + rho * P, (1 - rho) * self._h + rho * h
-        self.M, Linv, logdet = natural_gaussian(P, h)
-        self._set_covariance(Linv, logdet)
+        self.M, S, logdet = natural_gaussian(P, h)
+        self._set_covariance(S, logdet)
         self._P, self._h = P, h
 
     def _update_loadings_mean_field(self, stats: dict[str, torch.Tensor]) -> None:
@@ -202,22 +225,22 @@ class SpexVI:
         for own, other in ((slice(0, K), slice(K, None)), (slice(K, None), slice(0, K))):
             P = psi[:, None, None] * A[own, own] + torch.diag_embed(prec[:, own])
             h = psi[:, None] * (FtY[:, own] - M[:, other] @ A[other, own])
-            M[:, own], Linv, logdet = natural_gaussian(P, h)
-            blocks.append((Linv, logdet))
+            M[:, own], S, logdet = natural_gaussian(P, h)
+            blocks.append((S, logdet))
         self.M = M
         self._set_covariance(_block_diagonal(blocks[0][0], blocks[1][0]), blocks[0][1] + blocks[1][1])
 
-    def _set_covariance(self, Linv: torch.Tensor, logdet: torch.Tensor) -> None:
-        self._Linv, self.logdet_S = Linv, logdet
-        self.S_diag = (Linv * Linv).sum(1)                      # diag(S_g), S_g = Linv^T Linv
+    def _set_covariance(self, S: torch.Tensor, logdet: torch.Tensor) -> None:
+        self.S, self.logdet_S = S, logdet
+        self.S_diag = torch.diagonal(S, dim1=1, dim2=2).clone()
 
     def _update_noise_and_priors(self, stats: dict[str, torch.Tensor], rho: float) -> None:
         """q(sigma2_g) (a step ``rho`` in its rate), then q(lam), q(tau), q(c) given q(W)."""
         M, A, FtY = self.M, stats["A"], stats["FtY"]
         if rho == 1.0:  # tr(A S_g) = (D - sum_k prec_gk S_g,kk) / psi_g, because psi_g A = S_g^-1 - diag(prec_g)
             tr_AS = (self.D - (self.prior_precision() * self.S_diag).sum(1)) / self.psi
-        else:  # a blended S_g^-1 has no such form: sum_ij A_ij S_g,ij with S_g = Linv^T Linv
-            tr_AS = ((self._Linv @ A) * self._Linv).sum((1, 2))
+        else:  # a blended S_g^-1 has no such form: sum_ij A_ij S_g,ij
+            tr_AS = (self.S.reshape(self.G, -1) @ A.reshape(-1))
         self.sq_resid = (stats["yy"] - 2 * (M * FtY.T).sum(1) + ((M @ A) * M).sum(1) + tr_AS).clamp_min(0)
         self.sigma2.rate = (1 - rho) * self.sigma2.rate + rho * (self.b0 + 0.5 * self.sq_resid)
         Ew2 = (M * M + self.S_diag)[:, : self.K]
@@ -237,8 +260,7 @@ class SpexVI:
 
     def _sum_covariance(self) -> torch.Tensor:
         """sum_g S_g (D x D)."""
-        R = self._Linv.reshape(-1, self.D)
-        return R.T @ R
+        return self.S.sum(0)
 
     def _shear(self) -> None:
         """Parameter-expansion step along the likelihood's symmetry x_n -> x_n - A z_n, b_g -> b_g + A^T w_g.
@@ -257,8 +279,8 @@ class SpexVI:
         L = torch.eye(self.D, dtype=A.dtype, device=A.device)
         L[K:, :K] = A.T
         self.M = self.M @ L.T
-        self._Linv = self._Linv @ L.T                          # S_g -> L S_g L^T with S_g = Linv^T Linv
-        self.S_diag = (self._Linv * self._Linv).sum(1)
+        self.S = L @ self.S @ L.T                              # S_g -> L S_g L^T
+        self.S_diag = torch.diagonal(self.S, dim1=1, dim2=2).clone()
         if hasattr(self, "_P"):                                # natural parameters: P -> L^-T P L^-1, h -> L^-T h
             Linv_shear = torch.linalg.inv(L)
             self._P = Linv_shear.T @ self._P @ Linv_shear
@@ -281,8 +303,7 @@ class SpexVI:
     def second_moment(self) -> torch.Tensor:
         """Q = sum_g psi_g E[(w_g, b_g)(w_g, b_g)^T] (D x D)."""
         psi, M = self.psi, self.M
-        R = (self._Linv * psi.sqrt()[:, None, None]).reshape(-1, self.D)
-        return (M * psi[:, None]).T @ M + R.T @ R
+        return (M * psi[:, None]).T @ M + (psi @ self.S.reshape(self.G, -1)).reshape(self.D, self.D)
 
     def _batches(self):
         if self.batch_size is None:
@@ -338,7 +359,7 @@ class SpexVI:
     # ----------------------------------------------------------------------------------------- results
     def covariance(self) -> torch.Tensor:
         """Full posterior covariances S_g of (w_g, b_g), G x D x D."""
-        return self._Linv.transpose(1, 2) @ self._Linv
+        return self.S
 
     def loadings_sd(self) -> torch.Tensor:
         """Posterior sd of (W, B); B's includes the ridge variance (``covariate_effects_var``)."""
