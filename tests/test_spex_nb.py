@@ -91,7 +91,13 @@ def test_recovers_the_programs_from_counts(sim, fitted):
     # loadings are on the log-mean scale: the true ones are 0.5-1
     inside = fitted.loadings_.to_numpy()[W > 0]
     assert 0.3 < np.median(inside) < 1.2
-    assert fitted.relevance_measure == "R^2" and (fitted.relevance_ > 0.05).all()
+    assert fitted.relevance_measure == "log-mean variance" and (fitted.relevance_ > 0.02).all()
+
+
+def test_pure_noise_gives_no_relevant_program():
+    counts = ad.AnnData(np.random.default_rng(0).poisson(2.0, (300, 200)).astype(np.float32))
+    model = pf.models.Spex(n_sparse=2, likelihood="nb", progress=False).fit(counts)
+    assert (model.relevance_ < 0.01).all(), model.relevance_
 
 
 def test_transform_and_save_load(sim, fitted, tmp_path):

@@ -17,6 +17,7 @@ the data's sd, and :func:`initial_factors` computes the fit's starting factors f
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import dataclass
 
@@ -36,8 +37,30 @@ log = logging.getLogger(__name__)
 DEFAULT_BLOCK_ELEMENTS = 2**21
 
 
+#: glibc's mallopt parameter M_MMAP_THRESHOLD
+_M_MMAP_THRESHOLD = -3
+_heap_bounded = False
+
+
 def _identity(stats):
     return stats
+
+
+def _bound_heap() -> None:
+    """Serve allocations of 1 MiB or more by mmap, so that a freed block goes back to the system at once.
+
+    By default glibc raises its mmap threshold to the size of the largest block freed, after which block-sized
+    buffers come from the heap; the small results allocated between them pin the heap, and the resident set grows
+    by about a block per block read (measured: 1.6 GB after one pass over a 1.6 GB file, 0.43 GB with this).
+    Process-wide and idempotent; a no-op where the C library has no ``mallopt`` (not glibc)."""
+    global _heap_bounded
+    if _heap_bounded:
+        return
+    _heap_bounded = True
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (AttributeError, OSError):  # pragma: no cover - not glibc
+        pass
 
 
 class TensorRows:
@@ -62,19 +85,21 @@ class BackedRows:
 
     Random batches are read in increasing row order (as HDF5 wants) and put back in the batch's order, so a fit
     sees the same rows in the same order as from memory. Values pass through float32 on the way, as
-    ``inputs.as_matrix`` does for in-memory data."""
+    ``inputs.as_matrix`` does for in-memory data; float32 fits centre in float32 (no float64 copy of a block)."""
 
     def __init__(self, X, mean, Z: torch.Tensor, dtype: torch.dtype, device, rows: tuple[int, int] | None = None,
                  block_rows: int | None = None, sum_squares: torch.Tensor | None = None):
         start, stop = rows if rows is not None else (0, X.shape[0])
         self.X, self.offset, self.N, self.G = X, int(start), int(stop - start), int(X.shape[1])
-        self.mean = np.asarray(mean, dtype=np.float64)
         self.Z, self.dtype, self.device = Z, dtype, torch.device(device)
+        self._np_dtype = np.float64 if dtype == torch.float64 else np.float32
+        self.mean = np.asarray(mean, dtype=np.float64).astype(self._np_dtype)
         self.block_rows = int(block_rows) if block_rows else default_block_rows(self.G)
         self._sum_squares = sum_squares
+        _bound_heap()
 
     def _centred(self, index) -> torch.Tensor:
-        raw = _read(self.X, index, self.G)
+        raw = _read(self.X, index, self.G, self._np_dtype)
         raw -= self.mean
         return torch.from_numpy(raw).to(device=self.device, dtype=self.dtype)
 
@@ -108,14 +133,18 @@ def default_block_rows(n_genes: int) -> int:
     return max(16, DEFAULT_BLOCK_ELEMENTS // max(int(n_genes), 1))
 
 
-def _read(X, index, n_genes: int) -> np.ndarray:
-    """Rows ``index`` (a slice, or increasing integers) of ``X`` as a dense float64 array (via float32)."""
+def _read(X, index, n_genes: int, dtype=np.float64) -> np.ndarray:
+    """Rows ``index`` (a slice, or increasing integers) of ``X`` as a dense, writable array of ``dtype`` (float32 or
+    float64, via float32)."""
     if not isinstance(index, slice) and len(index) == 0:
-        return np.zeros((0, n_genes))
+        return np.zeros((0, n_genes), dtype=dtype)
     block = X[index]
     if sp.issparse(block):
         block = block.toarray()
-    return np.asarray(block, dtype=np.float32).astype(np.float64)
+    block = np.asarray(block, dtype=np.float32)
+    if dtype == np.float64 or not block.flags.writeable or not block.flags.owndata:
+        block = block.astype(dtype)
+    return block
 
 
 # --------------------------------------------------------------------------------------------- backed AnnData
@@ -232,8 +261,12 @@ def prepare(X, Z: torch.Tensor, mask: torch.Tensor, n_free: int, device, dtype, 
     rows = rows or (0, N)
     block_rows = int(block_rows) if block_rows else default_block_rows(G)
     in_memory = isinstance(X, np.ndarray) or sp.issparse(X)
+    if not in_memory:
+        _bound_heap()
     error = None
     try:
+        if rows[1] <= rows[0]:
+            raise ValueError(f"{N} cells cannot be shared among more processes than cells; use fewer processes")
         if in_memory:
             local = X[rows[0]:rows[1]]
             local = np.asarray(local.toarray() if sp.issparse(local) else local, dtype=np.float64)

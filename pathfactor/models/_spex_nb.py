@@ -214,10 +214,6 @@ class SpexNB:
     def loadings_sd(self) -> torch.Tensor:
         return self.S_diag.sqrt()
 
-    def log_mean(self) -> torch.Tensor:
-        """E[log mu_ng] without the library offset: beta_g + E[f_n]^T m_g (N x G)."""
-        return self.psi_mean - self.offset_cell[:, None] + torch.log(self.r)[None, :]
-
 
 def nb_factor_scores(Y, Z, M, T2, beta, dispersion, n_iter: int = 100, tol: float = 1e-6):
     """Posterior means of the factors of new cells (counts ``Y``, N x G; centred covariates ``Z``) with the

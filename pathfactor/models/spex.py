@@ -103,6 +103,11 @@ class Spex(LatentModel):
     """
 
     key = "spex"
+
+    @property
+    def relevance_measure(self) -> str:
+        """R^2 of the data for Gaussian data; for counts, the variance a factor adds to the log-mean."""
+        return "log-mean variance" if getattr(self, "likelihood", "normal") == "nb" else "R^2"
     #: dense factors are named ``{dense_name}_i``
     dense_name = "dense"
 
@@ -217,7 +222,8 @@ class Spex(LatentModel):
                         generator=generator, posterior=self.posterior, reduce=reduce)
         if comm is not None and checkpoint_dir is not None:  # each process saves its own cells' state
             checkpoint_dir = f"{checkpoint_dir}/rank{comm.rank}"
-        result = train(vi, max_epochs=self.max_epochs, tol=self.tol, progress=self.progress and not (comm and comm.rank),
+        progress = self.progress and (comm is None or comm.rank == 0)
+        result = train(vi, max_epochs=self.max_epochs, tol=self.tol, progress=progress,
                        desc=type(self).__name__, checkpoint_dir=checkpoint_dir)
         if not result.converged:
             log.warning("Spex did not converge in %d epochs (relative ELBO change above tol=%g); raise max_epochs",
@@ -234,9 +240,10 @@ class Spex(LatentModel):
         annotation = np.concatenate([mask, np.zeros((G, H), dtype=bool)], axis=1)
         signs = orient(M[:, :K], annotation)
         if not streamed:
-            fitted = vi.log_mean() if self.likelihood == "nb" else Y            # what the factors explain
-            fitted = fitted - fitted.mean(0)
-            relevance = factor_r2(fitted.double().cpu().numpy(), mu, M[:, :K])
+            if self.likelihood == "nb":  # variance each factor adds to a gene's log-mean, averaged over genes
+                relevance = mu.var(0) * (M[:, :K] ** 2).mean(0)
+            else:
+                relevance = factor_r2(Y.double().cpu().numpy(), mu, M[:, :K])
         self._set_results(scores=mu * signs, loadings=M[:, :K] * signs, loadings_sd=sd[:, :K],
                           obs_names=matrix.obs_names, var_names=matrix.var_names, factor_names=names, factor_kinds=kinds,
                           relevance=relevance, annotation=annotation if A else None,

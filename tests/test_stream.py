@@ -1,0 +1,143 @@
+"""Out-of-core Spex: a fit streamed from a backed .h5ad equals the same fit from memory (same seed, same batches)."""
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import pathfactor as pf
+from pathfactor.data import stream
+from pathfactor.data.simulate import annotation_sets, noisy_annotations
+from pathfactor.models.spex import _initial_factors
+
+TOL = 1e-8  # relative, float64: the two paths differ only in the order of floating-point sums
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small matrices: one thread (two stall on fork/join when the cores are busy)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sim():
+    s = noisy_annotations(n_cells=240, n_genes=120, n_factors=4, noise=0.2, n_sparse=1, seed=4)
+    s.obs["batch"] = np.where(np.arange(240) % 3 == 0, "a", "b")
+    return s
+
+
+@pytest.fixture(scope="module")
+def files(sim, tmp_path_factory):
+    """The simulation written dense and as CSR (non-negative with exact zeros, as counts-like data are)."""
+    folder = tmp_path_factory.mktemp("backed")
+    dense, csr = folder / "dense.h5ad", folder / "csr.h5ad"
+    sim.write_h5ad(dense)
+    sparse = sim.copy()
+    X = np.clip(sparse.X, 0, None)
+    X[X < 0.5] = 0
+    sparse.X = sp.csr_matrix(X)
+    sparse.write_h5ad(csr)
+    return {"dense": (dense, sim), "csr": (csr, sparse)}
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return np.abs(a - b).max() / max(np.abs(a).max(), 1e-300)
+
+
+@pytest.mark.parametrize("kind,batch_size,covariates", [("dense", 64, None), ("csr", 64, "batch"),
+                                                        ("dense", None, "batch")])
+def test_streamed_fit_equals_in_memory_fit(files, kind, batch_size, covariates, monkeypatch):
+    path, adata = files[kind]
+    params = dict(n_sparse=1, n_dense=1, min_set_size=3, dtype="float64", batch_size=batch_size, max_epochs=6,
+                  tol=0.0, progress=False)
+    sets = annotation_sets(adata)
+    memory = pf.models.Spex(**params).fit(adata, annotations=sets, covariates=covariates, seed=1)
+
+    backed = ad.read_h5ad(path, backed="r")
+    # the streamed path must never load the whole matrix
+    monkeypatch.setattr("pathfactor.models.spex.as_matrix", lambda *a, **k: pytest.fail("as_matrix loaded the data"))
+    streamed = pf.models.Spex(**params).fit(backed, annotations=sets, covariates=covariates, seed=1)
+
+    assert backed.isbacked and backed.X is not None and "X_spex" not in backed.obsm
+    assert len(streamed.history_) == len(memory.history_) == 6
+    assert _rel(memory.history_, streamed.history_) < TOL
+    assert _rel(memory.loadings_, streamed.loadings_) < TOL
+    assert _rel(memory.loadings_sd_, streamed.loadings_sd_) < TOL
+    assert _rel(memory.factor_scores_, streamed.factor_scores_) < TOL
+    assert _rel(memory.relevance_, streamed.relevance_) < TOL
+    if covariates:
+        assert _rel(memory.covariate_effects_, streamed.covariate_effects_) < TOL
+    assert list(streamed.factor_scores_.index) == list(adata.obs_names)
+    np.testing.assert_allclose(streamed.transform(adata).to_numpy(), memory.transform(adata).to_numpy(),
+                               rtol=1e-7, atol=1e-9)
+
+
+def test_float32_streamed_fit_matches_to_float32_rounding(files):
+    path, adata = files["dense"]
+    params = dict(n_sparse=1, min_set_size=3, batch_size=50, max_epochs=4, tol=0.0, progress=False)
+    sets = annotation_sets(adata)
+    memory = pf.models.Spex(**params).fit(adata, annotations=sets, seed=0)
+    streamed = pf.models.Spex(**params).fit(ad.read_h5ad(path, backed="r"), annotations=sets, seed=0)
+    assert _rel(memory.loadings_, streamed.loadings_) < 1e-4
+
+
+def test_backed_rows_come_centred_in_the_batch_order(files):
+    path, adata = files["csr"]
+    X = adata.X.toarray().astype(np.float64)
+    mean = X.mean(0)
+    Z = torch.arange(240, dtype=torch.float64)[:, None]
+    rows = stream.BackedRows(ad.read_h5ad(path, backed="r").X, mean, Z, torch.float64, "cpu", block_rows=7)
+    cells = torch.randperm(240, generator=torch.Generator().manual_seed(0))[:40]
+    Y = torch.cat([y for y, _ in rows.blocks(cells)])
+    Zb = torch.cat([z for _, z in rows.blocks(cells)])
+    np.testing.assert_allclose(Y.numpy(), X[cells.numpy()] - mean, atol=1e-12)
+    assert torch.equal(Zb[:, 0], cells.double())
+    whole = torch.cat([y for y, _ in rows.blocks(slice(None))])
+    np.testing.assert_allclose(whole.numpy(), X - mean, atol=1e-12)
+    np.testing.assert_allclose(rows.sum_squares().numpy(), ((X - mean) ** 2).sum(0), rtol=1e-10)
+
+
+def test_one_pass_gives_the_in_memory_means_and_sd(files):
+    path, adata = files["dense"]
+    Y = torch.as_tensor(adata.X, dtype=torch.float64)
+    mask = torch.zeros(120, 0, dtype=torch.float64)
+    prep = stream.prepare(ad.read_h5ad(path, backed="r").X, torch.zeros(240, 0, dtype=torch.float64), mask, 2,
+                          "cpu", torch.float64, block_rows=17)
+    np.testing.assert_allclose(prep.gene_mean.numpy(), Y.mean(0).numpy(), rtol=1e-12, atol=1e-12)
+    assert prep.data_sd == pytest.approx(float(Y.var(0).mean().sqrt()), rel=1e-12)
+    np.testing.assert_allclose(prep.source.sum_squares().numpy(), ((Y - Y.mean(0)) ** 2).sum(0).numpy(), rtol=1e-10)
+
+
+@pytest.mark.parametrize("n_cells", [60, 200])  # fewer and more cells than genes: svd_lowrank's two branches
+def test_streamed_start_is_the_in_memory_start(n_cells):
+    """initial_factors reproduces _initial_factors, torch.svd_lowrank's random draws included; a failure after a
+    torch upgrade means svd_lowrank changed and the streamed twin must follow it."""
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randn(n_cells, 100, generator=g) @ torch.randn(100, 100, generator=g)  # float32: read exactly
+    mean = raw.double().mean(0)
+    Y = raw.double() - mean
+    mask = (torch.rand(100, 3, generator=g) < 0.2).double()
+    torch.manual_seed(5)
+    expected = _initial_factors(Y, mask, 2)
+    torch.manual_seed(5)
+    source = stream.BackedRows(raw.numpy(), mean.numpy(), torch.zeros(n_cells, 0, dtype=torch.float64),
+                               torch.float64, "cpu", block_rows=13)
+    got = stream.initial_factors(source, mask, 2)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-8, atol=1e-8)
+
+
+def test_backed_data_are_checked_without_loading(tmp_path):
+    bad = noisy_annotations(n_cells=50, n_genes=40, n_factors=2, seed=0)
+    bad.X[3, 4] = np.nan
+    bad.write_h5ad(tmp_path / "nan.h5ad")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        pf.models.Spex(n_dense=2, batch_size=10, progress=False).fit(ad.read_h5ad(tmp_path / "nan.h5ad", backed="r"))
+    csc = noisy_annotations(n_cells=50, n_genes=40, n_factors=2, seed=0)
+    csc.X = sp.csc_matrix(csc.X)
+    csc.write_h5ad(tmp_path / "csc.h5ad")
+    with pytest.raises(ValueError, match="CSR or dense"):
+        pf.models.Spex(n_dense=2, progress=False).fit(ad.read_h5ad(tmp_path / "csc.h5ad", backed="r"))
