@@ -19,6 +19,7 @@ from pathfactor.models._spex_vi import SpexVI
 FITS = [
     ("memory", False, dict(n_sparse=1, n_dense=1), None),
     ("backed", True, dict(n_sparse=1, posterior="mean-field"), "batch"),
+    ("blocked-covariates", False, dict(n_sparse=1), "batch"),
     ("minibatch", True, dict(n_sparse=1, batch_size=64, max_epochs=4), None),
 ]
 
@@ -126,9 +127,3 @@ def test_reduce_hook_with_one_process_changes_nothing():
     torch.testing.assert_close(plain.M, hooked.M)
 
 
-def test_distributed_blocked_posterior_with_covariates_is_refused():
-    Y = torch.randn(50, 20, dtype=torch.float64)
-    Z = torch.randn(50, 1, dtype=torch.float64)
-    with pytest.raises(ValueError, match="mean-field"):
-        SpexVI(Y, Z, torch.ones(20, 2, dtype=torch.float64), torch.randn(50, 2, dtype=torch.float64),
-               reduce=lambda stats: stats)

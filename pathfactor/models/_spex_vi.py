@@ -111,9 +111,6 @@ class SpexVI:
         if posterior == "mean-field" and self.batch_size is not None:
             raise ValueError("the mean-field posterior q(W) q(B) is only implemented for full batches (batch_size=None)")
         self.mean_field = posterior == "mean-field"
-        if reduce is not None and self.C and not self.mean_field:
-            raise ValueError("a data-parallel fit with covariates needs posterior='mean-field' (the blocked "
-                             "posterior's shear step is not distributed yet); or fit in one process")
         self.forget, self.generator, self.t = float(forget), generator, 0
         dt, dev = self.data.dtype, self.data.device
         self._eye_K = torch.eye(self.K, dtype=dt, device=dev)
@@ -255,8 +252,12 @@ class SpexVI:
         K, Mw = self.K, self.M[:, : self.K]
         Phi = Mw.T @ Mw + self._sum_covariance()[:K, :K]
         a, U = torch.linalg.eigh(Phi)
-        d, V = torch.linalg.eigh(self.Z.T @ self.Z)
+        d, V = torch.linalg.eigh(self._summed(ZtZ=self.Z.T @ self.Z)["ZtZ"])
         return a, U, d, V
+
+    def _summed(self, **sums) -> dict:
+        """Per-cell sums over all cells (over the processes of a data-parallel fit)."""
+        return sums if self.reduce is None else self.reduce(sums)
 
     def _sum_covariance(self) -> torch.Tensor:
         """sum_g S_g (D x D)."""
@@ -272,10 +273,10 @@ class SpexVI:
         K = self.K
         a, U, d, V = self._ridge()
         Mw, Mb = self.M[:, :K], self.M[:, K:]
-        rhs = self.mu.T @ self.Z - Mw.T @ Mb - self._sum_covariance()[:K, K:]
+        rhs = self._summed(XtZ=self.mu.T @ self.Z)["XtZ"] - Mw.T @ Mb - self._sum_covariance()[:K, K:]
         A = U @ ((U.T @ rhs @ V) / (a[:, None] + d[None, :])) @ V.T
         self.mu = self.mu - self.Z @ A.T
-        self._mu2 = (self.mu * self.mu).sum()
+        self._mu2 = self._summed(mu2=(self.mu * self.mu).sum())["mu2"]
         L = torch.eye(self.D, dtype=A.dtype, device=A.device)
         L[K:, :K] = A.T
         self.M = self.M @ L.T
