@@ -6,15 +6,16 @@
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import time
-
-import torch
+import ast
+import sys
+from pathlib import Path
 
 import pathfactor as pf
 from pathfactor.data.simulate import annotation_sets, noisy_annotations
 from pathfactor.evaluate import mask_f1
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Timer, column_correlation, emit, limit_threads, peak_rss_mb, r2  # noqa: E402
 
 
 def main() -> None:
@@ -29,26 +30,31 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--param", action="append", default=[], help="Spex parameter as NAME=VALUE (Python literal)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    params = {k: eval(v) for k, v in (kv.split("=", 1) for kv in args.param)}
+    limit_threads(args.threads)
+    params = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.param)}
     for noise in args.noise:
         for seed in args.seeds:
             sim = noisy_annotations(n_cells=args.cells, n_genes=args.genes, n_factors=args.factors, noise=noise,
                                     sigma2=args.sigma2, n_redundant=args.redundant, seed=seed)
-            start = time.perf_counter()
-            model = pf.models.Spex(progress=False, min_set_size=1, max_set_size=10**9, **params)
-            model.fit(sim, annotations=annotation_sets(sim), seed=seed)
-            seconds = time.perf_counter() - start
-            truth = sim.varm["mask_true"][:, : args.factors + args.redundant]
-            print(json.dumps({
+            with Timer() as t:
+                model = pf.models.Spex(progress=False, min_set_size=1, max_set_size=10**9, **params)
+                model.fit(sim, annotations=annotation_sets(sim), seed=seed)
+            peak = peak_rss_mb()
+            K = args.factors + args.redundant
+            truth = sim.varm["mask_true"][:, :K]
+            X, W = model.factor_scores_.to_numpy(), model.loadings_.to_numpy()
+            # factor correlation over the factors that generate data (redundant ones have X_true = 0)
+            corr = column_correlation(sim.obsm["X_true"][:, :args.factors], X[:, :args.factors]).mean()
+            emit({
                 "method": "pathfactor.Spex", "n_cells": args.cells, "n_genes": args.genes, "n_factors": args.factors,
                 "noise": noise, "sigma2": args.sigma2, "seed": seed, "params": params,
-                "seconds": round(seconds, 2), "epochs": len(model.history_), "converged": bool(model.converged_),
-                "f1": round(mask_f1(truth, model.loadings_.to_numpy()), 4),
+                "seconds": round(t.seconds, 2), "epochs": len(model.history_), "converged": bool(model.converged_),
+                "f1": round(mask_f1(truth, W[:, :K]), 4),
                 "f1_annotation": round(mask_f1(truth, sim.varm["annotation"].astype(float)), 4),
-                "f1_truth": round(mask_f1(truth, sim.varm["W_true"][:, : args.factors + args.redundant]), 4),
-                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            }), flush=True)
+                "f1_truth": round(mask_f1(truth, sim.varm["W_true"][:, :K]), 4),
+                "factor_correlation": round(float(corr), 4), "r2": round(r2(sim.X, X, W, sim.X.mean(0)), 4),
+                "peak_rss_mb": round(peak, 1),
+            })
 
 
 if __name__ == "__main__":
