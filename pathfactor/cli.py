@@ -59,7 +59,7 @@ def _model(name: str):
 MODEL_OPTIONS = {"n_sparse": "--n-sparse", "n_dense": "--n-dense", "min_set_size": "--min-set-size",
                  "max_set_size": "--max-set-size", "max_epochs": "--max-epochs", "n_factors": "--n-factors",
                  "method": "--method", "posterior": "--posterior", "two_step": "--two-step",
-                 "loss": "--loss", "fpr": "--fpr", "fnr": "--fnr"}
+                 "loss": "--loss", "fpr": "--fpr", "fnr": "--fnr", "n_clusters": "--n-clusters"}
 
 _SAME = lambda *names: {n: n for n in names}  # noqa: E731
 
@@ -96,6 +96,11 @@ MODELS: dict[str, ModelSpec] = {
                       help="probabilistic PCA: closed form, EM, MAP or VI"),
     "fa": ModelSpec(load=_model("FactorAnalysis"), options=_SAME("n_factors", "max_epochs"), gene_sets="unused",
                     help="factor analysis (per-gene noise) by EM"),
+    "vae": ModelSpec(load=_model("VAE"), options={"n_factors": "n_latent", "max_epochs": "max_epochs"},
+                     gene_sets="unused", help="variational autoencoder on counts (--likelihood, default nb)"),
+    "gmvae": ModelSpec(load=_model("GMVAE"), options={"n_factors": "n_latent", "max_epochs": "max_epochs",
+                                                      "n_clusters": "n_clusters"},
+                       gene_sets="unused", help="Gaussian-mixture VAE: clusters in obs['gmvae_cluster']"),
 }
 
 
@@ -109,6 +114,10 @@ def build_model(name: str, args: argparse.Namespace):
     if unused:
         raise ValueError(f"{', '.join(unused)} do(es) not apply to --model {name}")
     kwargs = {ctor: getattr(args, dest) for dest, ctor in spec.options.items() if getattr(args, dest, None) is not None}
+    if getattr(args, "likelihood", None) is not None:  # any model whose constructor takes a likelihood
+        if "likelihood" not in accepted:
+            raise ValueError(f"--likelihood does not apply to --model {name}")
+        kwargs["likelihood"] = args.likelihood
     if "progress" in accepted:
         kwargs["progress"] = not args.quiet
     return cls(**kwargs)
@@ -351,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default=None, help="adata.layers entry to fit (default adata.X)")
     p.add_argument("--n-sparse", type=int, default=None, metavar="N", help="unannotated sparse factors")
     p.add_argument("--n-dense", type=int, default=None, metavar="N", help="unannotated dense factors")
-    p.add_argument("--n-factors", type=int, default=None, metavar="K", help="latent factors (pca, ppca, fa, supervised)")
+    p.add_argument("--n-factors", type=int, default=None, metavar="K",
+                   help="latent factors (pca, ppca, fa, supervised; latent dimensions of vae, gmvae)")
     p.add_argument("--method", choices=["mle", "em", "map", "vi"], default=None, help="PPCA estimator (default mle)")
     p.add_argument("--posterior", choices=["blocked", "mean-field"], default=None,
                    help="supervised: joint q(w_g, b_g) per gene (blocked, default) or q(W) q(B)")
@@ -360,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fpr", type=float, default=None, help="slalom: annotation false-positive rate (default 0.01)")
     p.add_argument("--fnr", type=float, default=None, help="slalom: annotation false-negative rate (default 0.001)")
     p.add_argument("--loss", choices=["frobenius", "kl"], default=None, help="nmf: frobenius (log data) or kl (counts)")
+    p.add_argument("--likelihood", choices=["poisson", "nb", "zip", "zinb", "gaussian"], default=None,
+                   help="observation model of the models that take one (vae, gmvae): counts (poisson, nb, zip, "
+                        "zinb; raw integer counts) or gaussian (log-normalised data)")
+    p.add_argument("--n-clusters", type=int, default=None, metavar="C", help="gmvae: mixture components")
     p.add_argument("--weights-layer", default=None, metavar="LAYER",
                    help="nmf: adata.layers entry of per-entry weights (0 = missing)")
     p.add_argument("--covariates", action="append", metavar="COL[,COL]",
