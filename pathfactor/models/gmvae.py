@@ -129,12 +129,15 @@ class GMVAE(VAE):
                          bool(self.batch_norm), self.prior_weights == "learned")
 
     def fit(self, data, layer: str | None = None, device="auto", seed: int = 0) -> "GMVAE":
-        """Fit to ``data`` as :meth:`VAE.fit`; needs at least ``n_clusters`` training cells."""
-        n_cells = getattr(data, "shape", (None,))[0]
-        if n_cells is not None and n_cells < self.n_clusters:
+        """Fit to ``data`` as :meth:`VAE.fit`; needs at least ``n_clusters`` cells (and as many training cells
+        for the k-means initialisation after pre-training)."""
+        return super().fit(data, layer=layer, device=device, seed=seed)
+
+    def _check_shape(self, n_cells: int, n_genes: int) -> None:
+        super()._check_shape(n_cells, n_genes)
+        if n_cells < self.n_clusters:
             raise ValueError(f"n_clusters={self.n_clusters} needs at least as many cells, but the data have "
                              f"{n_cells}; use fewer clusters")
-        return super().fit(data, layer=layer, device=device, seed=seed)
 
     def _run(self, task) -> list[float]:
         if not self.pretrain_epochs:

@@ -350,6 +350,9 @@ class VAE(LatentModel):
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction!r}")
         if not isinstance(self.batch_norm, (bool, np.bool_)):
             raise ValueError(f"batch_norm must be True or False, got {self.batch_norm!r}")
+        if self.batch_norm and self.batch_size < 2:
+            raise ValueError(f"batch_norm=True needs batch_size >= 2 (batch statistics of one cell are undefined), "
+                             f"got batch_size={self.batch_size}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         return check_likelihood(self.likelihood)
@@ -385,10 +388,14 @@ class VAE(LatentModel):
         matrix = as_matrix(data, layer)
         check_data(matrix, likelihood)
         N, G = matrix.shape
-        if self.n_latent >= G:
-            raise ValueError(f"n_latent={self.n_latent} needs fewer latent dimensions than the data's {G} genes")
-        rows = _Rows(matrix.Y, dev, dt)
+        self._check_shape(N, G)
         n_val = int(round(self.validation_fraction * N)) if N >= 10 else 0
+        need = 2 if self.batch_norm else 1
+        if N - n_val < need:
+            raise ValueError(f"validation_fraction={self.validation_fraction} leaves {N - n_val} of the {N} cells "
+                             f"for training, but {need} are needed{' (batch_norm)' if need == 2 else ''}; "
+                             "lower validation_fraction")
+        rows = _Rows(matrix.Y, dev, dt)
         perm = torch.randperm(N, generator=generator)
         val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
         net = self._build_net(G, likelihood).to(device=dev, dtype=dt)
@@ -415,6 +422,11 @@ class VAE(LatentModel):
         self._gene_attributes()
         self._after_fit(latent, matrix)
         return self
+
+    def _check_shape(self, n_cells: int, n_genes: int) -> None:
+        """Raise if the data's shape cannot carry the model's latent dimensions."""
+        if self.n_latent >= n_genes:
+            raise ValueError(f"n_latent={self.n_latent} needs fewer latent dimensions than the data's {n_genes} genes")
 
     def _after_fit(self, latent, matrix) -> None:
         pass
@@ -457,7 +469,7 @@ class VAE(LatentModel):
     def _rows(self, data, layer):
         """New data checked and aligned to the model's genes (extra genes are ignored), as ``_Rows``."""
         self._check_fitted()
-        matrix = as_matrix(data, layer)
+        matrix = as_matrix(data, layer, new_cells=True)
         var = self.loadings_.index
         missing = var.difference(matrix.var_names)
         if len(missing):
@@ -480,6 +492,8 @@ class VAE(LatentModel):
         likelihoods it is a lower bound on ``log p(x_n | l_n)``, the cell's counts given its library size."""
         n_samples = self.n_samples if n_samples is None else n_samples
         _check_int("n_samples", n_samples, 1)
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         rows, obs = self._rows(data, layer)
         generator = torch.Generator().manual_seed(int(seed))
         idx = torch.arange(rows.n)
