@@ -7,7 +7,7 @@ assert the behaviour we *want* and run as ``xfail(strict=True)``, so fixing the 
 failure that asks for the mark to be removed (and the row of ``docs/bad_input.md`` to be updated).
 
 ``test_doc_table_lists_every_case`` keeps this file and the table in step: the table's first column is the test id.
-Runtime budget: a few seconds (tiny data, 3-5 epochs, no report rendering).
+Runtime budget: about half a minute on one thread (tiny data and networks, 3-5 epochs, no report rendering).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import pathfactor as pf
 from pathfactor import GeneSets
 from pathfactor.cli import main
 from pathfactor.data.inputs import as_matrix, check_counts
-from pathfactor.models import NMF, PCA, PPCA, FactorAnalysis, Slalom, Spex, Supervised
+from pathfactor.models import GMVAE, NMF, PCA, PPCA, VAE, FactorAnalysis, Slalom, Spex, Supervised
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_input.md"
 
@@ -72,7 +72,7 @@ def with_nan(value=np.nan) -> np.ndarray:
 
 
 # ============================================================================ models
-MODEL_NAMES = ["PCA", "PPCA", "FactorAnalysis", "NMF", "Spex", "Supervised", "Slalom"]
+MODEL_NAMES = ["PCA", "PPCA", "FactorAnalysis", "NMF", "Spex", "Supervised", "Slalom", "VAE", "GMVAE"]
 FACTORIES = {
     "PCA": lambda **kw: PCA(**{"n_factors": 2, **kw}),
     "PPCA": lambda **kw: PPCA(**{"n_factors": 2, "max_epochs": 5, "progress": False, **kw}),
@@ -81,11 +81,22 @@ FACTORIES = {
     "Spex": lambda **kw: Spex(**{"n_dense": 1, "min_set_size": 2, "max_epochs": 3, "progress": False, **kw}),
     "Supervised": lambda **kw: Supervised(**{"n_factors": 2, "max_epochs": 3, "progress": False, **kw}),
     "Slalom": lambda **kw: Slalom(**{"n_dense": 1, "min_set_size": 2, "max_epochs": 3, "progress": False, **kw}),
+    "VAE": lambda **kw: VAE(**{"n_latent": 2, "hidden": (8,), "kl_warmup": 1, "max_epochs": 3, "progress": False,
+                               **kw}),
+    "GMVAE": lambda **kw: GMVAE(**{"n_clusters": 2, "n_latent": 2, "hidden": (8,), "kl_warmup": 1,
+                                   "pretrain_epochs": 2, "max_epochs": 3, "progress": False, **kw}),
 }
+#: the likelihoods of VAE / GMVAE; "VAE-zip" etc. name a model with that likelihood (the plain names use "nb")
+LIKELIHOODS = ["poisson", "nb", "zip", "zinb", "gaussian"]
+COUNT_LIKELIHOODS = {"poisson": "Poisson", "nb": "negative binomial", "zip": "zero-inflated Poisson",
+                     "zinb": "zero-inflated negative binomial"}
+FACTORIES.update({f"{m}-{lik}": lambda m=m, lik=lik, **kw: FACTORIES[m](**{"likelihood": lik, **kw})
+                  for m in ("VAE", "GMVAE") for lik in LIKELIHOODS})
+FACTORIES["Spex-nb"] = lambda **kw: FACTORIES["Spex"](**{"likelihood": "nb", **kw})
 #: constructor arguments asking for more factors than the 10 genes allow
 TOO_MANY = {"PCA": {"n_factors": G + 1}, "PPCA": {"n_factors": G}, "FactorAnalysis": {"n_factors": G},
             "NMF": {"n_factors": G + 1}, "Spex": {"n_dense": G}, "Supervised": {"n_factors": G},
-            "Slalom": {"n_dense": G}}
+            "Slalom": {"n_dense": G}, "VAE": {"n_latent": G}, "GMVAE": {"n_latent": G}}
 
 
 #: the covariate Supervised gets for input without .obs
@@ -95,7 +106,7 @@ CELL_GROUP = np.asarray([i % 2 for i in range(N)], dtype=float)
 def fit(name: str, data, params: dict | None = None, **fit_kw):
     """Fit model ``name`` (tiny settings) to ``data``; gene-set models get SETS, Supervised gets covariates."""
     model = FACTORIES[name](**(params or {}))
-    if name in ("Spex", "Slalom"):
+    if name.split("-")[0] in ("Spex", "Slalom"):
         fit_kw.setdefault("annotations", SETS)
     if name == "Supervised" and "covariates" not in fit_kw:
         fit_kw["covariates"] = "grp" if hasattr(data, "obs") else np.asarray(
@@ -114,6 +125,8 @@ def assert_finite(model) -> None:
     for attr in ("loadings_", "factor_scores_", "relevance_"):
         values = getattr(model, attr).to_numpy(dtype=float)
         assert np.isfinite(values).all(), f"{type(model).__name__}.{attr} has NaN/Inf: {values}"
+    if isinstance(model, VAE):  # and GMVAE
+        assert np.isfinite(model.elbo_), f"{type(model).__name__}.elbo_ is {model.elbo_}"
 
 
 # ============================================================================ expectations
@@ -257,6 +270,8 @@ ONE_GENE = {  # one gene: each model's own shape check (gene-set models: no set 
     "Spex": "none of the 2 gene sets has between 2 and 500 genes among the data's 1 var_names",
     "Supervised": "2 factors need fewer than the data's 1 genes",
     "Slalom": "none of the 2 gene sets has between 2 and 500 genes among the data's 1 var_names",
+    "VAE": "n_latent=2 needs fewer latent dimensions than the data's 1 genes",
+    "GMVAE": "n_latent=2 needs fewer latent dimensions than the data's 1 genes",
 }
 TOO_MANY_MSG = {
     "PCA": "PCA with n_factors=11 needs at least as many cells and genes as factors",
@@ -266,6 +281,8 @@ TOO_MANY_MSG = {
     "Spex": "12 factors need fewer than the data's 10 genes",
     "Supervised": "10 factors need fewer than the data's 10 genes",
     "Slalom": "12 factors + 0 covariate columns need fewer than the data's 10 genes",
+    "VAE": "n_latent=10 needs fewer latent dimensions than the data's 10 genes",
+    "GMVAE": "n_latent=10 needs fewer latent dimensions than the data's 10 genes",
 }
 S = "fit: shapes and factor counts"
 for name in MODEL_NAMES:
@@ -300,7 +317,7 @@ for method in ["mle", "em", "map", "vi"]:
     case(S, f"fit-PPCA-{method}-constant", f"PPCA(method={method!r}).fit", "all-ones X",
          lambda c, me=method: fit("PPCA", adata(np.ones((N, G), np.float32)), {"method": me}),
          Raises(ValueError, "PPCA: " + ZERO_VARIANCE))
-for name in ["FactorAnalysis", "NMF", "Spex", "Supervised", "Slalom"]:
+for name in ["FactorAnalysis", "NMF", "Spex", "Supervised", "Slalom", "VAE", "GMVAE"]:
     case(S, f"fit-{name}-constant", f"{name}.fit", "all-ones X",
          lambda c, m=name: fit(m, adata(np.ones((N, G), np.float32))), Works(assert_finite))
 case(S, "fit-Supervised-two-step-constant", "Supervised(two_step=True).fit", "all-ones X",
@@ -352,6 +369,216 @@ case(S, "check_counts-integer-floats", "check_counts", "float counts 0, 1, 3", l
     as_matrix(np.array([[1.0, 0.0], [3.0, 2.0]])), "poisson"), Works())
 case(S, "check_counts-booleans", "check_counts", "bool X (0/1 counts)",
      lambda c: check_counts(as_matrix(np.eye(3, dtype=bool)), "poisson"), Works())
+
+# ---------------------------------------------------------------------------- VAE / GMVAE: likelihoods
+SPARSE_FORMATS = [f"{fmt}_{kind}" for fmt in ("csr", "csc", "coo", "lil", "dok", "bsr", "dia")
+                  for kind in ("matrix", "array")]
+#: SETS under the names as_matrix gives the genes of a bare matrix (gene_0, ...)
+SETS_NUMBERED = {k: [f"gene_{GENES.index(g)}" for g in v] for k, v in SETS.items()}
+#: what each model gives per new cell
+PER_CELL = {"VAE": ("transform", "elbo"), "GMVAE": ("transform", "elbo", "predict"), "Spex": ("transform",)}
+
+
+def every_sparse_format(name: str) -> bool:
+    """Fit model ``name`` to counts in every scipy sparse format; its per-cell methods on the same data must give
+    one finite row per cell."""
+    kw = {"annotations": SETS_NUMBERED} if name.startswith("Spex") else {}
+    for fmt in SPARSE_FORMATS:
+        data = getattr(sp, fmt)(counts())
+        model = fit(name, data, **kw)
+        assert_finite(model)
+        for method in PER_CELL[name.split("-")[0]]:
+            out = getattr(model, method)(data)
+            assert out.shape[0] == N and np.isfinite(out.to_numpy(dtype=float)).all(), (fmt, method)
+    return True
+
+
+def zero_cell(Y: np.ndarray) -> np.ndarray:
+    """``Y`` with its first cell's counts set to zero."""
+    Y = Y.copy()
+    Y[0] = 0
+    return Y
+
+
+def finite_rows(n: int):
+    """A check: ``n`` rows, all finite."""
+    return Works(lambda out: out.shape[0] == n and np.isfinite(out.to_numpy(dtype=float)).all())
+
+
+S = "VAE and GMVAE: count likelihoods (`check_data`), every likelihood"
+NEEDS = {"negative": "non-negative counts but the data have negative values",
+         "non-integer": "integer counts but the data have non-integer values"}
+for model in ["VAE", "GMVAE"]:
+    new_cells = "elbo" if model == "VAE" else "predict"
+    for lik in LIKELIHOODS:
+        m = f"{model}-{lik}"
+        counts_only = lik in COUNT_LIKELIHOODS
+
+        def refused(problem, lik=lik):
+            return Raises(ValueError, f"the {COUNT_LIKELIHOODS[lik]} likelihood needs {NEEDS[problem]}")
+
+        case(S, f"fit-{m}-negative", f"{model}(likelihood={lik!r}).fit", "X - 3",
+             lambda c, m=m: fit(m, adata(counts() - 3)), refused("negative") if counts_only
+             else Works(assert_finite))
+        case(S, f"fit-{m}-non-integer", f"{model}(likelihood={lik!r}).fit", "log1p(counts)",
+             lambda c, m=m: fit(m, adata(np.log1p(counts()))), refused("non-integer") if counts_only
+             else Works(assert_finite))
+        case(S, f"fit-{m}-zero-count-cell", f"{model}(likelihood={lik!r}).fit", "a cell with no counts",
+             lambda c, m=m: fit(m, adata(zero_cell(counts()))), Works(assert_finite))
+        case(S, f"fit-{m}-all-zero", f"{model}(likelihood={lik!r}).fit", "every count 0",
+             lambda c, m=m: fit(m, adata(np.zeros((N, G), np.float32))), Works(assert_finite))
+        case(S, f"fit-{m}-sparse-every-format", f"{model}(likelihood={lik!r}).fit + "
+             f"{' + '.join(PER_CELL[model])}", "counts in each of the 14 scipy sparse formats",
+             lambda c, m=m: every_sparse_format(m), Works())
+        case(S, f"transform-{m}-non-integer", f"{model}(likelihood={lik!r}).transform", "log1p(counts)",
+             lambda c, m=m: fitted(m).transform(adata(np.log1p(counts()))), refused("non-integer") if counts_only
+             else finite_rows(N))
+        case(S, f"{new_cells}-{m}-negative", f"{model}(likelihood={lik!r}).{new_cells}", "X - 3",
+             lambda c, m=m, f=new_cells: getattr(fitted(m), f)(adata(counts() - 3)),
+             refused("negative") if counts_only else finite_rows(N))
+
+S = "VAE and GMVAE: parameters, `elbo`, `predict`"
+UNKNOWN_LIKELIHOOD = "unknown likelihood 'bernoulli'; choose one of poisson, nb, zip, zinb, gaussian"
+NEURAL_PARAMS = [  # (model, test-id key, parameters, expectation)
+    ("VAE", "unknown-likelihood", {"likelihood": "bernoulli"}, Raises(ValueError, UNKNOWN_LIKELIHOOD)),
+    ("GMVAE", "unknown-likelihood", {"likelihood": "bernoulli"}, Raises(ValueError, UNKNOWN_LIKELIHOOD)),
+    ("VAE", "likelihood-none", {"likelihood": None}, Raises(ValueError, "unknown likelihood None; choose one of")),
+    ("VAE", "likelihood-upper-case", {"likelihood": "NB"}, Works(assert_finite)),
+    ("VAE", "n-latent-zero", {"n_latent": 0}, Raises(ValueError, "n_latent must be an integer >= 1, got 0")),
+    ("VAE", "n-latent-float", {"n_latent": 2.0}, Raises(ValueError, "n_latent must be an integer >= 1, got 2.0")),
+    ("VAE", "n-latent-bool", {"n_latent": True}, Raises(ValueError, "n_latent must be an integer >= 1, got True")),
+    ("GMVAE", "n-latent-negative", {"n_latent": -1}, Raises(ValueError, "n_latent must be an integer >= 1, got -1")),
+    ("GMVAE", "one-cluster", {"n_clusters": 1}, Raises(ValueError, "n_clusters must be an integer >= 2, got 1")),
+    ("GMVAE", "n-clusters-string", {"n_clusters": "3"},
+     Raises(ValueError, "n_clusters must be an integer >= 2, got '3'")),
+    ("GMVAE", "n-clusters-none", {"n_clusters": None},
+     Raises(ValueError, "n_clusters must be an integer >= 2, got None")),
+    ("GMVAE", "more-clusters-than-cells", {"n_clusters": N + 1},
+     Raises(ValueError, "n_clusters=13 needs at least as many cells, but the data have 12; use fewer clusters")),
+    ("GMVAE", "more-clusters-than-training-cells", {"n_clusters": N},
+     Raises(ValueError, "n_clusters=12 needs at least as many training cells, but 11 are left after the "
+                        "validation split")),
+    ("GMVAE", "as-many-clusters-as-cells-no-pretraining", {"n_clusters": N, "pretrain_epochs": 0},
+     Works(assert_finite)),
+    ("GMVAE", "bad-prior-weights", {"prior_weights": "equal"},
+     Raises(ValueError, "prior_weights must be 'learned' or 'uniform', got 'equal'")),
+    ("VAE", "batch-norm-batch-size-1", {"batch_norm": True, "batch_size": 1},
+     Raises(ValueError, "batch_norm=True needs batch_size >= 2 (batch statistics of one cell are undefined)")),
+    ("GMVAE", "batch-norm-batch-size-1", {"batch_norm": True, "batch_size": 1},
+     Raises(ValueError, "batch_norm=True needs batch_size >= 2")),
+    ("VAE", "validation-leaves-no-cell", {"validation_fraction": 0.99},
+     Raises(ValueError, "validation_fraction=0.99 leaves 0 of the 12 cells for training, but 1 are needed")),
+    ("GMVAE", "validation-leaves-one-cell-batch-norm", {"validation_fraction": 0.95, "batch_norm": True},
+     Raises(ValueError, "validation_fraction=0.95 leaves 1 of the 12 cells for training, but 2 are needed")),
+    ("VAE", "validation-fraction-one", {"validation_fraction": 1.0},
+     Raises(ValueError, "validation_fraction must be in [0, 1), got 1.0")),
+    ("VAE", "no-hidden-layer", {"hidden": ()},
+     Raises(ValueError, "hidden must be a non-empty tuple of positive integers")),
+]
+for model, key, params, expect in NEURAL_PARAMS:
+    case(S, f"fit-{model}-{key}", f"{model}.fit", ", ".join(f"{k}={v!r}" for k, v in params.items()),
+         lambda c, m=model, p=params: fit(m, adata(counts()), p), expect)
+case(S, "fit-VAE-likelihood-normal", "VAE.fit", "likelihood='normal' (another name for 'gaussian') on log data",
+     lambda c: fit("VAE", adata(np.log1p(counts())), {"likelihood": "normal"}),
+     Works(assert_finite))  # a count likelihood would refuse the log data
+case(S, "fit-GMVAE-more-clusters-than-cells-list", "GMVAE.fit", "n_clusters=13 on a 12-cell list of lists",
+     lambda c: fit("GMVAE", counts().tolist(), {"n_clusters": N + 1}),
+     Raises(ValueError, "n_clusters=13 needs at least as many cells, but the data have 12"))
+case(S, "fit-VAE-seed-negative", "VAE.fit", "seed=-1", lambda c: fit("VAE", adata(counts()), seed=-1),
+     Raises(ValueError, "seed must be a non-negative integer, got -1"))
+case(S, "fit-GMVAE-unknown-layer", "GMVAE.fit", "layer='counts' that adata lacks",
+     lambda c: fit("GMVAE", adata(counts()), layer="counts"),
+     Raises(ValueError, "layer 'counts' is not in adata.layers"))
+for key, bad, call, expect in [
+    ("missing-genes", "only G0..G4", lambda: fitted("VAE").elbo(adata(counts()[:, :5], GENES[:5])),
+     Raises(ValueError, "5 of the model's 10 genes are missing from the new data (e.g. ['G5', 'G6', 'G7'])")),
+    ("nan", "a NaN in X", lambda: fitted("VAE").elbo(adata(with_nan())),
+     Raises(ValueError, "expression data contains 1 NaN or infinite values")),
+    ("single-cell", "1 new cell", lambda: fitted("VAE").elbo(adata(counts()[:1])), finite_rows(1)),
+    ("zero-count-cell", "a cell with no counts", lambda: fitted("VAE").elbo(adata(zero_cell(counts()))),
+     finite_rows(N)),
+    ("n-samples-zero", "n_samples=0", lambda: fitted("VAE").elbo(adata(counts()), n_samples=0),
+     Raises(ValueError, "n_samples must be an integer >= 1, got 0")),
+    ("seed-string", "seed='a'", lambda: fitted("VAE").elbo(adata(counts()), seed="a"),
+     Raises(ValueError, "seed must be a non-negative integer, got 'a'")),
+    ("seed-negative", "seed=-1", lambda: fitted("VAE").elbo(adata(counts()), seed=-1),
+     Raises(ValueError, "seed must be a non-negative integer, got -1")),
+    ("not-fitted", "a model never fitted", lambda: FACTORIES["VAE"]().elbo(adata(counts())),
+     Raises(RuntimeError, "this VAE is not fitted yet; call .fit(adata, ...) first")),
+    ("extra-reordered-genes", "genes reversed plus an extra gene: the same ELBO", lambda: np.testing.assert_allclose(
+        fitted("VAE").elbo(adata(np.hstack([counts()[:, ::-1], np.ones((N, 1), np.float32)]), GENES[::-1] + ["X"])),
+        fitted("VAE").elbo(adata(counts())), rtol=1e-5), Works()),
+]:
+    case(S, f"elbo-VAE-{key}", "VAE.elbo", bad, lambda c, call=call: call(), expect)
+for key, bad, call, expect in [
+    ("missing-genes", "only G0..G4", lambda: fitted("GMVAE").predict(adata(counts()[:, :5], GENES[:5])),
+     Raises(ValueError, "5 of the model's 10 genes are missing from the new data")),
+    ("inf", "an Inf in X", lambda: fitted("GMVAE").predict(adata(with_nan(np.inf))),
+     Raises(ValueError, "expression data contains 1 NaN or infinite values")),
+    ("single-cell", "1 new cell", lambda: fitted("GMVAE").predict(adata(counts()[:1])), finite_rows(1)),
+    ("strings", "X of dtype <U1", lambda: fitted("GMVAE").predict(adata(np.full((N, G), "a"))),
+     Raises(ValueError, "must be numeric")),
+    ("not-fitted", "a model never fitted", lambda: FACTORIES["GMVAE"]().predict(adata(counts())),
+     Raises(RuntimeError, "this GMVAE is not fitted yet; call .fit(adata, ...) first")),
+    ("proba-zero-count-cell", "a cell with no counts: probabilities sum to 1",
+     lambda: fitted("GMVAE").predict_proba(adata(zero_cell(counts()))),
+     Works(lambda p: np.allclose(p.to_numpy().sum(1), 1.0) and p.shape == (N, 2))),
+]:
+    case(S, f"predict-GMVAE-{key}", "GMVAE.predict" + ("_proba" if key.startswith("proba") else ""), bad,
+         lambda c, call=call: call(), expect)
+
+# ---------------------------------------------------------------------------- Spex on counts
+S = 'Spex(likelihood="nb"): raw counts'
+NB_NEGATIVE = "the negative binomial likelihood needs non-negative counts but the data have negative values"
+NB_NON_INTEGER = "the negative binomial likelihood needs integer counts but the data have non-integer values"
+NB_STATE = "likelihood='nb' fits all cells at once with the blocked posterior; leave batch_size=None and posterior="
+SPEX_NB = [  # (key, bad input, call, expectation, bug)
+    ("negative", "X - 3", lambda c: fit("Spex-nb", adata(counts() - 3)), Raises(ValueError, NB_NEGATIVE), None),
+    ("non-integer", "log1p(counts)", lambda c: fit("Spex-nb", adata(np.log1p(counts()))),
+     Raises(ValueError, NB_NON_INTEGER), None),
+    ("negative-sparse", "CSR with a stored -1", lambda c: fit("Spex-nb", adata(sp.csr_matrix(
+        np.where(counts() > 3, -1.0, counts()).astype(np.float32)))), Raises(ValueError, NB_NEGATIVE), None),
+    ("zero-count-cell", "a cell with no counts", lambda c: fit("Spex-nb", adata(zero_cell(counts()))),
+     Raises(ValueError, "some cells have no counts (library size 0); remove empty cells before fitting"), None),
+    ("zero-count-gene", "a gene with no counts",
+     lambda c: fit("Spex-nb", adata(np.c_[np.zeros((N, 1), np.float32), counts()[:, 1:]])), Works(assert_finite),
+     None),
+    ("constant", "all-ones X", lambda c: fit("Spex-nb", adata(np.ones((N, G), np.float32))), Works(assert_finite),
+     None),
+    ("batch-size", "batch_size=4", lambda c: fit("Spex-nb", adata(counts()), {"batch_size": 4}),
+     Raises(ValueError, NB_STATE), None),
+    ("mean-field", "posterior='mean-field'", lambda c: fit("Spex-nb", adata(counts()), {"posterior": "mean-field"}),
+     Raises(ValueError, NB_STATE), None),
+    ("covariates", "covariates='grp'", lambda c: fit("Spex-nb", adata(counts()), covariates="grp"),
+     Works(assert_finite), None),
+    ("sparse-every-format", "counts in each of the 14 scipy sparse formats (fit + transform)",
+     lambda c: every_sparse_format("Spex-nb"), Works(), None),
+]
+for key, bad, call, expect, bug in SPEX_NB:
+    case(S, f"fit-Spex-nb-{key}", "Spex(likelihood='nb').fit", bad, call, expect, bug)
+for value in ["poisson", "NB", "gaussian"]:
+    case(S, f"fit-Spex-likelihood-{value}", "Spex.fit", f"likelihood={value!r}",
+         lambda c, v=value: fit("Spex", adata(counts()), {"likelihood": v}),
+         Raises(ValueError, f"likelihood must be 'normal' (log-normalised data) or 'nb' (raw counts), got {value!r}"))
+SPEX_NB_NEW = [  # (key, bad input, call, expectation, bug)
+    ("negative", "X - 3", lambda: fitted("Spex-nb").transform(adata(counts() - 3)), Raises(ValueError, NB_NEGATIVE),
+     None),
+    ("non-integer", "log1p(counts)", lambda: fitted("Spex-nb").transform(adata(np.log1p(counts()))),
+     Raises(ValueError, NB_NON_INTEGER), None),
+    ("zero-count-cell", "a cell with no counts", lambda: fitted("Spex-nb").transform(adata(zero_cell(counts()))),
+     Raises(ValueError, "some cells have no counts on the model's genes (library size 0); remove them first"), None),
+    ("missing-genes", "only G0..G4", lambda: fitted("Spex-nb").transform(adata(counts()[:, :5], GENES[:5])),
+     Raises(ValueError, "5 of the model's 10 genes are missing from the new data"), None),
+    ("extra-reordered-genes", "genes reversed plus an extra gene", lambda: same_scores("Spex-nb"), Works(), None),
+    ("single-cell", "1 new cell", lambda: fitted("Spex-nb").transform(adata(counts()[:1])), finite_rows(1), None),
+    ("extra-non-integer-gene", "an extra gene holding 0.5 beside the model's genes",
+     lambda: fitted("Spex-nb").transform(adata(np.hstack([counts(), np.full((N, 1), 0.5, np.float32)]),
+                                               GENES + ["EXTRA"])), finite_rows(N), None),
+]
+for key, bad, call, expect, bug in SPEX_NB_NEW:
+    case(S, f"transform-Spex-nb-{key}", "Spex(likelihood='nb').transform", bad, lambda c, call=call: call(), expect,
+         bug)
+
 
 # ---------------------------------------------------------------------------- the door itself
 S = "`as_matrix` (the door of every fit and transform): containers and dtypes"
@@ -760,6 +987,8 @@ def make_files(d: Path) -> dict:
     h5("nan", Yn)
     h5("const", np.ones_like(Y))
     h5("sparse", sp.csr_matrix(Y))
+    h5("logged", np.log1p(Y))
+    h5("negative", Y - 3)
     files["garbage"] = d / "garbage.h5ad"
     files["garbage"].write_bytes(b"this is not HDF5")
     files["sets"] = d / "sets.gmt"
@@ -821,6 +1050,49 @@ CLI_FIT = [
 for key, args, msg, bug in CLI_FIT:
     case(S, f"cli-fit-{key}", "pathfactor fit", " ".join(map(str, args)),
          lambda c, args=args: cli_fit(*[c.tmp / "rep" if a == "rep" else a for a in args])(c), CliError(msg), bug)
+CLI_NEURAL = [  # (key, arguments, expectation)
+    ("vae-non-count", ["logged", "--model", "vae", "--likelihood", "nb"],
+     CliError("the negative binomial likelihood needs integer counts but the data have non-integer values")),
+    ("vae-default-likelihood-non-count", ["logged", "--model", "vae"],
+     CliError("the negative binomial likelihood needs integer counts")),
+    ("gmvae-zip-non-count", ["logged", "--model", "gmvae", "--likelihood", "zip"],
+     CliError("the zero-inflated Poisson likelihood needs integer counts")),
+    ("vae-poisson-negative", ["negative", "--model", "vae", "--likelihood", "poisson"],
+     CliError("the Poisson likelihood needs non-negative counts but the data have negative values")),
+    ("vae-unknown-likelihood", ["ok", "--model", "vae", "--likelihood", "bernoulli"],
+     CliError("argument --likelihood: invalid choice: 'bernoulli' (choose from", usage=True)),
+    ("gmvae-likelihood-upper-case", ["ok", "--model", "gmvae", "--likelihood", "NB"],
+     CliError("argument --likelihood: invalid choice: 'NB'", usage=True)),
+    ("vae-likelihood-normal", ["logged", "--model", "vae", "--likelihood", "normal"],
+     CliError("argument --likelihood: invalid choice: 'normal'", usage=True)),
+    ("vae-too-many-latent", ["ok", "--model", "vae", "--n-factors", "20"],
+     CliError("n_latent=20 needs fewer latent dimensions than the data's 20 genes")),
+    ("vae-n-factors-zero", ["ok", "--model", "vae", "--n-factors", "0"],
+     CliError("n_latent must be an integer >= 1, got 0")),
+    ("gmvae-one-cluster", ["ok", "--model", "gmvae", "--n-clusters", "1"],
+     CliError("n_clusters must be an integer >= 2, got 1")),
+    ("gmvae-more-clusters-than-cells", ["ok", "--model", "gmvae", "--n-clusters", "31"],
+     CliError("n_clusters=31 needs at least as many cells, but the data have 30")),
+    ("n-clusters-for-vae", ["ok", "--model", "vae", "--n-clusters", "3"],
+     CliError("--n-clusters do(es) not apply to --model vae")),
+    ("likelihood-for-pca", ["ok", "--model", "pca", "--likelihood", "nb"],
+     CliError("--likelihood does not apply to --model pca")),
+    ("vae-gene-sets", ["ok", "--model", "vae", "--gene-sets", "sets"],
+     CliError("--model vae does not use gene sets; drop --gene-sets")),
+    ("vae-covariates", ["ok", "--model", "vae", "--covariates", "grp"], CliError("VAE does not take --covariates")),
+    ("spex-likelihood-poisson", ["ok", "--model", "spex", "--gene-sets", "sets", "--likelihood", "poisson"],
+     CliError("likelihood must be 'normal' (log-normalised data) or 'nb' (raw counts), got 'poisson'")),
+    ("spex-likelihood-gaussian", ["logged", "--model", "spex", "--gene-sets", "sets", "--likelihood", "gaussian"],
+     CliError("likelihood must be 'normal' (log-normalised data) or 'nb' (raw counts), got 'gaussian'")),
+    ("spex-nb-non-count", ["logged", "--model", "spex", "--gene-sets", "sets", "--min-set-size", "2",
+                           "--likelihood", "nb"], CliError("the negative binomial likelihood needs integer counts")),
+    ("vae-gaussian-log-data", ["logged", "--model", "vae", "--likelihood", "gaussian", "--n-factors", "2",
+                               "--max-epochs", "3"], Works(lambda r: r[0] == 0)),
+    ("gmvae-sparse-input", ["sparse", "--model", "gmvae", "--n-clusters", "2", "--n-factors", "2",
+                            "--max-epochs", "3"], Works(lambda r: r[0] == 0)),
+]
+for key, args, expect in CLI_NEURAL:
+    case(S, f"cli-fit-{key}", "pathfactor fit", " ".join(args), cli_fit(*args), expect)
 case(S, "cli-fit-n-factors-not-int", "pathfactor fit", "--n-factors abc (argparse)",
      cli_fit("ok", "--model", "pca", "--n-factors", "abc"), CliError("argument --n-factors: invalid int value: 'abc'",
                                                                      usage=True))

@@ -15,7 +15,7 @@ hypothesis ``event``s instead of failures (``pytest --hypothesis-show-statistics
 delete its clause here as well as the xfail mark there.
 
 Examples run in a fixed (derandomised) order so CI is reproducible; ``PATHFACTOR_FUZZ_RANDOM=1`` explores new ones
-and ``PATHFACTOR_FUZZ_SCALE=10`` runs ten times as many. 1,240 examples in ~15-35 s on 2 shared cores.
+and ``PATHFACTOR_FUZZ_SCALE=10`` runs ten times as many. 1,440 examples in ~20-45 s on 2 shared cores.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 
 from pathfactor import GeneSets
 from pathfactor.data.inputs import as_matrix, covariate_design
-from pathfactor.models import NMF, PCA, PPCA, FactorAnalysis, Slalom, Spex, Supervised
+from pathfactor.models import GMVAE, NMF, PCA, PPCA, VAE, FactorAnalysis, Slalom, Spex, Supervised
 
 RANDOM = os.environ.get("PATHFACTOR_FUZZ_RANDOM", "") not in ("", "0")
 SCALE = float(os.environ.get("PATHFACTOR_FUZZ_SCALE", "1"))
@@ -75,6 +75,11 @@ DOCUMENTED = (
     "has a single level",                                      # covariate_design
     "have zero variance (every gene is constant",              # PCA / PPCA (and Supervised two_step) check_variance
     "nothing to fit",                                          # Spex / Slalom without sets or free factors
+    "likelihood needs non-negative counts",                    # VAE / GMVAE count likelihoods (check_counts)
+    "likelihood needs integer counts",
+    "needs fewer latent dimensions than the data's",           # VAE / GMVAE n_latent >= genes
+    "needs at least as many cells",                            # GMVAE n_clusters > cells
+    "needs at least as many training cells",                   # GMVAE n_clusters > cells left after validation
 )
 
 
@@ -344,3 +349,37 @@ def test_supervised_fits_finite_or_refuses(data, K, posterior, two_step, covaria
     run_fit("Supervised-two-step" if two_step else "Supervised",
             lambda: Supervised(n_factors=K, posterior=posterior, two_step=two_step, max_epochs=3, progress=False),
             data, transform_kw=False if two_step else transform_kw, covariates=cov, _context=context)
+
+
+# ============================================================================ VAE and GMVAE
+NEURAL = {  # tiny networks, 2 epochs (GMVAE: 1 epoch of VAE pre-training first)
+    "VAE": lambda lik, K, C, bn: VAE(n_latent=K, likelihood=lik, hidden=(8,), batch_norm=bn, kl_warmup=1,
+                                     max_epochs=2, progress=False),
+    "GMVAE": lambda lik, K, C, bn: GMVAE(n_clusters=C, n_latent=K, likelihood=lik, hidden=(8,), batch_norm=bn,
+                                         kl_warmup=1, pretrain_epochs=1, max_epochs=2, progress=False),
+}
+
+
+def are_counts(Y: np.ndarray) -> bool:
+    """Non-negative integers (after the float32 cast), as ``check_counts`` judges them."""
+    Y32 = Y.astype(np.float32)
+    return bool((Y32 >= 0).all() and (np.abs(Y32 - np.round(Y32)) <= 1e-4).all())
+
+
+@fuzz(200)
+@given(data=expression(max_cells=20, max_genes=15), model=st.sampled_from(sorted(NEURAL)),
+       likelihood=st.sampled_from(["poisson", "nb", "zip", "zinb", "gaussian"]), K=st.integers(1, 4),
+       C=st.integers(2, 4), batch_norm=st.booleans())
+def test_neural_models_fit_finite_or_refuse(data, model, likelihood, K, C, batch_norm):
+    """VAE / GMVAE under every likelihood: finite results, a finite per-cell ELBO (and cluster probabilities
+    summing to 1), or a documented refusal; a count likelihood never fits data that are not counts."""
+    fitted = run_fit(model, lambda: NEURAL[model](likelihood, K, C, batch_norm), data, transform_kw={})
+    if fitted is None:
+        return
+    if likelihood != "gaussian":
+        assert are_counts(data.Y), f"{model}(likelihood={likelihood!r}) fitted data that are not counts"
+    elbo = fitted.elbo(data.obj)
+    assert elbo.shape == (data.shape[0],) and np.isfinite(elbo.to_numpy()).all(), f"elbo() is not finite:\n{elbo}"
+    if model == "GMVAE":
+        probs = fitted.predict_proba(data.obj).to_numpy()
+        assert probs.shape == (data.shape[0], C) and np.allclose(probs.sum(1), 1.0, atol=1e-5), probs

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..likelihoods import LOG_VAR_RANGE
-from ..train import train
+from ..train import one_thread, train
 from .vae import VAE, _check_int, _Decoder, _Encoder, _stack, encoder_input, gaussian_kl
 
 __all__ = ["GMVAE"]
@@ -88,13 +88,13 @@ class GMVAE(VAE):
     Initialisation (``pretrain_epochs > 0``, the default). A mixture prior started at random can collapse: on the
     Kang PBMC counts (2000 cells x 2000 HVGs, 13 clusters, experiments/kang_gmvae.py) ``pretrain_epochs=0`` put
     every cell in one cluster (ARI 0.0), while on well-separated simulated clusters it also worked. So the
-    network is first trained for ``pretrain_epochs`` as a plain VAE (the same encoder without ``y``, prior N(0, I), with the KL warm-up); then
-    k-means (``n_init=10``) on the training cells' latent means places the components: ``mu_y`` = centres,
-    ``sigma_y^2`` = within-cluster variances of the means plus the mean posterior variance, ``p(y)`` = cluster
-    sizes (uniform with ``prior_weights="uniform"``); the encoder's per-``y`` inputs start at zero, so
-    ``q(z | x, y)`` starts as the pre-trained ``q(z | x)``. Then the full ELBO is trained with early stopping as
-    in :class:`VAE`. With ``pretrain_epochs=0`` the components start at ``N(0, 1)`` draws and training begins
-    with the KL warm-up.
+    network is first trained for ``pretrain_epochs`` as a plain VAE (the same encoder without ``y``, prior
+    N(0, I), with the KL warm-up); then k-means (``n_init=10``) on the training cells' latent means places the
+    components: ``mu_y`` = centres, ``sigma_y^2`` = within-cluster variances of the means plus the mean
+    posterior variance, ``p(y)`` = cluster sizes (uniform with ``prior_weights="uniform"``); the encoder's
+    per-``y`` inputs start at zero, so ``q(z | x, y)`` starts as the pre-trained ``q(z | x)``. Then the full
+    ELBO is trained with early stopping as in :class:`VAE`. With ``pretrain_epochs=0`` the components start at
+    ``N(0, 1)`` draws and training begins with the KL warm-up.
 
     Parameters
     ----------
@@ -134,6 +134,7 @@ class GMVAE(VAE):
         return super().fit(data, layer=layer, device=device, seed=seed)
 
     def _check_shape(self, n_cells: int, n_genes: int) -> None:
+        """As :meth:`VAE._check_shape`, and at least ``n_clusters`` cells."""
         super()._check_shape(n_cells, n_genes)
         if n_cells < self.n_clusters:
             raise ValueError(f"n_clusters={self.n_clusters} needs at least as many cells, but the data have "
@@ -147,7 +148,8 @@ class GMVAE(VAE):
         history += train(task, max_epochs=self.pretrain_epochs, tol=0.0, progress=self.progress,
                          desc="GMVAE pre-training (VAE)").history
         net.pretraining = False
-        self._place_mixture(task)
+        with one_thread(task.rows.log_lib.device, enabled=task.small):
+            self._place_mixture(task)
         task.kl_warmup, task.track_best = 0, True
         task.reset_optimizer()
         result = train(task, max_epochs=self.max_epochs, tol=self.tol, patience=self.patience,

@@ -16,7 +16,7 @@ import torch
 from .. import distributed
 from ..data import stream
 from ..data.genesets import annotation_mask
-from ..data.inputs import aligned_centred, as_matrix, check_counts, covariate_design, new_covariates
+from ..data.inputs import Matrix, aligned_centred, as_matrix, check_counts, covariate_design, new_covariates
 from ..evaluate import factor_r2, orient
 from ..train import resolve_device, seed_everything, train
 from ._spex_nb import SpexNB, nb_factor_scores
@@ -276,9 +276,8 @@ class Spex(LatentModel):
         post, K = self._posterior, self.loadings_.shape[1]
         C = post["M"].shape[1] - K
         if self.likelihood == "nb":
-            matrix = as_matrix(data, layer)
-            check_counts(matrix, "negative binomial")
             Y, obs_names = aligned_centred(data, layer, self.loadings_.index, np.zeros(len(self.loadings_)))
+            check_counts(Matrix(Y, obs_names, self.loadings_.index), "negative binomial")
         else:
             Y, obs_names = aligned_centred(data, layer, self.loadings_.index, post["gene_mean"])
         if C:

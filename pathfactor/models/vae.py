@@ -408,12 +408,13 @@ class VAE(LatentModel):
         self._net, self._likelihood = net, likelihood
         self.train_elbo_, self.validation_elbo_, self.best_epoch_ = task.train_elbo, task.val_elbo, task.best_epoch
         all_idx = torch.arange(N)
-        with torch.no_grad():
-            latent = self._latent(rows, all_idx)
-            eps = torch.randn(net.eps_shape(N), generator=generator).to(dev, dt)
-            self.elbo_ = float(evaluate_elbo(net, rows, all_idx, eps).mean())
-            kl = torch.cat([net.terms(*rows(i), eps[i])["kl"] for i in all_idx.split(1024)]).mean(0)
-        loadings = self._jacobian(latent["mean"])
+        with self._one_thread(N):
+            with torch.no_grad():
+                latent = self._latent(rows, all_idx)
+                eps = torch.randn(net.eps_shape(N), generator=generator).to(dev, dt)
+                self.elbo_ = float(evaluate_elbo(net, rows, all_idx, eps).mean())
+                kl = torch.cat([net.terms(*rows(i), eps[i])["kl"] for i in all_idx.split(1024)]).mean(0)
+            loadings = self._jacobian(latent["mean"])
         self._set_results(scores=latent["mean"].double().cpu().numpy(), loadings=loadings,
                           obs_names=matrix.obs_names, var_names=matrix.var_names, factor_names=self._factor_names(),
                           factor_kinds=["latent"] * self.n_latent, relevance=kl.double().cpu().numpy(),
@@ -442,10 +443,18 @@ class VAE(LatentModel):
         self.zero_inflation_ = pd.Series(1 / (1 + np.exp(-params["zi_logits"])), index=index, name="pi") \
             if "zi_logits" in params else None
 
+    def _one_thread(self, n_cells: int):
+        """Passes of the fitted network over ``n_cells`` cells run on one CPU thread when they are small, as the
+        training epochs do (small steps stall on 2 shared threads)."""
+        out = self._net.decoder.out
+        step = min(n_cells, 1024) * out.in_features * out.out_features * self._net.fanout
+        return one_thread(next(self._net.parameters()).device, enabled=step < SMALL_STEP)
+
     @torch.no_grad()
     def _latent(self, rows, idx) -> dict[str, torch.Tensor]:
         self._net.eval()
-        parts = [self._net.latent(*rows(i)) for i in idx.split(1024)]
+        with self._one_thread(len(idx)):
+            parts = [self._net.latent(*rows(i)) for i in idx.split(1024)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def _jacobian(self, Z: torch.Tensor) -> np.ndarray:
@@ -499,9 +508,10 @@ class VAE(LatentModel):
         idx = torch.arange(rows.n)
         p = next(self._net.parameters())
         total = torch.zeros(rows.n, dtype=torch.float64, device=p.device)
-        for _ in range(n_samples):
-            eps = torch.randn(self._net.eps_shape(rows.n), generator=generator).to(p.device, p.dtype)
-            total += evaluate_elbo(self._net, rows, idx, eps).double()
+        with self._one_thread(rows.n):
+            for _ in range(n_samples):
+                eps = torch.randn(self._net.eps_shape(rows.n), generator=generator).to(p.device, p.dtype)
+                total += evaluate_elbo(self._net, rows, idx, eps).double()
         return pd.Series((total / n_samples).cpu().numpy(), index=obs, name="elbo")
 
     # ------------------------------------------------------------------ save / load
