@@ -28,11 +28,14 @@ def main() -> None:
     p.add_argument("--n-factors", type=int, default=10)
     p.add_argument("--posterior", default="blocked")
     p.add_argument("--two-step", action="store_true")
+    p.add_argument("--global-scale", type=lambda v: None if v == "learned" else float(v), default=None,
+                   help="the horseshoe's global scale: 'learned' (default) or a fixed value in data sd")
     args = p.parse_args()
     torch.set_num_threads(2)
     adata = load_kang_log(args.data, args.n_top_genes)
     start = time.perf_counter()
     model = pf.models.Supervised(n_factors=args.n_factors, posterior=args.posterior, two_step=args.two_step,
+                                 global_scale=args.global_scale,
                                  progress=False).fit(adata, covariates="stim")
     seconds = time.perf_counter() - start
     effect = model.covariate_effects_["stim=STIM"]

@@ -39,7 +39,7 @@ def test_save_load_round_trip(sim, tmp_path):
     np.testing.assert_allclose(loaded.transform(sim).to_numpy(), m.transform(sim).to_numpy())
 
 
-def _correlated(rho, seed=0, n_cells=200, n_genes=600):
+def _correlated(rho, seed=0, n_cells=200, n_genes=1000):
     b = np.random.default_rng(100 + seed).standard_normal(n_genes)
     adata = ppca_interventions(n_cells=n_cells, n_genes=n_genes, n_factors=2, sigma2=0.5, shift=b, seed=seed,
                                factor_correlation=rho)
