@@ -14,3 +14,12 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Small matrices: one torch thread for the module (two stall on fork/join when the cores are busy)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -46,12 +46,7 @@ WORKER = textwrap.dedent("""
 PARAMS = dict(min_set_size=3, dtype="float64", max_epochs=25, tol=0.0, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,7 @@ from pathfactor.models.spex import _initial_factors
 TOL = 1e-8  # relative, float64: the two paths differ only in the order of floating-point sums
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: one thread (two stall on fork/join when the cores are busy)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,12 @@ N x G x (K + C)^2 matrix products.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
-from ..priors import FixedScale, HalfCauchy, RandomSlab, gaussian_prior_terms
-from ._spex_vi import natural_gaussian
+from ..priors import FixedScale, HalfCauchy, RandomSlab
+from ._spex_vi import loading_terms, natural_gaussian
 
-_LOG_2PI = math.log(2 * math.pi)
 
 
 def moment_dispersion(Y: torch.Tensor, library: torch.Tensor, lo: float = 1e-2, hi: float = 1e4) -> torch.Tensor:
@@ -201,14 +199,7 @@ class SpexNB:
         trace = torch.diagonal(self.Sigma, dim1=1, dim2=2).sum(1)
         x_term = 0.5 * (self.N * K + self._logdet_Sigma.sum() - trace.sum() - (self.mu * self.mu).sum()) \
             if hasattr(self, "_logdet_Sigma") else 0.5 * (self.N * K - (self.mu * self.mu).sum())
-        Ew2 = self.M * self.M + self.S_diag
-        Ew2_W, Ew2_B = Ew2[:, :K], Ew2[:, K:]
-        w_prior = gaussian_prior_terms(Ew2_W, self.tau.mean_inv[None, :] * self.lam.mean_inv,
-                                       self.tau.scale2.mean_log[None, :] + self.lam.scale2.mean_log)
-        w_prior = w_prior + gaussian_prior_terms(Ew2_W, self.slab.mean_inv, self.slab.q.mean_log)
-        w_prior = w_prior + gaussian_prior_terms(Ew2_B, torch.ones_like(Ew2_B), torch.zeros_like(Ew2_B))
-        w_entropy = 0.5 * (self.G * self.D * (1 + _LOG_2PI) + self.logdet_S.sum())
-        return lik + x_term + w_prior + w_entropy + self.lam.elbo() + self.tau.elbo() + self.slab.elbo()
+        return lik + x_term + loading_terms(self)
 
     # ----------------------------------------------------------------------------------------- results
     def loadings_sd(self) -> torch.Tensor:

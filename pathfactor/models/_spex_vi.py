@@ -358,15 +358,8 @@ class SpexVI:
         lik = -0.5 * (N * (_LOG_2PI + s2.mean_log) + s2.mean_inv * self.sq_resid).sum()
         logdet_Sx = torch.logdet(self.Sigma_x)
         x_term = 0.5 * (N * K + N * logdet_Sx - N * torch.trace(self.Sigma_x) - self._mu2)
-        Ew2 = self.M * self.M + self.S_diag
-        Ew2_W, Ew2_B = Ew2[:, :K], Ew2[:, K:]
-        w_prior = gaussian_prior_terms(Ew2_W, self.tau.mean_inv[None, :] * self.lam.mean_inv,
-                                       self.tau.scale2.mean_log[None, :] + self.lam.scale2.mean_log)
-        w_prior = w_prior + gaussian_prior_terms(Ew2_W, self.slab.mean_inv, self.slab.q.mean_log)
-        w_prior = w_prior + gaussian_prior_terms(Ew2_B, torch.ones_like(Ew2_B), torch.zeros_like(Ew2_B))
-        w_entropy = 0.5 * (G * self.D * (1 + _LOG_2PI) + self.logdet_S.sum())
         noise = (s2.expected_log_prior(self.a0, self.b0) + s2.entropy()).sum()
-        return lik + x_term + w_prior + w_entropy + noise + self.lam.elbo() + self.tau.elbo() + self.slab.elbo()
+        return lik + x_term + noise + loading_terms(self)
 
     # ----------------------------------------------------------------------------------------- results
     def covariance(self) -> torch.Tensor:
@@ -376,6 +369,20 @@ class SpexVI:
     def loadings_sd(self) -> torch.Tensor:
         """Posterior sd of (W, B); B's includes the ridge variance (``covariate_effects_var``)."""
         return torch.cat([self.S_diag[:, : self.K], self.covariate_effects_var()], dim=1).sqrt()
+
+
+def loading_terms(vi) -> torch.Tensor:
+    """The ELBO's terms of the loadings and effects, shared by the Gaussian and NB inference: E[log p(W | tau,
+    lam, c)] + E[log p(B)] + the entropy of the q(w_g, b_g), plus the scale priors' own terms."""
+    K = vi.K
+    Ew2 = vi.M * vi.M + vi.S_diag
+    Ew2_W, Ew2_B = Ew2[:, :K], Ew2[:, K:]
+    w_prior = gaussian_prior_terms(Ew2_W, vi.tau.mean_inv[None, :] * vi.lam.mean_inv,
+                                   vi.tau.scale2.mean_log[None, :] + vi.lam.scale2.mean_log)
+    w_prior = w_prior + gaussian_prior_terms(Ew2_W, vi.slab.mean_inv, vi.slab.q.mean_log)
+    w_prior = w_prior + gaussian_prior_terms(Ew2_B, torch.ones_like(Ew2_B), torch.zeros_like(Ew2_B))
+    w_entropy = 0.5 * (vi.G * vi.D * (1 + _LOG_2PI) + vi.logdet_S.sum())
+    return w_prior + w_entropy + vi.lam.elbo() + vi.tau.elbo() + vi.slab.elbo()
 
 
 def _block_diagonal(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
