@@ -52,6 +52,37 @@ def _log_2cosh_half(c: torch.Tensor) -> torch.Tensor:
     return a / 2 + torch.log1p(torch.exp(-a))
 
 
+def _f_second(mu: torch.Tensor, Sigma: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
+    """E[f_n f_n^T] for f_n = [x_n, z_n] with q(x_n) = N(mu_n, Sigma_n), flattened: N x D^2."""
+    K = mu.shape[1]
+    F = torch.cat([mu, Z], 1)
+    E = F[:, :, None] * F[:, None, :]
+    E[:, :K, :K] += Sigma
+    return E.reshape(F.shape[0], -1)
+
+
+def _second_psi(mean, mu, Sigma, Z, M, T2) -> torch.Tensor:
+    """E[psi_ng^2] = E[psi]^2 + Var(f_n^T theta_g), Var = E[f f^T] : E[theta theta^T] - (E f^T m)^2, with
+    ``T2`` = E[theta_g theta_g^T] (G x D x D)."""
+    lin = torch.cat([mu, Z], 1) @ M.T
+    var = _f_second(mu, Sigma, Z) @ T2.reshape(T2.shape[0], -1).T - lin * lin
+    return mean * mean + var.clamp_min(0)
+
+
+def _factor_posterior(omega, target, M, T2, Z):
+    """q(x_n) = N(mu_n, Sigma_n): Sigma_n^-1 = I + sum_g omega_ng E[w_g w_g^T],
+    mu_n = Sigma_n sum_g (E[w_g] t_ng - omega_ng E[w_g b_g^T] z_n), t = kappa - omega o.
+    Returns (mu, Sigma, log det Sigma)."""
+    N, G, C = omega.shape[0], omega.shape[1], Z.shape[1]
+    K = M.shape[1] - C
+    prec = torch.eye(K, dtype=M.dtype, device=M.device) + (omega @ T2[:, :K, :K].reshape(G, -1)).reshape(N, K, K)
+    h = target @ M[:, :K]
+    if C:
+        cross = (omega @ T2[:, :K, K:].reshape(G, -1)).reshape(N, K, C)
+        h = h - (cross @ Z[:, :, None]).squeeze(-1)
+    return natural_gaussian(prec, h)
+
+
 class SpexNB:
     """The variational state and its updates for counts ``Y`` (N x G), centred covariates ``Z`` (N x C), slab
     widths ``s`` (G x K, log-scale units), starting scores ``X0``."""
@@ -93,14 +124,6 @@ class SpexNB:
         self._update_priors()
 
     # ----------------------------------------------------------------------------------------- moments
-    def _F_second(self) -> torch.Tensor:
-        """E[f_n f_n^T] for f_n = [x_n, z_n], flattened: N x D^2."""
-        N, K = self.N, self.K
-        F = torch.cat([self.mu, self.Z], 1)
-        E = F[:, :, None] * F[:, None, :]
-        E[:, :K, :K] += self.Sigma
-        return E.reshape(N, -1)
-
     def _theta_second(self) -> torch.Tensor:
         """E[theta_g theta_g^T] for theta_g = [w_g, b_g]: G x D x D."""
         return self.M[:, :, None] * self.M[:, None, :] + self.S
@@ -111,11 +134,7 @@ class SpexNB:
         return self.offset_cell[:, None] + (self.beta - torch.log(self.r))[None, :] + F @ self.M.T
 
     def _second_psi(self, mean: torch.Tensor) -> torch.Tensor:
-        """E[psi_ng^2] = E[psi]^2 + Var(f_n^T theta_g), Var = E[f f^T] : E[theta theta^T] - (E f^T m)^2."""
-        F = torch.cat([self.mu, self.Z], 1)
-        lin = F @ self.M.T
-        var = self._F_second() @ self._theta_second().reshape(self.G, -1).T - lin * lin
-        return mean * mean + var.clamp_min(0)
+        return _second_psi(mean, self.mu, self.Sigma, self.Z, self.M, self._theta_second())
 
     # ----------------------------------------------------------------------------------------- updates
     def _update_weights(self) -> None:
@@ -131,21 +150,10 @@ class SpexNB:
         return self.kappa - self.omega * o
 
     def _update_factors(self) -> None:
+        """q(x_n) given the weights (``_factor_posterior``); the bound is no longer tight."""
         self._tight = False
-        self._update_factors_given_weights()
-
-    def _update_factors_given_weights(self) -> None:
-        """q(x_n) = N(mu_n, Sigma_n): Sigma_n^-1 = I + sum_g omega_ng E[w_g w_g^T],
-        mu_n = Sigma_n sum_g (E[w_g] t_ng - omega_ng E[w_g b_g^T] z_n), t = kappa - omega o."""
-        K, C = self.K, self.C
-        T2 = self._theta_second()
-        prec = torch.eye(K, dtype=self.Y.dtype, device=self.Y.device) + (
-            self.omega @ T2[:, :K, :K].reshape(self.G, -1)).reshape(self.N, K, K)
-        h = self._target() @ self.M[:, :K]
-        if C:
-            cross = (self.omega @ T2[:, :K, K:].reshape(self.G, -1)).reshape(self.N, K, C)
-            h = h - (cross @ self.Z[:, :, None]).squeeze(-1)
-        self.mu, self.Sigma, self._logdet_Sigma = natural_gaussian(prec, h)
+        self.mu, self.Sigma, self._logdet_Sigma = _factor_posterior(self.omega, self._target(), self.M,
+                                                                    self._theta_second(), self.Z)
 
     def prior_precision(self) -> torch.Tensor:
         prec_w = self.tau.mean_inv[None, :] * self.lam.mean_inv + self.slab.mean_inv
@@ -155,7 +163,8 @@ class SpexNB:
         """q(w_g, b_g) = N(m_g, S_g): S_g^-1 = sum_n omega_ng E[f_n f_n^T] + diag(prior precision),
         S_g^-1 m_g = sum_n E[f_n] t_ng."""
         F = torch.cat([self.mu, self.Z], 1)
-        P = (self.omega.T @ self._F_second()).reshape(self.G, self.D, self.D)
+        self._tight = False
+        P = (self.omega.T @ _f_second(self.mu, self.Sigma, self.Z)).reshape(self.G, self.D, self.D)
         P.diagonal(dim1=1, dim2=2).add_(self.prior_precision())
         h = (F.T @ self._target()).T
         self.M, self.S, self.logdet_S = natural_gaussian(P, h)
@@ -165,6 +174,7 @@ class SpexNB:
         """beta_g maximises sum_n kappa psi - omega psi^2 / 2 (flat prior): a weighted mean."""
         F = torch.cat([self.mu, self.Z], 1)
         rest = self.offset_cell[:, None] - torch.log(self.r)[None, :] + F @ self.M.T
+        self._tight = False
         self.beta = (self.kappa - self.omega * rest).sum(0) / self.omega.sum(0).clamp_min(1e-12)
 
     def _update_priors(self) -> None:
@@ -213,27 +223,17 @@ def nb_factor_scores(Y, Z, M, T2, beta, dispersion, n_iter: int = 100, tol: floa
     Y, Z = torch.as_tensor(Y, dtype=f64), torch.as_tensor(Z, dtype=f64)
     M, T2 = torch.as_tensor(M, dtype=f64), torch.as_tensor(T2, dtype=f64)
     beta, r = torch.as_tensor(beta, dtype=f64), torch.as_tensor(dispersion, dtype=f64)
-    N, G, K, C = Y.shape[0], Y.shape[1], M.shape[1] - Z.shape[1], Z.shape[1]
+    N, K = Y.shape[0], M.shape[1] - Z.shape[1]
     library = Y.sum(1)
     if bool((library <= 0).any()):
         raise ValueError("some cells have no counts on the model's genes (library size 0); remove them first")
     count, kappa = Y + r, (Y - r) / 2
     o = torch.log(library)[:, None] + (beta - torch.log(r))[None, :]
     mu, Sigma = torch.zeros(N, K, dtype=f64), torch.zeros(N, K, K, dtype=f64)
-    Tww = T2[:, :K, :K].reshape(G, -1)
-    cross = T2[:, :K, K:].reshape(G, -1)
     for _ in range(n_iter):
-        F = torch.cat([mu, Z], 1)
-        E = F[:, :, None] * F[:, None, :]
-        E[:, :K, :K] += Sigma
-        lin = F @ M.T
-        second = (o + lin) ** 2 + (E.reshape(N, -1) @ T2.reshape(G, -1).T - lin * lin).clamp_min(0)
+        second = _second_psi(o + torch.cat([mu, Z], 1) @ M.T, mu, Sigma, Z, M, T2)
         omega = _pg_weight(count, second.sqrt())
-        prec = torch.eye(K, dtype=f64) + (omega @ Tww).reshape(N, K, K)
-        h = (kappa - omega * o) @ M[:, :K]
-        if C:
-            h = h - ((omega @ cross).reshape(N, K, C) @ Z[:, :, None]).squeeze(-1)
-        new, Sigma, _ = natural_gaussian(prec, h)
+        new, Sigma, _ = _factor_posterior(omega, kappa - omega * o, M, T2, Z)
         done = float((new - mu).abs().max()) < tol
         mu = new
         if done:
