@@ -160,18 +160,10 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _read_h5ad(path):
-    import anndata as ad
+    from .data.inputs import read_h5ad
 
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"input file {str(p)!r} does not exist")
-    if p.is_dir():
-        raise ValueError(f"{str(p)!r} is a directory; pass an .h5ad file")
-    try:
-        adata = ad.read_h5ad(p)
-    except OSError as err:
-        raise ValueError(f"cannot read {str(p)!r} as h5ad ({err})") from None
-    log.info("read %s: %d cells x %d genes", p, adata.n_obs, adata.n_vars)
+    adata = read_h5ad(path)
+    log.info("read %s: %d cells x %d genes", path, adata.n_obs, adata.n_vars)
     return adata
 
 
@@ -262,6 +254,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_fit(args) -> int:
+    from .memory import check_fit_memory, format_bytes
     from .report import write_report  # noqa: F401  (fail early if the report module is broken)
 
     spec = MODELS[args.model]
@@ -277,10 +270,12 @@ def cmd_fit(args) -> int:
     covariates = _split_columns(args.covariates)
     _check_obs_column(adata, args.color_by, "--color-by")
     sets = read_gene_sets(args.gene_sets) if args.gene_sets else None
-    log.info("fitting %r", model)
-    model.fit(adata, **_fit_kwargs(model, annotations=sets, layer=args.layer, covariates=covariates,
-                                   device=args.device, seed=args.seed, weights=args.weights_layer,
-                                   checkpoint_dir=args.checkpoint))
+    fit_kwargs = _fit_kwargs(model, annotations=sets, layer=args.layer, covariates=covariates, device=args.device,
+                             seed=args.seed, weights=args.weights_layer, checkpoint_dir=args.checkpoint)
+    need = check_fit_memory(model, adata, annotations=sets, covariates=covariates, layer=args.layer,
+                            device=fit_kwargs.get("device"))  # refuses a fit whose memory does not fit
+    log.info("fitting %r%s", model, "" if need is None else f" (about {format_bytes(need)} of memory)")
+    model.fit(adata, **fit_kwargs)
     model.write(adata)
     _write_h5ad(adata, args.out)
     if args.save_model:

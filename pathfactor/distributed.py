@@ -9,22 +9,32 @@ Launch one process per device with ``torchrun`` (gloo on CPUs, nccl on GPUs)::
 
     torchrun --nproc_per_node 2 -m pathfactor.distributed fit data.h5ad --gene-sets hallmark --out result.h5ad
 
-(the arguments of ``pathfactor fit``; process 0 writes the outputs). From Python, call :func:`init` in each
-process, then ``Spex().fit(adata, ...)`` as usual: a fit run inside an initialised process group of more than one
-process takes its shard of the cells (``Communicator.shard``) and returns the whole model in every process.
+(the arguments of ``pathfactor fit``; process 0 writes the outputs). From Python, open a :func:`session` (or call
+:func:`init`, and :func:`shutdown` when done) in each process, then ``Spex().fit(adata, ...)`` as usual: a fit run
+inside an initialised process group of more than one process takes its shard of the cells
+(``Communicator.shard``) and returns the whole model in every process::
+
+    with distributed.session():
+        model = Spex().fit(adata, annotations=sets)
+
+A process group left to the interpreter's exit can abort the process ("terminate called without an active
+exception": a communication thread still running while C++ tears the group down), so :func:`init` also registers
+:func:`shutdown` to run at exit.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Communicator", "init", "current", "shard_bounds", "main"]
+__all__ = ["Communicator", "init", "shutdown", "session", "current", "shard_bounds", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +116,51 @@ def init(backend: str | None = None, timeout_s: float = 1800.0) -> Communicator 
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        _register_exit_hook()
         log.info("process %d of %d joined (%s)", dist.get_rank(), dist.get_world_size(), backend)
     return current()
+
+
+_EXIT_HOOK = False
+
+
+def _register_exit_hook() -> None:
+    global _EXIT_HOOK
+    if not _EXIT_HOOK:
+        atexit.register(shutdown, wait=False)
+        _EXIT_HOOK = True
+
+
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group: with ``wait``, first wait (a barrier) until every process has got here, then
+    destroy the group, so that none of its communication threads is still running when the interpreter exits.
+    Does nothing without an initialised group, so it is safe to call twice; :func:`init` registers
+    ``shutdown(wait=False)`` to run at exit (no barrier there: a peer that failed would never reach it)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait and dist.get_world_size() > 1:
+        try:
+            dist.barrier()
+        except Exception as err:  # a peer that died: still take this process's side of the group down
+            log.warning("barrier before leaving the process group failed (%s); leaving anyway", err)
+    dist.destroy_process_group()
+
+
+@contextmanager
+def session(backend: str | None = None, timeout_s: float = 1800.0):
+    """``with session() as comm:`` -- :func:`init` on entry (``comm`` is its result, ``None`` for one process) and
+    :func:`shutdown` on exit (after an exception without the barrier, which the other processes may never reach).
+    A group that was initialised before the ``with`` is left alone: its owner ends it."""
+    owned = not (dist.is_available() and dist.is_initialized())
+    comm = init(backend, timeout_s)
+    try:
+        yield comm
+    except BaseException:
+        if owned:
+            shutdown(wait=False)
+        raise
+    if owned:
+        shutdown()
 
 
 def main(argv=None) -> int:
@@ -117,7 +170,11 @@ def main(argv=None) -> int:
     from . import cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    comm = init()
+    with session() as comm:
+        return _main(cli, comm, argv)
+
+
+def _main(cli, comm, argv) -> int:
     if comm is None or comm.rank == 0:
         return cli.main(argv)
     try:

@@ -88,8 +88,12 @@ def refined_annotations(loadings: pd.DataFrame, annotation: pd.DataFrame,
 def factor_r2(Y, X, W) -> np.ndarray:
     """Centred R^2 of each factor alone: ``1 - ||Y - x_k w_k^T||^2 / ||Y||^2`` for centred ``Y`` (N x G),
     scores ``X`` (N x K) and loadings ``W`` (G x K), without forming any N x G residual."""
-    Y = np.asarray(Y, dtype=np.float64) if not hasattr(Y, "tocsr") else Y
+    Y = Y.astype(np.float64) if hasattr(Y, "tocsr") else np.asarray(Y, dtype=np.float64)
     X, W = np.asarray(X, dtype=np.float64), np.asarray(W, dtype=np.float64)
+    top = float(abs(Y).max()) if min(Y.shape) > 0 else 0.0
+    if 0.0 < top < np.inf:  # R^2 is the same for (c Y, X, c W): work at |Y| <= 1 (c a power of two, exact), so that
+        c = 2.0 ** -np.frexp(top)[1]  # no square of tiny or huge data under- or overflows
+        Y, W = Y * c, W * c
     total = float((Y.multiply(Y)).sum()) if hasattr(Y, "multiply") else float((Y * Y).sum())
     YW = np.asarray(Y @ W)
     explained = 2 * (X * YW).sum(0) - (X * X).sum(0) * (W * W).sum(0)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["InverseGamma", "HalfCauchy", "FixedScale", "RandomSlab", "gaussian_prior_terms"]
+__all__ = ["InverseGamma", "HalfCauchy", "FixedScale", "SharedVariance", "RandomSlab", "gaussian_prior_terms"]
 
 _LOG_2PI = 1.8378770664093453
 
@@ -68,7 +68,7 @@ class HalfCauchy:
         self.s0, self.count = float(s0), float(count)
         kw = dict(dtype=dtype, device=device)
         a = 0.5 * self.count + 0.5
-        self.scale2 = InverseGamma(torch.full(shape, a, **kw), torch.full(shape, a, **kw))
+        self.scale2 = InverseGamma(torch.full(shape, a, **kw), torch.full(shape, a * self.s0**2, **kw))
         self.aux = InverseGamma(torch.ones(shape, **kw), torch.full(shape, 1.0 / self.s0**2 + 1.0, **kw))
 
     @property
@@ -120,6 +120,29 @@ class FixedScale:
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         pass
+
+
+class SharedVariance:
+    """One variance ``v ~ IG(a0, b0)`` per column, shared by the ``count`` weights of that column (automatic
+    relevance determination): ``q(v) = IG(a0 + count/2, b0 + sum E[w^2] / 2)``. Same face as :class:`FixedScale`
+    (``mean_inv``, ``scale2.mean_log``, ``update``, ``elbo``); ``update`` takes the column sums of ``E[w^2]``."""
+
+    def __init__(self, shape: tuple[int, ...], count: float, a0: float, b0: float, start: float,
+                 dtype=torch.float32, device=None):
+        self.a0, self.b0 = float(a0), float(b0)
+        a = torch.full(shape, self.a0 + 0.5 * float(count), dtype=dtype, device=device)
+        self.scale2 = InverseGamma(a, a * float(start))  # E[1/v] = 1/start until the first update
+
+    @property
+    def mean_inv(self) -> torch.Tensor:
+        return self.scale2.mean_inv
+
+    def update(self, sum_w2: torch.Tensor) -> None:
+        self.scale2.rate = self.b0 + 0.5 * sum_w2
+
+    def elbo(self) -> torch.Tensor:
+        q = self.scale2
+        return (q.expected_log_prior(self.a0, self.b0) + q.entropy()).sum()
 
 
 @dataclass

@@ -33,6 +33,7 @@ from pathfactor import GeneSets
 from pathfactor.cli import main
 from pathfactor.data.inputs import as_matrix, check_counts
 from pathfactor.models import GMVAE, NMF, PCA, PPCA, VAE, FactorAnalysis, Slalom, Spex, Supervised
+from pathfactor.models.persist import manifest
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_input.md"
 
@@ -903,12 +904,16 @@ def edit_json(fn):
     return edit
 
 
-def edit_npz(fn):
+def edit_npz(fn, forge=True):
+    """Edit the arrays; ``forge``: record them in model.json as model.save would, so that the checks behind the
+    checksum are reached."""
     def edit(path):
         with np.load(path / "arrays.npz") as npz:
             arrays = {k: npz[k] for k in npz.files}
         fn(arrays)
         np.savez(path / "arrays.npz", **arrays)
+        if forge:
+            edit_json(lambda m: m["files"].update({"arrays.npz": manifest(path / "arrays.npz", arrays)}))(path)
     return edit
 
 
@@ -924,16 +929,17 @@ LOADS = [
      Raises(ValueError, "model.json is not valid JSON"), None),
     ("empty-json", lambda c: saved(c, lambda p: (p / "model.json").write_text("")),
      Raises(ValueError, "model.json is not valid JSON"), None),
-    ("future-format-version", lambda c: saved(c, edit_json(lambda m: m.update(format_version=2))),
-     Raises(ValueError, "holds format 'pathfactor-model' v2, which this pathfactor 0.1.0 cannot read; upgrade "
+    ("future-format-version", lambda c: saved(c, edit_json(lambda m: m.update(format_version=3))),
+     Raises(ValueError, "holds format 'pathfactor-model' v3, which this pathfactor 0.1.0 cannot read; upgrade "
                         "pathfactor"), None),
+    ("old-format-without-checksums", lambda c: saved(c, edit_json(lambda m: m.update(format_version=1))),
+     Raises(ValueError, "v1, written by an older pathfactor without checksums"), None),
     ("other-format", lambda c: saved(c, edit_json(lambda m: m.update(format="sklearn-pickle"))),
-     Raises(ValueError, "holds format 'sklearn-pickle' v1, not a pathfactor model"), None),
+     Raises(ValueError, "holds format 'sklearn-pickle' v2, not a pathfactor model"), None),
     ("unknown-model", lambda c: saved(c, edit_json(lambda m: m.update(model="Autoencoder2"))),
      Raises(ValueError, "holds an unknown model 'Autoencoder2'; known:"), None),
     ("object-array", lambda c: saved(c, edit_npz(lambda a: a.update(loadings=np.array([None, 1], dtype=object)))),
-     Raises(ValueError, "arrays.npz cannot be read (ValueError: Object arrays cannot be loaded when "
-                        "allow_pickle=False)"), None),
+     Raises(ValueError, "arrays.npz holds non-numeric arrays ['loadings']"), None),
     ("json-not-object", lambda c: saved(c, lambda p: (p / "model.json").write_text("[1]")),
      Raises(ValueError, "model.json holds a JSON list, not the object pathfactor writes"), None),
     ("format-version-string", lambda c: saved(c, edit_json(lambda m: m.update(format_version="2"))),
@@ -947,9 +953,13 @@ LOADS = [
     ("not-utf8-json", lambda c: saved(c, lambda p: (p / "model.json").write_bytes(b"\xff\xfe\x00")),
      Raises(ValueError, "model.json is not valid JSON: 'utf-8' codec can't decode"), None),
     ("corrupt-arrays", lambda c: saved(c, lambda p: (p / "arrays.npz").write_bytes(b"garbage")),
-     Raises(ValueError, "arrays.npz is not an .npz archive (not a zip file"), None),
+     Raises(ValueError, "arrays.npz has 7 bytes, but model.json records"), None),
     ("truncated-arrays", lambda c: saved(c, lambda p: (p / "arrays.npz").write_bytes(
-        (p / "arrays.npz").read_bytes()[:200])), Raises(ValueError, "arrays.npz is not an .npz archive"), None),
+        (p / "arrays.npz").read_bytes()[:200])), Raises(ValueError, "arrays.npz has 200 bytes, but model.json"), None),
+    ("altered-arrays", lambda c: saved(c, edit_npz(lambda a: a["loadings"].__imul__(2), forge=False)),
+     Raises(ValueError, "arrays.npz does not match the sha256 checksum in model.json"), None),
+    ("nan-array", lambda c: saved(c, edit_npz(lambda a: a["loadings"].__setitem__((0, 0), np.nan))),
+     Raises(ValueError, "arrays.npz holds NaN or infinite values in ['loadings']"), None),
     ("string-array", lambda c: saved(c, edit_npz(lambda a: a.update(relevance=np.array(["a", "b"])))),
      Raises(ValueError, "arrays.npz holds non-numeric arrays ['relevance']"), None),
     ("missing-array", lambda c: saved(c, edit_npz(lambda a: a.pop("loadings"))),

@@ -41,6 +41,7 @@ WORKER = textwrap.dedent("""
         results.update({f"{name}/W": m.loadings_.to_numpy(), f"{name}/X": m.factor_scores_.to_numpy(),
                         f"{name}/elbo": np.array(m.history_), f"{name}/r2": m.relevance_.to_numpy()})
     np.savez(f"{out}-{comm.rank}-of-{comm.size}.npz", **results)
+    distributed.shutdown()  # barrier, then destroy the group: no gloo thread left to abort the exit
 """)
 
 PARAMS = dict(min_set_size=3, dtype="float64", max_epochs=25, tol=0.0, progress=False)

@@ -342,6 +342,9 @@ class GeneSets:
                 data = json.load(fh)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{p} is not valid JSON ({e})") from None
+        except RecursionError:  # Python's parser recurses once per level of nesting
+            raise ValueError(f"{p} nests JSON arrays or objects too deeply to parse; a gene-set file is at most "
+                             "{group: {name: [genes]}} (three levels)") from None
         except _GZIP_ERRORS as e:
             raise _bad_gzip(p, e) from None
         if not isinstance(data, dict):

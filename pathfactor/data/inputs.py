@@ -5,14 +5,18 @@ object is modified.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 __all__ = ["Matrix", "CovariateNames", "as_matrix", "aligned_centred", "check_counts", "check_variance",
-           "covariate_design", "new_covariates"]
+           "covariate_design", "new_covariates", "read_h5ad", "working_dtype"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,9 +43,40 @@ class Matrix:
         mean = Y.mean(0)
         return (Y - mean).to(dtype), mean
 
+    def astype(self, dtype) -> "Matrix":
+        """The same matrix with values of ``dtype`` (itself when they already are)."""
+        if self.Y.dtype == np.dtype(dtype):
+            return self
+        return Matrix(self.Y.astype(dtype), self.obs_names, self.var_names)
+
 
 #: sums of squares of the data must stay this factor below the dtype's largest number (see _check_magnitude)
 SQUARES_HEADROOM = 1e8
+#: data whose largest |value| is below this are too small for float32 arithmetic: their squares come within
+#: ``SQUARES_HEADROOM`` of float32's smallest normal number (1.2e-38), below which products lose their digits or
+#: flush to zero (e.g. at 1e-25 every square is 0). See :func:`working_dtype`.
+SMALL_LIMIT = float(np.sqrt(np.finfo(np.float32).tiny * SQUARES_HEADROOM))
+
+
+def working_dtype(matrix: Matrix, dtype):
+    """The dtype to compute with on ``matrix``: ``dtype``, or float64 when ``dtype`` is float32 and the data are
+    too small for float32 arithmetic (largest |value| below :data:`SMALL_LIMIT`, ~1e-15) -- so that a model fits
+    data at any scale that float32 can store. ``dtype`` may be a name, a numpy or a torch dtype; the answer is of
+    the same kind. (Large values are refused by :func:`as_matrix` instead.)"""
+    is_torch = type(dtype).__module__.startswith("torch")
+    name = str(dtype).replace("torch.", "") if is_torch else np.dtype(dtype).name
+    if name != "float32":
+        return dtype
+    vals = _values(matrix.Y)
+    top = float(np.abs(vals).max()) if vals.size else 0.0
+    if top == 0.0 or top >= SMALL_LIMIT:
+        return dtype
+    log.info("the data's values are at most %.3g, too small for float32 arithmetic: computing in float64", top)
+    if is_torch:
+        import torch
+
+        return torch.float64
+    return "float64" if isinstance(dtype, str) else np.dtype(np.float64)
 
 
 def _values(Y):
@@ -223,10 +258,31 @@ def _is_numeric(values: pd.Series) -> bool:
 
 
 def _numeric(values: pd.Series, col) -> np.ndarray:
+    """A numeric covariate's values (float64), refused when infinite or too large for the models' float32
+    arithmetic: like the data (:func:`_check_magnitude`), the sum of their squares over the cells must stay a
+    factor ``SQUARES_HEADROOM`` below the largest float32."""
     v = values.to_numpy(dtype=np.float64)
     if not np.isfinite(v).all():
         raise ValueError(f"covariate {col!r} has infinite values; remove them first")
+    top = float(np.abs(v).max()) if v.size else 0.0
+    limit = float(np.sqrt(np.finfo(np.float32).max / SQUARES_HEADROOM / max(v.size, 1)))
+    if top > limit:
+        raise ValueError(f"covariate {col!r} has values up to {top:.3g}, too large for float32 arithmetic (at most "
+                         f"{limit:.3g} for {v.size} cells); rescale it first, e.g. divide it by its standard deviation "
+                         "or log-transform it")
     return v
+
+
+def _check_numeric_spread(v: np.ndarray, col) -> None:
+    """Refuse a numeric covariate whose variation float32 cannot hold: every value the same after rounding to
+    float32 (e.g. 1e10 + small differences), or a spread so small (standard deviation below ``SMALL_LIMIT``) that
+    its squares underflow."""
+    v32 = v.astype(np.float32)
+    sd = float(np.std(v))
+    if np.all(v32 == v32[0]) or sd < SMALL_LIMIT:
+        raise ValueError(f"covariate {col!r} varies too little for float32 arithmetic (standard deviation {sd:.3g} "
+                         f"around {float(np.mean(v)):.6g}); rescale it first, e.g. subtract its mean and divide by its "
+                         "standard deviation")
 
 
 def _as_strings(values: pd.Series) -> np.ndarray:
@@ -256,6 +312,8 @@ def covariate_design(obs: pd.DataFrame | None, columns, n_cells: int) -> tuple[n
             if n_cells > 1 and np.all(v == v[0]):
                 raise ValueError(f"covariate {col!r} has a single level [{v[0]:g}] (it is constant); it explains "
                                  "nothing, drop it")
+            if n_cells > 1:
+                _check_numeric_spread(v, col)
             blocks.append(v[:, None])
             names.append(str(col))
         else:
@@ -316,3 +374,52 @@ def new_covariates(data, spec, n_cells: int, names: list[str], mean, levels: dic
         raise ValueError(f"covariate levels of the new cells {list(new_names)} differ from the model's {list(names)}; "
                          "pass the covariates the model was fitted with")
     return Z - np.asarray(mean)
+
+
+def unit_scale(Y) -> float:
+    """The root mean square of the data's non-zero values (1.0 for all-zero data).
+
+    Models whose numerics hold absolute constants (floors such as float32's eps, thresholds) divide the data by
+    it and scale their results back, so that the constants act at the same place relative to the data: data in
+    other units then differ by one rounding of each value (and not at all for units a power of two apart)."""
+    values = np.asarray(_values(Y), dtype=np.float64)
+    values = values[values != 0]
+    if not values.size:
+        return 1.0
+    top = float(np.abs(values).max())  # squares of the values divided by the largest cannot overflow
+    return float(np.sqrt(np.mean((values / top) ** 2))) * top
+
+
+#: what anndata raises on an HDF5 file that looks like AnnData but whose parts are not (it re-raises the error of
+#: the part it could not decode, e.g. a TypeError from AnnData(...) or a KeyError for a missing element)
+_ANNDATA_READ_ERRORS = (OSError, KeyError, TypeError, ValueError, AttributeError, IndexError)
+
+
+def read_h5ad(path):
+    """Read an AnnData ``.h5ad`` file. A missing path is a ``FileNotFoundError``; a directory, a file that is not
+    HDF5, an HDF5 file that is not AnnData (no ``obs`` / ``var``) or one anndata cannot decode is a ``ValueError``
+    naming the file and the fix."""
+    import anndata as ad
+    import h5py
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"input file {str(p)!r} does not exist")
+    if p.is_dir():
+        raise ValueError(f"{str(p)!r} is a directory; pass an .h5ad file")
+    try:
+        with h5py.File(p, "r") as f:
+            keys, encoding = sorted(f.keys()), f.attrs.get("encoding-type")
+    except OSError as err:
+        raise ValueError(f"cannot read {str(p)!r} as h5ad ({err})") from None
+    if isinstance(encoding, bytes):
+        encoding = encoding.decode(errors="replace")
+    if encoding != "anndata" and not {"obs", "var"} <= set(keys):
+        shown = ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "") if keys else "none"
+        raise ValueError(f"{str(p)!r} is an HDF5 file but not AnnData (.h5ad): it has no obs/var groups (top-level "
+                         f"keys: {shown}); build an AnnData from the data and save it with adata.write_h5ad(path)")
+    try:
+        return ad.read_h5ad(p)
+    except _ANNDATA_READ_ERRORS as err:
+        raise ValueError(f"cannot read {str(p)!r} as AnnData ({type(err).__name__}: {err}); is it an .h5ad "
+                         "written by anndata? Rewrite it with adata.write_h5ad(path)") from None

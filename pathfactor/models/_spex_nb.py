@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..priors import FixedScale, HalfCauchy, RandomSlab
+from ..train import Task
 from ._spex_vi import loading_terms, natural_gaussian
 
 
@@ -83,11 +84,17 @@ def _factor_posterior(omega, target, M, T2, Z):
     return natural_gaussian(prec, h)
 
 
-class SpexNB:
+class SpexNB(Task):
     """The variational state and its updates for counts ``Y`` (N x G), centred covariates ``Z`` (N x C), slab
     widths ``s`` (G x K, log-scale units), starting scores ``X0``."""
 
-    checkpoint_exclude = ("Y", "Z", "kappa", "count", "const")
+    state_exclude = ("Y", "Z", "kappa", "count", "const")  # the data and what is computed from them alone
+    rebinds_state = True  # every update binds new tensors
+
+    @property
+    def objective_scale(self) -> float:
+        """The bound sums over N x G counts (``train`` compares its changes per observation)."""
+        return float(self.N * self.G)
 
     def __init__(self, Y: torch.Tensor, Z: torch.Tensor, s: torch.Tensor, X0: torch.Tensor,
                  slab_confidence: float = 2.0, tau: float | None = 1.0, free_start: bool = True,
@@ -113,6 +120,7 @@ class SpexNB:
         self.S = torch.zeros(self.G, self.D, self.D, dtype=dt, device=dev)
         self.S_diag = torch.zeros(self.G, self.D, dtype=dt, device=dev)
         self.logdet_S = torch.zeros(self.G, dtype=dt, device=dev)
+        self.b_prior = FixedScale((self.C,), 1.0, dtype=dt, device=dev)  # b ~ N(0, 1): log units, as the slabs
         self.lam = HalfCauchy((self.G, self.K), dtype=dt, device=dev)
         self.tau = (HalfCauchy((self.K,), count=self.G, dtype=dt, device=dev) if tau is None
                     else FixedScale((self.K,), tau, dtype=dt, device=dev))

@@ -2,10 +2,16 @@
 
 Model (seed 002, eqs. 2-5; covariates as in seed 000)::
 
-    y_n = W x_n + B z_n + eps_n,   eps_n ~ N(0, diag(sigma2)),   x_n ~ N(0, I_K),   b_gc ~ N(0, 1)
+    y_n = W x_n + B z_n + eps_n,   eps_n ~ N(0, diag(sigma2)),   x_n ~ N(0, I_K),   b_gc ~ N(0, v_c)
     w_gk ~ N(0, tau_k^2 lam_gk^2) N(0, c_gk^2)          (regularised horseshoe, product form)
-    lam_gk ~ C+(0, 1), c_gk^2 ~ IG(alpha, alpha s_gk^2),   sigma2_g ~ IG(a0, b0)
-    tau_k fixed (default) or tau_k ~ C+(0, 1)
+    lam_gk ~ C+(0, 1), c_gk^2 ~ IG(alpha, alpha s_gk^2),   sigma2_g ~ IG(a0, b0),   v_c ~ IG(1, u^2)
+    tau_k fixed (default) or tau_k ~ C+(0, u)
+
+``u`` (``unit``) is the data's typical standard deviation, as are the slab widths ``s`` and a fixed ``tau``, and
+``b0`` scales with the data's variance: every prior is in the data's units, so data in other units (x 1000,
+x 1e-4) give the same factors, with loadings and effects in those units. The variance ``v_c`` of each covariate's
+effects is learned from all genes (automatic relevance determination): only the priors of X and B decide how
+the likelihood's ridge ``x -> x - A z``, ``b -> b + A^T w`` is split, so B's prior scale must come from the data.
 
 One global scale per factor: learned by mean-field VI it collapses onto the width of the out-of-set slab (most
 of a factor's genes lie outside its gene set), which then prunes real but weak programs (on the mESC data every
@@ -37,7 +43,8 @@ import math
 import torch
 
 from ..data.stream import TensorRows
-from ..priors import FixedScale, HalfCauchy, InverseGamma, RandomSlab, gaussian_prior_terms
+from ..priors import FixedScale, HalfCauchy, InverseGamma, RandomSlab, SharedVariance, gaussian_prior_terms
+from ..train import Task, one_thread
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -52,8 +59,6 @@ def in_threads(fn, *batches: torch.Tensor):
     if n == 1 or batches[0].device.type != "cpu" or batches[0].shape[0] < 2 * n:
         return fn(*batches)
     from concurrent.futures import ThreadPoolExecutor
-
-    from ..train import one_thread
 
     def run(args):
         torch.set_flush_denormal(True)  # a fresh thread's own FPU flags (see ``train._flush_denormal``)
@@ -88,7 +93,7 @@ def natural_gaussian(P: torch.Tensor, h: torch.Tensor):
     return in_threads(_factorise, P, h)
 
 
-class SpexVI:
+class SpexVI(Task):
     """The variational state and its updates. ``Y`` (N x G) and ``Z`` (N x C) are centred tensors.
 
     ``batch_size=None`` runs exact coordinate ascent (one batch, step 1). With a batch size, each epoch visits
@@ -102,13 +107,19 @@ class SpexVI:
     its own cells, and the statistics and the ELBO's per-cell sums cover all of them.
     """
 
-    checkpoint_exclude = ("Y", "Z", "data")  # the data: not part of a checkpoint
+    state_exclude = ("Y", "Z", "data")  # the data: not part of the state
+    rebinds_state = True  # every update binds new tensors
+
+    @property
+    def objective_scale(self) -> float:
+        """The ELBO sums over N x G observations (``train`` compares its changes per observation)."""
+        return float(self.N * self.G)
 
     def __init__(self, Y: torch.Tensor, Z: torch.Tensor, s: torch.Tensor, X0: torch.Tensor,
                  slab_confidence: float = 0.5, noise_prior: tuple[float, float] = (1.0, 0.01),
                  tau: float | None = None, free_start: bool = True, batch_size: int | None = None,
                  forget: float = 0.7, generator: torch.Generator | None = None, posterior: str = "blocked",
-                 reduce=None):
+                 reduce=None, unit: float = 1.0):
         self.data = Y if hasattr(Y, "blocks") else TensorRows(Y, Z)
         self.Y, self.Z, self.reduce = getattr(self.data, "Y", None), self.data.Z, reduce
         self.N = self.data.N if reduce is None else int(reduce({"n": self.data.N})["n"])
@@ -133,8 +144,10 @@ class SpexVI:
         self.mu = X0.to(dt)
         self.Sigma_x = torch.zeros(self.K, self.K, dtype=dt, device=dev)
         # priors and q(sigma2)
+        self.b_prior = SharedVariance((self.C,), count=self.G, a0=1.0, b0=float(unit) ** 2, start=float(unit) ** 2,
+                                      dtype=dt, device=dev)                # q(v_c), the variance of B's column c
         self.lam = HalfCauchy((self.G, self.K), dtype=dt, device=dev)
-        self.tau = (HalfCauchy((self.K,), count=self.G, dtype=dt, device=dev) if tau is None
+        self.tau = (HalfCauchy((self.K,), s0=float(unit), count=self.G, dtype=dt, device=dev) if tau is None
                     else FixedScale((self.K,), tau, dtype=dt, device=dev))
         self.slab = RandomSlab(s.to(dt), alpha=slab_confidence)
         if free_start:  # first loadings under the widest slab everywhere: the data, not the start, decide gains
@@ -152,9 +165,9 @@ class SpexVI:
         return self.sigma2.mean_inv
 
     def prior_precision(self) -> torch.Tensor:
-        """G x D prior precision of (w_g, b_g): E[1/tau^2] E[1/lam^2] + E[1/c^2] (seed 002 eq. 5), then 1 for B."""
+        """G x D prior precision of (w_g, b_g): E[1/tau^2] E[1/lam^2] + E[1/c^2] (seed 002 eq. 5), then E[1/v_c]."""
         prec_w = self.tau.mean_inv[None, :] * self.lam.mean_inv + self.slab.mean_inv
-        return torch.cat([prec_w, torch.ones(self.G, self.C, dtype=prec_w.dtype, device=prec_w.device)], dim=1)
+        return torch.cat([prec_w, self.b_prior.mean_inv[None, :].expand(self.G, self.C)], dim=1)
 
     def _stats(self, cells, mu: torch.Tensor) -> dict[str, torch.Tensor]:
         """Sufficient statistics of a batch of cells, scaled up to N cells: E[F]^T Y (D x G), E[F^T F] (D x D),
@@ -255,16 +268,20 @@ class SpexVI:
         self.lam.update(0.5 * Ew2 * self.tau.mean_inv[None, :])
         self.tau.update(0.5 * (Ew2 * self.lam.mean_inv).sum(0))
         self.slab.update(Ew2)
+        self.b_prior.update((M[:, self.K:] ** 2 + self.S_diag[:, self.K:]).sum(0))
         self._mu2 = stats["mu2"]
 
     def _ridge(self):
-        """Eigen-decompositions behind the shear: Phi = sum_g E[w_g w_g^T] = U diag(a) U^T (curvature of the B
-        prior along A) and Z^T Z = V diag(d) V^T (curvature of the X prior)."""
+        """Eigen-decompositions behind the shear, in the coordinates A~ = A P^1/2 (P = diag E[1/v_c]): Phi =
+        sum_g E[w_g w_g^T] = U diag(a) U^T (curvature of the B prior along A~) and P^-1/2 Z^T Z P^-1/2 =
+        V diag(d) V^T (curvature of the X prior); also P^-1/2."""
         K, Mw = self.K, self.M[:, : self.K]
         Phi = Mw.T @ Mw + self._sum_covariance()[:K, :K]
         a, U = torch.linalg.eigh(Phi)
-        d, V = torch.linalg.eigh(self._summed(ZtZ=self.Z.T @ self.Z)["ZtZ"])
-        return a, U, d, V
+        p_isqrt = self.b_prior.mean_inv.rsqrt()
+        ZtZ = self._summed(ZtZ=self.Z.T @ self.Z)["ZtZ"]
+        d, V = torch.linalg.eigh(p_isqrt[:, None] * ZtZ * p_isqrt[None, :])
+        return a, U, d, V, p_isqrt
 
     def _summed(self, **sums) -> dict:
         """Per-cell sums over all cells (over the processes of a data-parallel fit)."""
@@ -277,15 +294,16 @@ class SpexVI:
     def _shear(self) -> None:
         """Parameter-expansion step along the likelihood's symmetry x_n -> x_n - A z_n, b_g -> b_g + A^T w_g.
 
-        Only the X prior -1/2 sum_n |mu_n - A z_n|^2 and the B prior -1/2 sum_g E|b_g + A^T w_g|^2 change, so the
-        best A solves the Sylvester equation Phi A + A Z^T Z = mu^T Z - sum_g E[w_g b_g^T] (solved in the two
-        eigenbases). q(w_g, b_g) is mapped by the unit-determinant shear L = [[I, 0], [A^T, I]]: entropy and
+        Only the X prior -1/2 sum_n |mu_n - A z_n|^2 and the B prior -1/2 sum_g E[(b_g + A^T w_g)^T P (b_g + A^T w_g)]
+        (P = diag E[1/v_c]) change, so the best A solves Phi A P + A Z^T Z = mu^T Z - sum_g E[w_g b_g^T] P; with
+        A = A~ P^-1/2 that is the Sylvester equation Phi A~ + A~ (P^-1/2 Z^T Z P^-1/2) = (right side) P^-1/2,
+        solved in the two eigenbases. q(w_g, b_g) is mapped by the unit-determinant shear L = [[I, 0], [A^T, I]]: entropy and
         expected likelihood stay put, and the ELBO rises by the prior terms."""
         K = self.K
-        a, U, d, V = self._ridge()
-        Mw, Mb = self.M[:, :K], self.M[:, K:]
-        rhs = self._summed(XtZ=self.mu.T @ self.Z)["XtZ"] - Mw.T @ Mb - self._sum_covariance()[:K, K:]
-        A = U @ ((U.T @ rhs @ V) / (a[:, None] + d[None, :])) @ V.T
+        a, U, d, V, p_isqrt = self._ridge()
+        Mw, Mb, p = self.M[:, :K], self.M[:, K:], self.b_prior.mean_inv
+        rhs = self._summed(XtZ=self.mu.T @ self.Z)["XtZ"] - (Mw.T @ Mb + self._sum_covariance()[:K, K:]) * p[None, :]
+        A = (U @ ((U.T @ (rhs * p_isqrt[None, :]) @ V) / (a[:, None] + d[None, :])) @ V.T) * p_isqrt[None, :]
         self.mu = self.mu - self.Z @ A.T
         self._mu2 = self._summed(mu2=(self.mu * self.mu).sum())["mu2"]
         L = torch.eye(self.D, dtype=A.dtype, device=A.device)
@@ -301,16 +319,16 @@ class SpexVI:
     def covariate_effects_var(self) -> torch.Tensor:
         """G x C posterior variances of B: diag of S_g's B block plus the variance along the shear ridge.
 
-        The ELBO is quadratic in A with precision Z^T Z (x) I + I (x) Phi; taking A ~ N(0, that^-1) (a Laplace step
-        along the symmetry, which q(X) q(W, B) cannot represent) adds Var(A^T E[w_g]) to b_g:
-        sum_ij (U^T m_wg)_i^2 V_cj^2 / (a_i + d_j)."""
+        The ELBO is quadratic in A~ = A P^1/2 with precision (P^-1/2 Z^T Z P^-1/2) (x) I + I (x) Phi; taking A~ from
+        N(0, that^-1) (a Laplace step along the symmetry, which q(X) q(W, B) cannot represent) adds
+        Var(A^T E[w_g]) to b_g: sum_ij (U^T m_wg)_i^2 V_cj^2 / (a_i + d_j) / P_c."""
         K = self.K
         var = self.S_diag[:, K:]
         if self.mean_field or not self.C:
             return var
-        a, U, d, V = self._ridge()
+        a, U, d, V, p_isqrt = self._ridge()
         proj2 = (self.M[:, :K] @ U) ** 2                         # G x K
-        return var + proj2 @ (1.0 / (a[:, None] + d[None, :])) @ (V * V).T
+        return var + (proj2 @ (1.0 / (a[:, None] + d[None, :])) @ (V * V).T) * (p_isqrt**2)[None, :]
 
     def second_moment(self) -> torch.Tensor:
         """Q = sum_g psi_g E[(w_g, b_g)(w_g, b_g)^T] (D x D)."""
@@ -380,9 +398,11 @@ def loading_terms(vi) -> torch.Tensor:
     w_prior = gaussian_prior_terms(Ew2_W, vi.tau.mean_inv[None, :] * vi.lam.mean_inv,
                                    vi.tau.scale2.mean_log[None, :] + vi.lam.scale2.mean_log)
     w_prior = w_prior + gaussian_prior_terms(Ew2_W, vi.slab.mean_inv, vi.slab.q.mean_log)
-    w_prior = w_prior + gaussian_prior_terms(Ew2_B, torch.ones_like(Ew2_B), torch.zeros_like(Ew2_B))
+    b = vi.b_prior
+    w_prior = w_prior + gaussian_prior_terms(Ew2_B, b.mean_inv[None, :].expand_as(Ew2_B),
+                                             b.scale2.mean_log[None, :].expand_as(Ew2_B))
     w_entropy = 0.5 * (vi.G * vi.D * (1 + _LOG_2PI) + vi.logdet_S.sum())
-    return w_prior + w_entropy + vi.lam.elbo() + vi.tau.elbo() + vi.slab.elbo()
+    return w_prior + w_entropy + vi.lam.elbo() + vi.tau.elbo() + vi.slab.elbo() + b.elbo()
 
 
 def _block_diagonal(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

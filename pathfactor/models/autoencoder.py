@@ -23,8 +23,9 @@ from torch import nn
 from ..data.genesets import annotation_mask
 from ..data.inputs import as_matrix
 from ..evaluate import factor_r2, orient
-from ..train import one_thread, resolve_device, seed_everything, train
+from ..train import Task, one_thread, resolve_device, seed_everything, train
 from .base import LatentModel, factor_layout
+from .persist import expect_shapes, module_shapes
 
 __all__ = ["Autoencoder"]
 
@@ -48,9 +49,11 @@ def _encoder(G: int, hidden, K: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class _AutoencoderTask:
+class _AutoencoderTask(Task):
     """One epoch = one pass of shuffled minibatches: an Adam step on the loss, then the proximal steps on ``W``.
     ``epoch()`` returns minus the epoch's mean loss (reconstruction + lambda0 term) for :func:`train`."""
+
+    state_exclude = ("Y", "off")  # the data and the annotation
 
     def __init__(self, Y, mask, n_sparse, encoder, W, *, lambda0, lambda_off, lambda_l1, lambda_group, lr,
                  batch_size, generator):
@@ -312,12 +315,17 @@ class Autoencoder(LatentModel):
         return meta, arrays
 
     def _load_extra_state(self, meta, arrays):
+        (G, K), hidden = self.loadings_.shape, self._hidden()
+        expect_shapes(arrays, {"gene_mean": (G,), "scale": (), "signs": (K,)})
         self._state = {k: arrays[k] for k in ("gene_mean", "scale", "signs")}
-        encoder = _encoder(meta["n_genes"], self._hidden(), meta["n_factors"]).to(dtype=getattr(torch, self.dtype))
-        keys = list(encoder.state_dict().keys())
-        if len(keys) != meta["n_encoder_arrays"]:
-            raise ValueError("the saved encoder does not match the model's hidden layers; the save is corrupt")
-        encoder.load_state_dict({k: torch.as_tensor(arrays[f"encoder_{i}"]) for i, k in enumerate(keys)})
+        saved = [arrays[f"encoder_{i}"] for i in range(meta["n_encoder_arrays"])]
+        if len(hidden) > len(saved):  # every layer has parameters; also keeps the shape check below quick
+            raise ValueError(f"hidden has {len(hidden)} layers but the saved encoder only {len(saved)} arrays")
+        shapes = module_shapes(lambda: _encoder(G, hidden, K))  # before building it for real: no huge hidden
+        if list(shapes.values()) != [a.shape for a in saved]:
+            raise ValueError(f"the saved encoder does not match the model's hidden layers {hidden}")
+        encoder = _encoder(G, hidden, K).to(dtype=getattr(torch, self.dtype))
+        encoder.load_state_dict({k: torch.as_tensor(a) for k, a in zip(shapes, saved)})
         encoder.eval()
         self._encoder = encoder
         self.loss_, self.converged_ = meta["loss"], meta["converged"]

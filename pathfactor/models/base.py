@@ -5,9 +5,8 @@ attributes that end in ``_``. Subclasses implement ``fit`` and ``transform`` and
 """
 from __future__ import annotations
 
+import glob
 import inspect
-import json
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,9 @@ import pandas as pd
 
 from .. import __version__
 from ..evaluate import ACTIVE_FRACTION, refined_annotations
+from ..train import keeps_global_random_state
+from .persist import (ARRAY_FILE, FORMAT, FORMAT_VERSION, MODEL_FILE, array_record, corrupted, read_arrays, read_meta,
+                      write_model)
 
 __all__ = ["LatentModel", "REGISTRY", "load", "factor_layout"]
 
@@ -23,9 +25,6 @@ REGISTRY: dict[str, type] = {}
 
 #: a factor is flagged inactive when it explains less than this fraction of the variance (R^2)
 MIN_RELEVANCE = 1e-4
-
-_FORMAT = "pathfactor-model"
-_FORMAT_VERSION = 1
 
 
 def factor_layout(term_names, n_sparse: int, n_dense: int, dense_name: str = "dense") -> tuple[list[str], list[str]]:
@@ -59,8 +58,13 @@ class LatentModel:
     relevance_measure = "R^2"
 
     def __init_subclass__(cls, **kwargs):
+        """Register the model for :func:`load`; its own ``fit`` and ``transform`` leave the caller's global random
+        generators as they found them (a fit seeds and draws from them internally)."""
         super().__init_subclass__(**kwargs)
         REGISTRY[cls.__name__] = cls
+        for name in ("fit", "transform"):
+            if name in vars(cls):
+                setattr(cls, name, keeps_global_random_state(vars(cls)[name]))
 
     # ------------------------------------------------------------------ parameters
     def get_params(self) -> dict:
@@ -154,13 +158,15 @@ class LatentModel:
         pass
 
     def save(self, path) -> Path:
-        """Save to directory ``path`` as ``model.json`` + ``arrays.npz`` (no pickle). Returns the path."""
+        """Save to directory ``path`` as ``model.json`` + ``arrays.npz`` (format v2, no pickle); returns the path.
+
+        Atomic (see :func:`persist.write_model`): a crash leaves the previous or the new complete model. The JSON
+        records the arrays file's size and sha256 and each array's dtype and shape, which :func:`load` verifies.
+        ``path`` may be missing, an empty directory or a saved model (replaced); anything else is refused."""
         self._check_fitted()
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         extra_meta, extra_arrays = self._extra_state()
         meta = {
-            "format": _FORMAT, "format_version": _FORMAT_VERSION, "pathfactor_version": __version__,
+            "format": FORMAT, "format_version": FORMAT_VERSION, "pathfactor_version": __version__,
             "model": type(self).__name__, "params": self.get_params(),
             "obs_names": [str(n) for n in self.factor_scores_.index], "var_names": [str(n) for n in self.loadings_.index],
             "factor_names": [str(n) for n in self.loadings_.columns], "factor_kinds": list(map(str, self.factor_kinds_)),
@@ -175,108 +181,32 @@ class LatentModel:
             if frame is not None:
                 arrays[name] = frame.to_numpy()
         arrays.update({f"extra_{k}": np.asarray(v) for k, v in extra_arrays.items()})
-        (path / "model.json").write_text(json.dumps(meta, indent=1))
-        np.savez(path / "arrays.npz", **arrays)
-        return path
-
-
-#: model.json's entries and their JSON types; arrays.npz's arrays
-_META_KEYS = {"model": str, "params": dict, "obs_names": list, "var_names": list, "factor_names": list,
-              "factor_kinds": list, "covariate_names": list, "history": list, "extra": dict}
-_ARRAYS = ("scores", "loadings", "relevance")
-
-
-def _corrupted(where, what: str) -> ValueError:
-    return ValueError(f"{where} {what}; the saved model is corrupted or incomplete: save it again")
-
-
-def _read_meta(meta_file: Path) -> dict:
-    """model.json, checked: a JSON object of the pathfactor format and a readable version, with every entry."""
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{meta_file} is not valid JSON: {err}") from err
-    if not isinstance(meta, dict):
-        raise _corrupted(meta_file, f"holds a JSON {type(meta).__name__}, not the object pathfactor writes")
-    path = meta_file.parent
-    fmt, version = meta.get("format"), meta.get("format_version")
-    if fmt != _FORMAT:
-        raise ValueError(f"{path} holds format {fmt!r} v{version}, not a pathfactor model (format {_FORMAT!r}); "
-                         "pf.load reads only directories written by model.save")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise _corrupted(meta_file, f"has format_version {version!r}, not an integer version (this pathfactor "
-                                    f"writes {_FORMAT_VERSION})")
-    if version > _FORMAT_VERSION:
-        raise ValueError(f"{path} holds format {fmt!r} v{version}, which this pathfactor {__version__} cannot read; "
-                         "upgrade pathfactor")
-    missing = [k for k in _META_KEYS if k not in meta]
-    if missing:
-        raise _corrupted(meta_file, f"lacks the entries {missing}")
-    wrong = [k for k, t in _META_KEYS.items() if not isinstance(meta[k], t)]
-    if wrong:
-        raise _corrupted(meta_file, "has entries of the wrong type: "
-                                    + ", ".join(f"{k} is a {type(meta[k]).__name__}" for k in wrong))
-    for key in ("obs_names", "var_names", "factor_names", "factor_kinds", "covariate_names"):
-        if not all(isinstance(v, str) for v in meta[key]):
-            raise _corrupted(meta_file, f"has non-string entries in {key}")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in meta["history"]):
-        raise _corrupted(meta_file, "has non-numeric entries in history")
-    levels = meta.get("covariate_levels")
-    if levels is not None and not (isinstance(levels, dict) and all(
-            isinstance(v, list) and all(isinstance(x, str) for x in v) for v in levels.values())):
-        raise _corrupted(meta_file, "has covariate_levels that are not {covariate: [levels]}")
-    return meta
-
-
-def _read_arrays(array_file: Path) -> dict[str, np.ndarray]:
-    """arrays.npz, checked: a zip of plain numeric arrays (object arrays would need unpickling: refused)."""
-    if not zipfile.is_zipfile(array_file):
-        raise _corrupted(array_file, "is not an .npz archive (not a zip file; truncated or overwritten?)")
-    try:
-        with np.load(array_file, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as err:
-        raise _corrupted(array_file, f"cannot be read ({type(err).__name__}: {err})") from err
-    odd = [k for k, a in arrays.items() if a.dtype.kind not in "biuf"]
-    if odd:
-        raise _corrupted(array_file, f"holds non-numeric arrays {odd}")
-    return arrays
-
-
-def _check_shapes(meta: dict, arrays: dict, array_file: Path) -> None:
-    missing = [k for k in _ARRAYS if k not in arrays]
-    if missing:
-        raise _corrupted(array_file, f"lacks the arrays {missing}")
-    N, G = len(meta["obs_names"]), len(meta["var_names"])
-    K, C = len(meta["factor_names"]), len(meta["covariate_names"])
-    if len(meta["factor_kinds"]) != K:
-        raise _corrupted(array_file.parent / "model.json", f"lists {K} factor names but {len(meta['factor_kinds'])} "
-                                                           "factor kinds")
-    expected = {"scores": (N, K), "loadings": (G, K), "relevance": (K,), "loadings_sd": (G, K),
-                "annotation": (G, K), "covariate_effects": (G, C), "covariate_effects_sd": (G, C)}
-    for name, shape in expected.items():
-        if name in arrays and arrays[name].shape != shape:
-            raise _corrupted(array_file, f"holds {name!r} of shape {arrays[name].shape}, but model.json describes "
-                                         f"{N} cells, {G} genes, {K} factors and {C} covariate columns, so {shape}")
+        write_model(path, meta, arrays)
+        return Path(path)
 
 
 def load(path) -> LatentModel:
     """Load a model saved with ``model.save(path)``. Only JSON and numeric arrays are read; nothing is unpickled.
-    Every entry and array is checked: a corrupted directory is a ``ValueError`` naming the file and the fault."""
+
+    Everything is verified before it is used (see :mod:`pathfactor.models.persist`): the JSON's size and depth, the
+    arrays file's size and sha256, each array's shape, header and finiteness, and the model's own state against its
+    parameters. Any defect is a ``ValueError`` naming the file and the fault. Directories of format v1 (written
+    before checksums) are refused: fit and save the model again."""
     path = Path(path)
-    meta_file, array_file = path / "model.json", path / "arrays.npz"
-    if not meta_file.is_file() or not array_file.is_file():
-        raise ValueError(f"{path} is not a saved pathfactor model (needs model.json and arrays.npz)")
-    meta = _read_meta(meta_file)
+    if not (path / MODEL_FILE).is_file() or not (path / ARRAY_FILE).is_file():
+        aside = sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*")) if path.name else []
+        hint = f"; an interrupted save left the previous model in {aside[-1]}: rename it back" if aside else ""
+        raise ValueError(f"{path} is not a saved pathfactor model (needs {MODEL_FILE} and {ARRAY_FILE}){hint}")
+    meta = read_meta(path)
+    meta_file = path / MODEL_FILE
     cls = REGISTRY.get(meta["model"])
     if cls is None:
         raise ValueError(f"{path} holds an unknown model {meta['model']!r}; known: {sorted(REGISTRY)}")
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(meta["params"]) - set(accepted))
     if unknown:
-        raise _corrupted(meta_file, f"gives {cls.__name__} the unknown parameters {unknown} (it takes {accepted})")
-    arrays = _read_arrays(array_file)
-    _check_shapes(meta, arrays, array_file)
+        raise corrupted(meta_file, f"gives {cls.__name__} the unknown parameters {unknown} (it takes {accepted})")
+    arrays = read_arrays(path, array_record(meta, path))
     try:
         model = cls(**meta["params"])
         get = arrays.get
@@ -289,8 +219,8 @@ def load(path) -> LatentModel:
         model.covariate_levels_ = meta.get("covariate_levels")
         model._load_extra_state(meta["extra"], {k[6:]: v for k, v in arrays.items() if k.startswith("extra_")})
     except KeyError as err:
-        raise _corrupted(path, f"lacks {cls.__name__}'s entry {err.args[0]!r} (model.json 'extra' or "
-                               f"arrays.npz 'extra_{err.args[0]}')") from err
-    except (TypeError, ValueError, AttributeError, IndexError) as err:
-        raise _corrupted(path, f"does not hold a valid {cls.__name__} ({type(err).__name__}: {err})") from err
+        raise corrupted(path, f"lacks {cls.__name__}'s entry {err.args[0]!r} (model.json 'extra' or "
+                              f"arrays.npz 'extra_{err.args[0]}')") from err
+    except (TypeError, ValueError, AttributeError, IndexError, OverflowError, RuntimeError) as err:  # + RecursionError
+        raise corrupted(path, f"does not hold a valid {cls.__name__} ({type(err).__name__}: {str(err)[:300]})") from err
     return model

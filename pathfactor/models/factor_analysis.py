@@ -21,10 +21,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data.inputs import aligned_centred, as_matrix
+from ..data.inputs import aligned_centred, as_matrix, working_dtype
 from ..evaluate import factor_r2, orient
-from ..train import resolve_device, seed_everything, train
+from ..train import Task, resolve_device, seed_everything, train
 from .base import LatentModel
+from .persist import expect_shapes
 from .ppca import (_mm, check_common, check_shape, gaussian_log_likelihood, mle, principal_rotation,
                    sym_sqrt)
 
@@ -36,8 +37,15 @@ log = logging.getLogger(__name__)
 PSI_FLOOR = 1e-6
 
 
-class _FAEM:
+class _FAEM(Task):
     """EM for factor analysis; ``Y`` in the model's dtype, everything else float64. Objective: log-likelihood."""
+
+    state_exclude = ("Y", "ss", "eye")
+
+    @property
+    def objective_scale(self) -> float:
+        """The log-likelihood sums over N x G entries."""
+        return float(self.N * self.G)
 
     def __init__(self, Y, W, psi, expand: bool = True):
         self.Y, (self.N, self.G) = Y, Y.shape
@@ -107,7 +115,7 @@ class FactorAnalysis(LatentModel):
         N, G = matrix.shape
         K = int(self.n_factors)
         check_shape(K, N, G, "FactorAnalysis")
-        Y, mu = matrix.centred(dev, dt)
+        Y, mu = matrix.centred(dev, working_dtype(matrix, dt))  # float64 for data too small for float32
 
         W0, sigma2 = mle(Y, K)
         task = _FAEM(Y, W0, sigma2.double().expand(G))
@@ -152,6 +160,8 @@ class FactorAnalysis(LatentModel):
         return meta, {"mu": self.mu_, "projection": self._projection, "Psi": self.Psi_.to_numpy()}
 
     def _load_extra_state(self, meta, arrays):
+        G, K = self.loadings_.shape
+        expect_shapes(arrays, {"mu": (G,), "projection": (G, K), "Psi": (G,)})
         self.mu_, self._projection = arrays["mu"], arrays["projection"]
         self.Psi_ = pd.Series(arrays["Psi"], index=self.loadings_.index, name="Psi")
         self.log_likelihood_, self.objective_ = meta["log_likelihood"], meta["objective"]

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..likelihoods import LOG_VAR_RANGE
 from ..train import one_thread, train
+from .persist import expect_shapes
 from .vae import VAE, _check_int, _Decoder, _Encoder, _stack, encoder_input, gaussian_kl
 
 __all__ = ["GMVAE"]
@@ -140,22 +141,26 @@ class GMVAE(VAE):
             raise ValueError(f"n_clusters={self.n_clusters} needs at least as many cells, but the data have "
                              f"{n_cells}; use fewer clusters")
 
-    def _run(self, task) -> list[float]:
+    def _run(self, task):
+        """Pre-training as a plain VAE (a fixed number of epochs, KL warm-up included), the mixture placed by
+        k-means, then the GMVAE's early-stopped run from a fresh optimiser, ending in its best epoch's state."""
         if not self.pretrain_epochs:
             return super()._run(task)
-        net, history = task.net, []
+        net = task.net
         net.pretraining = True
-        history += train(task, max_epochs=self.pretrain_epochs, tol=0.0, progress=self.progress,
-                         desc="GMVAE pre-training (VAE)").history
+        pretrained = train(task, max_epochs=self.pretrain_epochs, tol=0.0, progress=self.progress,
+                           desc="GMVAE pre-training (VAE)")
         net.pretraining = False
         with one_thread(task.rows.log_lib.device, enabled=task.small):
             self._place_mixture(task)
-        task.kl_warmup, task.track_best = 0, True
+        task.kl_warmup = 0
         task.reset_optimizer()
         result = train(task, max_epochs=self.max_epochs, tol=self.tol, patience=self.patience,
-                       progress=self.progress, desc="GMVAE")
+                       progress=self.progress, desc="GMVAE", keep_best=True)
         self.converged_ = result.converged
-        return history + result.history
+        result.history = pretrained.history + result.history
+        result.best_epoch += pretrained.n_epochs
+        return result
 
     @torch.no_grad()
     def _place_mixture(self, task) -> None:
@@ -228,5 +233,6 @@ class GMVAE(VAE):
         return meta, arrays
 
     def _load_extra_state(self, meta, arrays):
-        super()._load_extra_state(meta, arrays)
+        super()._load_extra_state(meta, arrays)  # checks the network against n_clusters
+        expect_shapes(arrays, {"cluster_probs": (len(self.factor_scores_), self.n_clusters)})
         self._set_clusters(arrays["cluster_probs"])

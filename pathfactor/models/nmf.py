@@ -34,8 +34,8 @@ import scipy.sparse as sp
 import torch
 
 from ..data.genesets import annotation_mask
-from ..data.inputs import as_matrix
-from ..train import resolve_device, seed_everything, train
+from ..data.inputs import as_matrix, unit_scale
+from ..train import Task, resolve_device, seed_everything, train
 from .base import LatentModel
 
 __all__ = ["NMF"]
@@ -146,7 +146,7 @@ def _multiply(A, num, den):
     A.mul_(num / torch.where(den > 0, den, EPSILON))
 
 
-class _MultiplicativeUpdates:
+class _MultiplicativeUpdates(Task):
     """One epoch = update X, then W (unless fixed), then the loss: Lee & Seung (2001) multiplicative updates,
     weighted as in seed 003. ``epoch()`` returns ``-loss`` for :func:`pathfactor.train.train` (which maximises).
 
@@ -154,6 +154,8 @@ class _MultiplicativeUpdates:
     the pattern (the zeros of sparse data) are zeros with weight 1: they enter the updates and the loss only
     through ``sum XW^T = X.sum(0) . W.sum(0)`` and ``Y W``, ``Y^T X``.
     """
+
+    state_exclude = ("P", "y", "m", "Y", "MY", "M", "yy", "const")  # the data and their fixed statistics
 
     def __init__(self, pattern, y, m, X, W, loss: str, update_W: bool = True):
         self.P, self.y, self.m, self.X, self.W = pattern, y, m, X, W
@@ -540,10 +542,13 @@ class NMF(LatentModel):
         log.info("NMF: %d cells x %d genes (%s), K=%d (%d gene sets), loss=%s, weights=%s", N, G,
                  "sparse" if sp.issparse(matrix.Y) else "dense", K, A, self._loss,
                  "none" if M is None else ("sparse" if sp.issparse(M) else "dense"))
-        X0, W0 = _initial_factors(matrix.Y, K, mask, self.init, seed, self._loss, M)
+        # the fit runs on Y / unit (a power of two: exact), so the floors and thresholds act the same in any units
+        unit = unit_scale(matrix.Y)
+        Y = matrix.Y / unit
+        X0, W0 = _initial_factors(Y, K, mask, self.init, seed, self._loss, M)
         allowed = np.concatenate([mask, np.ones((G, K - A), dtype=bool)], axis=1)
         W0 = W0 * allowed
-        pattern, y, m = _problem(matrix.Y, M, dev, dt)
+        pattern, y, m = _problem(Y, M, dev, dt)
         X = torch.as_tensor(X0, dtype=dt, device=dev)
         W = torch.as_tensor(W0, dtype=dt, device=dev)
         with _quiet_sparse():
@@ -554,7 +559,9 @@ class NMF(LatentModel):
             log.warning("NMF did not converge in %d epochs (relative loss change above tol=%g); raise max_epochs",
                         self.max_epochs, self.tol)
 
-        X, W = task.X.double().cpu().numpy(), task.W.double().cpu().numpy()
+        X, W = task.X.double().cpu().numpy() * unit, task.W.double().cpu().numpy()
+        loss_unit = unit**2 if self._loss == "frobenius" else unit  # the loss in the data's units
+        history = [v * loss_unit for v in result.history]
         # loadings as distributions over genes: columns of W sum to 1, the scale moves to X
         total = W.sum(0)
         scale = np.where(total > 0, total, 1.0)
@@ -567,8 +574,8 @@ class NMF(LatentModel):
         annotation = np.concatenate([mask, np.zeros((G, K - A), dtype=bool)], axis=1)
         self._set_results(scores=X, loadings=W, obs_names=matrix.obs_names, var_names=matrix.var_names,
                           factor_names=names, factor_kinds=kinds, relevance=relevance,
-                          annotation=annotation if A else None, history=result.history)
-        self.loss_ = -result.history[-1]
+                          annotation=annotation if A else None, history=history)
+        self.loss_ = -history[-1]
         self.reconstruction_err_ = float(np.sqrt(2 * max(self.loss_, 0.0)))
         self.n_iter_, self.converged_ = result.n_epochs, result.converged
         return self
@@ -595,6 +602,8 @@ class NMF(LatentModel):
         if M is not None:
             M = M[:, cols]
         W = self.loadings_.to_numpy(dtype=np.float64)
+        unit = unit_scale(Y)  # as in fit: the updates run on Y / unit
+        Y = Y / unit
         # start: every factor at the per-cell least-squares level c_n of y_n ≈ c_n * sum_k w_k
         s = W.sum(1)
         c = np.asarray(_zero_missing(Y, M) @ s).ravel() / max(float(s @ s), 1e-300)
@@ -604,7 +613,8 @@ class NMF(LatentModel):
             task = _MultiplicativeUpdates(pattern, y, m, torch.as_tensor(X0, dtype=dt, device=dev),
                                           torch.as_tensor(W, dtype=dt, device=dev), self._loss, update_W=False)
             train(task, max_epochs=self.max_epochs, tol=self.tol, progress=self.progress, desc="NMF transform")
-        return pd.DataFrame(task.X.double().cpu().numpy(), index=matrix.obs_names, columns=self.loadings_.columns)
+        return pd.DataFrame(task.X.double().cpu().numpy() * unit, index=matrix.obs_names,
+                            columns=self.loadings_.columns)
 
     def reconstruct(self) -> np.ndarray:
         """``X W^T`` (cells x genes, dense): the model's fitted values, e.g. imputed values of missing entries."""

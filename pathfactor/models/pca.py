@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..data.inputs import aligned_centred, as_matrix, check_variance
+from ..data.inputs import aligned_centred, as_matrix, check_variance, working_dtype
 from ..evaluate import orient
 from .base import LatentModel
+from .persist import expect_shapes
 from .ppca import check_int
 
 __all__ = ["PCA"]
@@ -53,6 +54,7 @@ class PCA(LatentModel):
         if self.svd_solver not in solvers:
             raise ValueError(f"svd_solver must be one of {solvers}, got {self.svd_solver!r}")
         matrix = as_matrix(data, layer, dtype=np.dtype(self.dtype))
+        matrix = matrix.astype(working_dtype(matrix, matrix.Y.dtype))  # float64 for data too small for float32
         N, G = matrix.shape
         if K > min(N, G) or (sp.issparse(matrix.Y) and K >= min(N, G)):
             raise ValueError(f"PCA with n_factors={K} needs at least as many cells and genes as factors (sparse "
@@ -82,6 +84,8 @@ class PCA(LatentModel):
         return {}, {"mu": self.mu_, "explained_variance": self.explained_variance_.to_numpy()}
 
     def _load_extra_state(self, meta, arrays):
+        G, K = self.loadings_.shape
+        expect_shapes(arrays, {"mu": (G,), "explained_variance": (K,)})
         self.mu_ = arrays["mu"]
         self.explained_variance_ = pd.Series(arrays["explained_variance"], index=self.loadings_.columns,
                                              name="explained_variance")

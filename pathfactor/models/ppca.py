@@ -34,10 +34,11 @@ import numbers
 import numpy as np
 import torch
 
-from ..data.inputs import aligned_centred, as_matrix, check_variance
+from ..data.inputs import aligned_centred, as_matrix, check_variance, working_dtype
 from ..evaluate import factor_r2, orient
-from ..train import resolve_device, seed_everything, train
+from ..train import Task, resolve_device, seed_everything, train
 from .base import LatentModel
+from .persist import expect_shapes
 
 __all__ = ["PPCA", "gaussian_log_likelihood", "mle"]
 
@@ -142,13 +143,25 @@ def expansion(EXX: torch.Tensor, EWW: torch.Tensor, c: float) -> torch.Tensor:
     terms ``-tr(EXX P^-1)/2 - tr(EWW P)/2 + c log|P| / 2`` (``P = R R^T``; ``c = G - N`` for VI, whose entropies
     give the log-determinant, 0 for MAP) are maximised at the root of ``P EWW P - c P - EXX = 0``:
     ``P = B^-1/2 Q B^-1/2`` with ``B = EWW``, ``Q = c/2 + (c^2/4 + B^1/2 EXX B^1/2)^1/2``. The step never
-    lowers the objective, and it removes the slow scale mode of plain alternating updates."""
-    K = EXX.shape[0]
+    lowers the objective, and it removes the slow scale mode of plain alternating updates. Q's eigenvalues
+    ``q = c/2 + (c^2/4 + m)^1/2`` (m those of ``B^1/2 EXX B^1/2``) are taken as ``m / ((c^2/4 + m)^1/2 - c/2)``
+    when c < 0: the plain form cancels to 0 when m << c^2 (data far smaller than the unit priors), making R
+    singular. Factors that have collapsed to zero (data far smaller than the priors' scale, whose mode is W = 0)
+    leave nothing to reparametrise: then R = I."""
+    eye = torch.eye(EXX.shape[0], dtype=EXX.dtype, device=EXX.device)
     d, V = torch.linalg.eigh(EWW)
+    if not bool(d.max() > 0):
+        return eye
     d = d.clamp_min(torch.finfo(d.dtype).eps * d.max())
     Bh, Bih = (V * d.sqrt()) @ V.T, (V / d.sqrt()) @ V.T
-    eye = torch.eye(K, dtype=EXX.dtype, device=EXX.device)
-    Q = c / 2 * eye + sym_sqrt(c * c / 4 * eye + Bh @ EXX @ Bh)
+    M = Bh @ EXX @ Bh
+    m, U = torch.linalg.eigh((M + M.T) / 2)
+    m = m.clamp_min(0.0)
+    root = torch.sqrt(c * c / 4 + m)
+    q = m / (root - c / 2) if c < 0 else c / 2 + root
+    if not bool((q > 0).all()):
+        return eye
+    Q = (U * q) @ U.T
     return sym_sqrt(Bih @ Q @ Bih)
 
 
@@ -157,9 +170,16 @@ def _mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return (A @ B.to(A.dtype)).double()
 
 
-class _Task:
+class _Task(Task):
     """Shared state of the iterative fits: the centred data ``Y`` in the model's dtype; everything else (W, X,
-    K x K statistics, objectives) in float64, so that float32 data give objectives smooth enough for ``tol``."""
+    K x K statistics, objectives) in float64, so that float32 data give objectives smooth enough for ``tol``.
+    Objectives are log-likelihoods (or log-posteriors, ELBOs) summed over the N x G entries."""
+
+    state_exclude = ("Y", "ss", "total", "eye")
+
+    @property
+    def objective_scale(self) -> float:
+        return float(self.N * self.G)
 
     def __init__(self, Y, W, sigma2, expand: bool = True):
         self.Y, (self.N, self.G) = Y, Y.shape
@@ -364,7 +384,7 @@ class PPCA(LatentModel):
         K = int(self.n_factors)
         check_shape(K, N, G, "PPCA")
         check_variance(matrix, "PPCA")  # W = 0 and sigma2 = 0 would make every method's K x K algebra singular
-        Y, mu = matrix.centred(dev, dt)
+        Y, mu = matrix.centred(dev, working_dtype(matrix, dt))  # float64 for data too small for float32
 
         history, self.converged_ = [], True
         if self.method == "mle":
@@ -434,6 +454,8 @@ class PPCA(LatentModel):
         return meta, {"mu": self.mu_, "projection": self._projection}
 
     def _load_extra_state(self, meta, arrays):
+        G, K = self.loadings_.shape
+        expect_shapes(arrays, {"mu": (G,), "projection": (G, K)})
         self.mu_, self._projection = arrays["mu"], arrays["projection"]
         self.sigma2_, self.log_likelihood_ = meta["sigma2"], meta["log_likelihood"]
         self.objective_, self.converged_ = meta["objective"], meta["converged"]

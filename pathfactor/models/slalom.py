@@ -46,8 +46,9 @@ from ..data.genesets import annotation_mask
 from ..data.inputs import aligned_centred, as_matrix, covariate_design, new_covariates
 from ..evaluate import factor_r2, orient
 from ..evaluate import refined_annotations as _refined_by_loading
-from ..train import one_thread, resolve_device, seed_everything, train
+from ..train import Task, one_thread, resolve_device, seed_everything, train
 from .base import LatentModel, factor_layout
+from .persist import expect_shapes
 from .spex import _initial_factors
 
 __all__ = ["Slalom"]
@@ -91,7 +92,7 @@ def _update_order(Y: torch.Tensor, X0: torch.Tensor, mask: torch.Tensor) -> list
     return list(range(A, K)) + annotated
 
 
-class SlalomVI:
+class SlalomVI(Task):
     """Variational state and coordinate-ascent updates of f-scLVM.
 
     ``Y`` (N x G) and ``Z`` (N x C, standardised) are centred tensors; ``pi`` (G x K) the prior inclusion
@@ -99,6 +100,13 @@ class SlalomVI:
     are updated within a sweep (default: as given). Per-(gene, factor) quantities are stored factor-major
     (K x G), so the factor loop reads and writes contiguous rows.
     """
+
+    state_exclude = ("Y", "Z", "yy", "ZY", "ZZ", "U", "d")  # the data and their fixed statistics
+
+    @property
+    def objective_scale(self) -> float:
+        """The ELBO sums over N x G observations."""
+        return float(self.N * self.G)
 
     def __init__(self, Y: torch.Tensor, Z: torch.Tensor, pi: torch.Tensor, X0: torch.Tensor, *,
                  order=None, switch_off: float = 1e3):
@@ -512,6 +520,9 @@ class Slalom(LatentModel):
         return meta, arrays
 
     def _load_extra_state(self, meta, arrays):
+        (G, K), C = self.loadings_.shape, len(arrays["z_mean"])
+        expect_shapes(arrays, {"active": (K,), "inclusion": (G, K), "r2": (K,), "signs": (K,), "tau": (G,),
+                               "W": (G, K), "loading_var": (G, K), "gene_mean": (G,), "B": (G, C)})
         arrays = dict(arrays)
         index, columns = self.loadings_.index, self.loadings_.columns
         self.active_ = pd.Series(arrays.pop("active").astype(bool), index=columns, name="active")

@@ -18,10 +18,11 @@ from ..data import stream
 from ..data.genesets import annotation_mask
 from ..data.inputs import Matrix, aligned_centred, as_matrix, check_counts, covariate_design, new_covariates
 from ..evaluate import factor_r2, orient
-from ..train import resolve_device, seed_everything, train
+from ..train import fingerprint, resolve_device, seed_everything, train
 from ._spex_nb import SpexNB, nb_factor_scores
 from ._spex_vi import SpexVI
 from .base import LatentModel, factor_layout
+from .persist import expect_shapes
 
 __all__ = ["Spex"]
 
@@ -79,7 +80,9 @@ class Spex(LatentModel):
         drift into generic ones and converges slowly, 5 loses the G2M program on mESC).
     global_scale : float or None
         The horseshoe's global scale tau of every factor, in units of the data's standard deviation; ``None``
-        learns one per factor (tau ~ C+(0, 1)), which prunes weak factors much more aggressively.
+        learns one per factor (tau ~ C+(0, data sd)), which prunes weak factors much more aggressively. Every
+        prior is in the data's units (covariate effects ``b ~ N(0, data sd^2)``), so the factors do not depend on
+        the units of the data.
     min_set_size, max_set_size, min_set_fraction : gene-set filters applied against the data's genes.
     batch_size : None (default) for exact coordinate ascent on all cells; an int for stochastic VI on minibatches
         of that many cells (natural-gradient steps for the global factors), for data with very many cells.
@@ -219,12 +222,18 @@ class Spex(LatentModel):
             vi = SpexNB(counts, Zt, s_t, X0, slab_confidence=self.slab_confidence, tau=tau)
         else:
             vi = SpexVI(Y, Zt, s_t, X0, slab_confidence=self.slab_confidence, tau=tau, batch_size=self.batch_size,
-                        generator=generator, posterior=self.posterior, reduce=reduce)
-        if comm is not None and checkpoint_dir is not None:  # each process saves its own cells' state
-            checkpoint_dir = f"{checkpoint_dir}/rank{comm.rank}"
+                        generator=generator, posterior=self.posterior, reduce=reduce, unit=data_sd)
+        owner = None
+        if checkpoint_dir is not None:  # what a checkpoint must belong to before the fit resumes from it
+            gene_sums = counts.sum(0) if self.likelihood == "nb" else gene_mean * N
+            owner = fingerprint(self, n_cells=N, n_genes=G, obs_names=matrix.obs_names, var_names=matrix.var_names,
+                                gene_sums=gene_sums.double().cpu().numpy(), seed=int(seed), factors=names,
+                                covariates=list(covariate_names), processes=1 if comm is None else comm.size)
+            if comm is not None:  # each process saves its own cells' state
+                checkpoint_dir = f"{checkpoint_dir}/rank{comm.rank}"
         progress = self.progress and (comm is None or comm.rank == 0)
         result = train(vi, max_epochs=self.max_epochs, tol=self.tol, progress=progress,
-                       desc=type(self).__name__, checkpoint_dir=checkpoint_dir)
+                       desc=type(self).__name__, checkpoint_dir=checkpoint_dir, fingerprint=owner)
         if not result.converged:
             log.warning("Spex did not converge in %d epochs (relative ELBO change above tol=%g); raise max_epochs",
                         self.max_epochs, self.tol)
@@ -299,5 +308,11 @@ class Spex(LatentModel):
         return meta, self._posterior
 
     def _load_extra_state(self, meta, arrays):
+        if arrays:  # Supervised(two_step=True) saves none
+            (G, K), C = self.loadings_.shape, len(arrays["z_mean"])
+            D = K + C
+            nb = {"T2": (G, D, D), "beta": (G,), "dispersion": (G,)}
+            gaussian = {"psi": (G,), "Q": (D, D), "gene_mean": (G,)}
+            expect_shapes(arrays, {"signs": (K,), "M": (G, D), **(nb if self.likelihood == "nb" else gaussian)})
         self._posterior = dict(arrays)
         self._covariates, self.elbo_, self.converged_ = meta["covariates"], meta["elbo"], meta["converged"]

@@ -1,7 +1,8 @@
 """The supervised model of seed 000 (MuVI with known covariates): ``y_n ~ N(W x_n + B^T z_n, Psi)``.
 
-Horseshoe loadings W on latent factors, ``B ~ N(0, I)`` effects of known covariates Z (e.g. stimulated vs
-control). This is Spex with covariates and no gene sets (dense factors), so the maths lives in one place
+Horseshoe loadings W on latent factors, ``b_gc ~ N(0, v_c)`` effects of known covariates Z (e.g. stimulated vs
+control), each covariate's variance ``v_c`` learned from all genes (the seed's ``B ~ N(0, I)`` in the data's
+units: a fixed unit variance would make the results depend on the units of the data). This is Spex with covariates and no gene sets (dense factors), so the maths lives in one place
 (``_spex_vi``). Two estimators on top:
 
 * ``posterior="blocked"`` (default): per gene one joint Gaussian q(w_g, b_g) — the blocked posterior seed 000

@@ -13,7 +13,6 @@ from ``1 / kl_warmup`` to 1 over the first ``kl_warmup`` epochs (KL warm-up), th
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import numbers
@@ -28,9 +27,10 @@ from torch import nn
 from ..data.inputs import as_matrix
 from ..likelihoods import (COUNT_LIKELIHOODS, LOG_THETA_RANGE, LOG_VAR_RANGE, PARAMETERS, check_data,
                            check_likelihood, log_prob)
-from ..train import one_thread, resolve_device, seed_everything, train
+from ..train import Task, one_thread, resolve_device, seed_everything, train
 from .autoencoder import SMALL_STEP
 from .base import LatentModel
+from .persist import module_shapes
 
 __all__ = ["VAE", "gaussian_kl"]
 
@@ -181,18 +181,20 @@ class _Rows:
         return x, self.log_lib[idx.to(self.device)]
 
 
-class _VAETask:
+class _VAETask(Task):
     """One epoch = one pass of shuffled minibatches with an Adam step on ``-(recon - beta KL)``. ``epoch()``
-    returns the training cells' mean ELBO, or with validation cells their ELBO (one fixed noise draw), the best
-    so far once ``track_best`` is on (so the engine stops when it has not improved for ``patience`` epochs);
-    the parameters of the best epoch are kept in ``best_state``."""
+    returns the training cells' mean ELBO, or with validation cells their ELBO (one fixed noise draw); the
+    engine keeps the best epoch's state (``train(..., keep_best=True)``)."""
+
+    #: the data, the split, the fixed noise, and the per-epoch logs (kept whole when the best state returns)
+    state_exclude = ("rows", "train_idx", "val_idx", "val_eps", "train_elbo", "val_elbo")
 
     def __init__(self, net, rows, train_idx, val_idx, *, lr, batch_size, kl_warmup, generator, batch_norm):
         self.net, self.rows, self.train_idx, self.val_idx = net, rows, train_idx, val_idx
         self.batch_size, self.kl_warmup, self.generator, self.batch_norm = batch_size, kl_warmup, generator, batch_norm
         self.lr = lr
         self.reset_optimizer()
-        self.n_epochs, self.track_best, self.best, self.best_state, self.best_epoch = 0, False, -math.inf, None, 0
+        self.n_epochs = 0
         self.train_elbo, self.val_elbo = [], []
         dev, dt = rows.log_lib.device, rows.log_lib.dtype
         self.val_eps = torch.randn(net.eps_shape(len(val_idx)), generator=generator).to(dev, dt)
@@ -242,12 +244,7 @@ class _VAETask:
             return self.train_elbo[-1]
         value = float(evaluate_elbo(net, self.rows, self.val_idx, self.val_eps).mean())
         self.val_elbo.append(value)
-        if not self.track_best:
-            return value
-        if value > self.best:
-            self.best, self.best_epoch = value, self.n_epochs + 1  # 1-based
-            self.best_state = copy.deepcopy(net.state_dict())
-        return self.best
+        return value
 
 
 @torch.no_grad()
@@ -361,21 +358,13 @@ class VAE(LatentModel):
     def _build_net(self, n_genes: int, likelihood: str) -> nn.Module:
         return _VAENet(n_genes, self.n_latent, self._hidden(), likelihood, bool(self.batch_norm))
 
-    def _run(self, task) -> list[float]:
-        """Warm-up epochs (a fixed number: ``tol=0`` never counts as converged), then the early-stopped run."""
-        history, warm = [], min(self.kl_warmup, self.max_epochs)
-        name = type(self).__name__
-        if warm:
-            history += train(task, max_epochs=warm, tol=0.0, progress=self.progress, desc=f"{name} KL warm-up").history
-        task.track_best = True
-        if self.max_epochs > warm:
-            result = train(task, max_epochs=self.max_epochs - warm, tol=self.tol, patience=self.patience,
-                           progress=self.progress, desc=name)
-            history += result.history
-            self.converged_ = result.converged
-        else:
-            self.converged_ = False
-        return history
+    def _run(self, task):
+        """The KL warm-up epochs, then early stopping on the best objective; the task ends in its best epoch's
+        state. Returns the engine's result (``best_epoch`` 0: the run ended within the warm-up)."""
+        result = train(task, max_epochs=self.max_epochs, tol=self.tol, patience=self.patience,
+                       progress=self.progress, desc=type(self).__name__, warmup=self.kl_warmup, keep_best=True)
+        self.converged_ = result.converged
+        return result
 
     # ------------------------------------------------------------------ fit
     def fit(self, data, layer: str | None = None, device="auto", seed: int = 0) -> "VAE":
@@ -401,12 +390,11 @@ class VAE(LatentModel):
         net = self._build_net(G, likelihood).to(device=dev, dtype=dt)
         task = _VAETask(net, rows, train_idx, val_idx, lr=self.lr, batch_size=self.batch_size,
                         kl_warmup=self.kl_warmup, generator=generator, batch_norm=bool(self.batch_norm))
-        history = self._run(task)
-        if task.best_state is not None:
-            net.load_state_dict(task.best_state)
+        result = self._run(task)
+        history = result.history
         net.eval()
         self._net, self._likelihood = net, likelihood
-        self.train_elbo_, self.validation_elbo_, self.best_epoch_ = task.train_elbo, task.val_elbo, task.best_epoch
+        self.train_elbo_, self.validation_elbo_, self.best_epoch_ = task.train_elbo, task.val_elbo, result.best_epoch
         all_idx = torch.arange(N)
         with self._one_thread(N):
             with torch.no_grad():
@@ -525,12 +513,18 @@ class VAE(LatentModel):
         return meta, arrays
 
     def _load_extra_state(self, meta, arrays):
-        net = self._build_net(meta["n_genes"], meta["likelihood"]).to(dtype=getattr(torch, self.dtype))
-        if list(net.state_dict().keys()) != meta["net_keys"]:
-            raise ValueError("the saved network does not match the model's parameters; the save is corrupt")
-        net.load_state_dict({k: torch.as_tensor(arrays[f"net_{i}"]) for i, k in enumerate(meta["net_keys"])})
+        keys, hidden, likelihood = meta["net_keys"], self._hidden(), check_likelihood(meta["likelihood"])
+        saved = [arrays[f"net_{i}"] for i in range(len(keys))]
+        if len(hidden) > len(saved):  # every layer has parameters; also keeps the shape check below quick
+            raise ValueError(f"hidden has {len(hidden)} layers but the saved network only {len(saved)} arrays")
+        build = lambda: self._build_net(self.loadings_.shape[0], likelihood)  # noqa: E731
+        # the parameters' network must be the saved one before it is built for real (no huge hidden / n_latent)
+        if list(module_shapes(build).items()) != [(k, a.shape) for k, a in zip(keys, saved)]:
+            raise ValueError("the saved network does not match the model's parameters (hidden, n_latent, ...)")
+        net = build().to(dtype=getattr(torch, self.dtype))
+        net.load_state_dict({k: torch.as_tensor(a) for k, a in zip(keys, saved)})
         net.eval()
-        self._net, self._likelihood = net, meta["likelihood"]
+        self._net, self._likelihood = net, likelihood
         self.elbo_, self.train_elbo_, self.validation_elbo_ = meta["elbo"], meta["train_elbo"], meta["validation_elbo"]
         self.best_epoch_, self.converged_ = meta["best_epoch"], meta["converged"]
         self.active_ = (self.relevance_ > ACTIVE_KL).rename("active")
