@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fpr", type=float, default=None, help="slalom: annotation false-positive rate (default 0.01)")
     p.add_argument("--fnr", type=float, default=None, help="slalom: annotation false-negative rate (default 0.001)")
     p.add_argument("--loss", choices=["frobenius", "kl"], default=None, help="nmf: frobenius (log data) or kl (counts)")
-    p.add_argument("--likelihood", choices=["poisson", "nb", "zip", "zinb", "gaussian"], default=None,
+    p.add_argument("--likelihood", choices=["poisson", "nb", "zip", "zinb", "gaussian", "normal"], default=None,
                    help="observation model of the models that take one (vae, gmvae): counts (poisson, nb, zip, "
                         "zinb; raw integer counts) or gaussian (log-normalised data)")
     p.add_argument("--n-clusters", type=int, default=None, metavar="C", help="gmvae: mixture components")

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,9 +38,13 @@ import torch
 from tqdm.auto import tqdm
 
 __all__ = ["resolve_device", "seed_everything", "keeps_global_random_state", "one_thread", "Task", "TrainResult",
-           "train", "fingerprint", "save_state", "load_state"]
+           "train", "fingerprint", "save_state", "load_state", "ConvergenceWarning"]
 
 log = logging.getLogger(__name__)
+
+
+class ConvergenceWarning(UserWarning):
+    """A fit stopped at ``max_epochs`` while its objective was still moving by more than ``tol``."""
 
 #: checkpoint format (state.json's "format" and "format_version")
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "pathfactor-checkpoint", 2
@@ -390,6 +395,7 @@ def train(task: Task, max_epochs: int = 200, tol: float = 1e-5, patience: int = 
     ``keep_best``: stop when the best objective has not improved by ``tol`` for ``patience`` epochs, and end with
     the task in its best epoch's state (``best_epoch``).
 
+    A run that reaches ``max_epochs`` without converging (and ``tol > 0``) warns with a :class:`ConvergenceWarning`.
     A NaN or infinite objective stops with a ``FloatingPointError`` after putting the task back to its state
     before that epoch (the last good one; also written to ``checkpoint_dir`` when given, so a fit can resume from
     it); the error carries ``history`` and ``epoch``. With ``checkpoint_dir``, resume from a checkpoint there
@@ -484,6 +490,10 @@ class _Loop:
             task.load_state_dict(self.best_state)
         log.info("%s: %d epochs, objective %.6g, converged=%s", desc, result.n_epochs, result.history[-1],
                  result.converged)
+        if not result.converged and self.tol > 0 and result.n_epochs > self.warmup:
+            how = "per observation" if getattr(task, "objective_scale", None) else "relative"
+            warnings.warn(f"{desc} did not converge in {result.n_epochs} epochs (the objective's {how} change stayed "
+                          f"above tol={self.tol:g}); raise max_epochs", ConvergenceWarning, stacklevel=3)
         return result
 
     def step(self, value: float) -> None:

@@ -557,10 +557,13 @@ SPEX_NB = [  # (key, bad input, call, expectation, bug)
 ]
 for key, bad, call, expect, bug in SPEX_NB:
     case(S, f"fit-Spex-nb-{key}", "Spex(likelihood='nb').fit", bad, call, expect, bug)
-for value in ["poisson", "NB", "gaussian"]:
+SPEX_LIKELIHOOD = "likelihood must be 'normal' (or 'gaussian': log-normalised data) or 'nb' (raw counts), got "
+for value in ["poisson", "NB"]:
     case(S, f"fit-Spex-likelihood-{value}", "Spex.fit", f"likelihood={value!r}",
          lambda c, v=value: fit("Spex", adata(counts()), {"likelihood": v}),
-         Raises(ValueError, f"likelihood must be 'normal' (log-normalised data) or 'nb' (raw counts), got {value!r}"))
+         Raises(ValueError, f"{SPEX_LIKELIHOOD}{value!r}"))
+case(S, "fit-Spex-likelihood-gaussian", "Spex.fit", "likelihood='gaussian' (the other name of 'normal')",
+     lambda c: fit("Spex", adata(counts()), {"likelihood": "gaussian"}), Works())
 SPEX_NB_NEW = [  # (key, bad input, call, expectation, bug)
     ("negative", "X - 3", lambda: fitted("Spex-nb").transform(adata(counts() - 3)), Raises(ValueError, NB_NEGATIVE),
      None),
@@ -1091,9 +1094,7 @@ CLI_NEURAL = [  # (key, arguments, expectation)
      CliError("--model vae does not use gene sets; drop --gene-sets")),
     ("vae-covariates", ["ok", "--model", "vae", "--covariates", "grp"], CliError("VAE does not take --covariates")),
     ("spex-likelihood-poisson", ["ok", "--model", "spex", "--gene-sets", "sets", "--likelihood", "poisson"],
-     CliError("likelihood must be 'normal' (log-normalised data) or 'nb' (raw counts), got 'poisson'")),
-    ("spex-likelihood-gaussian", ["logged", "--model", "spex", "--gene-sets", "sets", "--likelihood", "gaussian"],
-     CliError("likelihood must be 'normal' (log-normalised data) or 'nb' (raw counts), got 'gaussian'")),
+     CliError(f"{SPEX_LIKELIHOOD}'poisson'")),
     ("spex-nb-non-count", ["logged", "--model", "spex", "--gene-sets", "sets", "--min-set-size", "2",
                            "--likelihood", "nb"], CliError("the negative binomial likelihood needs integer counts")),
     ("vae-gaussian-log-data", ["logged", "--model", "vae", "--likelihood", "gaussian", "--n-factors", "2",

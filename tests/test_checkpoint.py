@@ -321,3 +321,10 @@ def test_fit_leaves_the_callers_random_state_alone(model):
     random.seed(11), np.random.seed(11), torch.manual_seed(11)
     getattr(pf.models, model)(max_epochs=3, progress=False, **kw).fit(data, seed=5)
     assert (random.random(), np.random.rand(), float(torch.rand(1))) == expected
+
+
+def test_unconverged_fit_warns_the_python_user(small):
+    from pathfactor.train import ConvergenceWarning
+
+    with pytest.warns(ConvergenceWarning, match="Spex did not converge in 2 epochs.*raise max_epochs"):
+        pf.models.Spex(n_dense=2, max_epochs=2, progress=False).fit(small)

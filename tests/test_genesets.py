@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import pathfactor as pf
 from pathfactor.data.genesets import GeneSets
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -270,6 +271,7 @@ def test_filter_size_and_fraction(caplog):
     assert "kept 2 of 4 gene sets; 20 of the data's 40 genes" in caplog.text
     assert f.match_report == {
         "n_sets_in": 4, "n_sets_kept": 2, "n_genes_matched": 20, "n_genes_data": 40,
+        "dropped": {"small": (5, 5), "big": (40, 40)},
     }
     assert gs.filter(var, min_size=10, max_size=30, min_fraction=0.6).names == ["mid"]
     assert gs.filter(var, min_size=5, max_size=5).names == ["small"]  # bounds inclusive
@@ -352,3 +354,18 @@ def test_jaccard_matrix():
     gs = GeneSets({"A": ["x", "y"], "B": ["y", "z"], "C": ["q"]})
     J = gs.jaccard().toarray()
     np.testing.assert_allclose(J, [[1, 1 / 3, 0], [1 / 3, 1, 0], [0, 0, 1]])
+
+
+def test_dropped_sets_are_named_in_a_warning_and_the_match_report():
+    sets = pf.GeneSets({"big": [f"g{i}" for i in range(20)], "small": ["g0", "g1", "g2"]})
+    with pytest.warns(UserWarning, match=r"1 of 2 gene sets were dropped.*small \(3 of 3 genes matched\)"):
+        kept = sets.filter([f"g{i}" for i in range(30)], min_size=5)
+    assert kept.names == ["big"] and kept.match_report["dropped"] == {"small": (3, 3)}
+
+
+def test_bundled_collection_by_name_in_fit():
+    adata = pf.datasets.mesc()
+    m = pf.models.Spex(max_epochs=2, progress=False)
+    with pytest.warns(UserWarning):
+        m.fit(adata, annotations="hallmark")
+    assert "HALLMARK_G2M_CHECKPOINT" in m.loadings_.columns

@@ -13,18 +13,11 @@ from importlib import resources
 
 import anndata as ad
 
-from pathfactor.data.genesets import GeneSets
+from pathfactor.data.genesets import BUNDLED, GeneSets, bundled_gene_sets
 
 __all__ = ["mesc", "gene_sets", "available"]
 
 _MESC_FILE = "buettner2015_mesc_cellcycle.h5ad"
-_GENE_SETS = {
-    "hallmark": ("hallmark_v7.5.1.gmt", "MSigDB Hallmark v7.5.1, 50 sets, human symbols"),
-    "reactome_mouse": (
-        "reactome_subset_mouse.gmt",
-        "Reactome subset from Bioconductor slalom, 30 sets, mouse symbols",
-    ),
-}
 
 
 def _file(name: str):
@@ -46,7 +39,7 @@ def mesc() -> ad.AnnData:
 
 def available() -> list[str]:
     """Names accepted by :func:`gene_sets`."""
-    return list(_GENE_SETS)
+    return list(BUNDLED)
 
 
 def gene_sets(name: str) -> GeneSets:
@@ -55,9 +48,4 @@ def gene_sets(name: str) -> GeneSets:
     Human sets apply to mouse data through the case-insensitive matching of
     :meth:`GeneSets.filter` / :meth:`GeneSets.match`.
     """
-    key = name.lower() if isinstance(name, str) else name
-    if key not in _GENE_SETS:
-        known = ", ".join(f"{k!r} ({d})" for k, (_, d) in _GENE_SETS.items())
-        raise ValueError(f"unknown gene set collection {name!r}; known ones: {known}")
-    with resources.as_file(_file(_GENE_SETS[key][0])) as path:
-        return GeneSets.read_gmt(path)
+    return bundled_gene_sets(name)

@@ -15,6 +15,7 @@ import gzip
 import json
 import zlib
 import logging
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from os import PathLike
 from pathlib import Path
@@ -546,12 +547,22 @@ class GeneSets:
             raise ValueError(msg)
         kept = matched.subset([nm for nm, k in zip(matched.names, keep) if k])
         n_genes = len(kept.genes)
+        dropped = {str(nm): (int(a), int(b)) for nm, a, b, k in zip(matched.names, n, orig, keep) if not k}
         kept.match_report = {
             "n_sets_in": len(self),
             "n_sets_kept": len(kept),
             "n_genes_matched": n_genes,
             "n_genes_data": len(var),
+            "dropped": dropped,  # name -> (genes matched, genes in the set)
         }
+        if dropped:
+            closest = sorted(dropped.items(), key=lambda item: -item[1][0])
+            named = ", ".join(f"{nm} ({a} of {b} genes matched)" for nm, (a, b) in closest[:10])
+            more = f" and {len(dropped) - 10} more" if len(dropped) > 10 else ""
+            warnings.warn(f"{len(dropped)} of {len(self)} gene sets were dropped (a set needs {min_size} to {max_size} "
+                          f"genes among the data's{f', and {min_fraction:.0%} of its own,' if min_fraction else ''} genes): "
+                          f"{named}{more}; change min_size / max_size to keep them (match_report['dropped'] lists "
+                          "all)", UserWarning, stacklevel=2)
         logger.info(
             "kept %d of %d gene sets; %d of the data's %d genes are in at least one kept set",
             len(kept), len(self), n_genes, len(var),
@@ -648,13 +659,35 @@ class GeneSets:
         return GeneSets(sets, desc)
 
 
+#: gene-set collections shipped with pathfactor: name -> (file in pathfactor/data/files, description)
+BUNDLED = {
+    "hallmark": ("hallmark_v7.5.1.gmt", "MSigDB Hallmark v7.5.1, 50 sets, human symbols"),
+    "reactome_mouse": ("reactome_subset_mouse.gmt", "Reactome subset from Bioconductor slalom, 30 sets, mouse symbols"),
+}
+
+
+def bundled_gene_sets(name: str) -> GeneSets:
+    """A bundled collection by name (see :data:`BUNDLED`), case-insensitively."""
+    from importlib import resources
+
+    key = name.lower() if isinstance(name, str) else name
+    if key not in BUNDLED:
+        known = ", ".join(f"{k!r} ({d})" for k, (_, d) in BUNDLED.items())
+        raise ValueError(f"unknown gene set collection {name!r}; known ones: {known}")
+    with resources.as_file(resources.files("pathfactor.data").joinpath("files", BUNDLED[key][0])) as path:
+        return GeneSets.read_gmt(path)
+
+
 def as_gene_sets(annotations) -> GeneSets | None:
-    """GeneSets from a GeneSets, a {name: genes} mapping, a genes x terms boolean DataFrame, a file path, or a
-    list of those (merged)."""
+    """GeneSets from a GeneSets, a {name: genes} mapping, a genes x terms boolean DataFrame, a file path, the name
+    of a bundled collection (``"hallmark"``, ``"reactome_mouse"``: a file of that name wins), or a list of those
+    (merged)."""
     if annotations is None:
         return None
     if isinstance(annotations, GeneSets):
         return annotations
+    if isinstance(annotations, str) and annotations.lower() in BUNDLED and not Path(annotations).exists():
+        return bundled_gene_sets(annotations)
     if isinstance(annotations, (str, PathLike)):
         return GeneSets.read(annotations)
     if isinstance(annotations, pd.DataFrame):

@@ -257,8 +257,6 @@ class Autoencoder(LatentModel):
                                 lambda_l1=self.lambda_l1, lambda_group=self.lambda_group, lr=self.lr,
                                 batch_size=self.batch_size, generator=generator)
         result = train(task, max_epochs=self.max_epochs, tol=self.tol, progress=self.progress, desc="Autoencoder")
-        if not result.converged:
-            log.info("Autoencoder stopped after %d epochs without meeting tol=%g", self.max_epochs, self.tol)
 
         encoder.eval()
         self._encoder = encoder

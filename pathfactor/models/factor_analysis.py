@@ -120,9 +120,6 @@ class FactorAnalysis(LatentModel):
         W0, sigma2 = mle(Y, K)
         task = _FAEM(Y, W0, sigma2.double().expand(G))
         result = train(task, max_epochs=self.max_epochs, tol=self.tol, progress=self.progress, desc="FactorAnalysis")
-        if not result.converged:
-            log.warning("FactorAnalysis did not converge in %d epochs (relative change above tol=%g); raise max_epochs",
-                        self.max_epochs, self.tol)
         W, psi = task.W, task.psi
         R = principal_rotation(W, metric=1 / psi)
         R = R * torch.as_tensor(orient((W @ R).cpu().numpy()), dtype=R.dtype, device=dev)

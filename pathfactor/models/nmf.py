@@ -555,9 +555,6 @@ class NMF(LatentModel):
             task = _MultiplicativeUpdates(pattern, y, m, X, W, self._loss)
             result = train(task, max_epochs=self.max_epochs, tol=self.tol, progress=self.progress, desc="NMF")
             relevance = _relevance(pattern, y, m, task.X, task.W)
-        if self.tol > 0 and not result.converged:
-            log.warning("NMF did not converge in %d epochs (relative loss change above tol=%g); raise max_epochs",
-                        self.max_epochs, self.tol)
 
         X, W = task.X.double().cpu().numpy() * unit, task.W.double().cpu().numpy()
         loss_unit = unit**2 if self._loss == "frobenius" else unit  # the loss in the data's units

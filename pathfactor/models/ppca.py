@@ -396,9 +396,6 @@ class PPCA(LatentModel):
             result = train(task, max_epochs=self.max_epochs, tol=self.tol, progress=self.progress,
                            desc=f"PPCA-{self.method}")
             history, self.converged_ = result.history, result.converged
-            if not result.converged:
-                log.warning("PPCA(method=%r) did not converge in %d epochs (relative change above tol=%g); "
-                            "raise max_epochs", self.method, self.max_epochs, self.tol)
             W = task.M_W if self.method == "vi" else task.W
             sigma2 = task.b / (task.a - 1) if self.method == "vi" else task.sigma2
 

@@ -422,9 +422,6 @@ class Slalom(LatentModel):
         order = _update_order(Y_resid, X0, mask_t)
         vi = SlalomVI(Y, Zt, torch.as_tensor(pi, dtype=dt, device=dev), X0, order=order, switch_off=self.switch_off)
         result = train(vi, max_epochs=self.max_epochs, tol=self.tol, progress=self.progress, desc="Slalom")
-        if not result.converged:
-            log.warning("Slalom did not converge in %d epochs (relative ELBO change above tol=%g); raise max_epochs",
-                        self.max_epochs, self.tol)
         vi.update_factors()  # scores given the final loadings and noise: what transform() gives for these cells
 
         W = vi.W.T.double().cpu().numpy()

@@ -88,7 +88,7 @@ class Spex(LatentModel):
         of that many cells (natural-gradient steps for the global factors), for data with very many cells.
     posterior : "blocked" (default): one joint Gaussian over each gene's loadings and covariate effects;
         "mean-field": q(W) q(B) apart, as MuVI does (seed 000's comparison: biased B, too-narrow intervals).
-    likelihood : "normal" (default; log-normalised or scaled data) or "nb": raw counts under a negative binomial
+    likelihood : "normal" (default; also spelled "gaussian"; log-normalised or scaled data) or "nb": raw counts under a negative binomial
         with a log link and the library size as offset (``_spex_nb``; per-gene dispersion by the method of
         moments, a gene intercept, loadings in log units: a loading of 1 is an e-fold change per factor sd).
     max_epochs, tol : stop after ``max_epochs`` sweeps or when the ELBO's relative change stays below ``tol``.
@@ -143,8 +143,8 @@ class Spex(LatentModel):
             raise ValueError(f"batch_size must be None or an integer >= 2, got {self.batch_size!r}")
         if self.posterior not in ("blocked", "mean-field"):
             raise ValueError(f"posterior must be 'blocked' or 'mean-field', got {self.posterior!r}")
-        if self.likelihood not in ("normal", "nb"):
-            raise ValueError(f"likelihood must be 'normal' (log-normalised data) or 'nb' (raw counts), "
+        if self.likelihood not in ("normal", "gaussian", "nb"):
+            raise ValueError(f"likelihood must be 'normal' (or 'gaussian': log-normalised data) or 'nb' (raw counts), "
                              f"got {self.likelihood!r}")
         if self.likelihood == "nb" and (self.batch_size is not None or self.posterior != "blocked"):
             raise ValueError("likelihood='nb' fits all cells at once with the blocked posterior; "
@@ -176,7 +176,7 @@ class Spex(LatentModel):
         # rows streamed from a backed .h5ad and/or shared among the processes of a data-parallel fit
         comm = distributed.current()
         reduce = None if comm is None else comm.reduce
-        streamed = self.likelihood == "normal" and (comm is not None or stream.is_backed(data, layer))
+        streamed = self.likelihood != "nb" and (comm is not None or stream.is_backed(data, layer))
         matrix = stream.backed_matrix(data) if streamed and stream.is_backed(data, layer) else as_matrix(data, layer)
         N, G = matrix.shape
         mask, term_names = annotation_mask(annotations, matrix.var_names, self.min_set_size, self.max_set_size,
@@ -234,9 +234,6 @@ class Spex(LatentModel):
         progress = self.progress and (comm is None or comm.rank == 0)
         result = train(vi, max_epochs=self.max_epochs, tol=self.tol, progress=progress,
                        desc=type(self).__name__, checkpoint_dir=checkpoint_dir, fingerprint=owner)
-        if not result.converged:
-            log.warning("Spex did not converge in %d epochs (relative ELBO change above tol=%g); raise max_epochs",
-                        self.max_epochs, self.tol)
 
         # results, each factor oriented so that its gene set's loadings point up
         M = vi.M.double().cpu().numpy()
