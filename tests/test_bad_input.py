@@ -1076,8 +1076,6 @@ CLI_NEURAL = [  # (key, arguments, expectation)
      CliError("argument --likelihood: invalid choice: 'bernoulli' (choose from", usage=True)),
     ("gmvae-likelihood-upper-case", ["ok", "--model", "gmvae", "--likelihood", "NB"],
      CliError("argument --likelihood: invalid choice: 'NB'", usage=True)),
-    ("vae-likelihood-normal", ["logged", "--model", "vae", "--likelihood", "normal"],
-     CliError("argument --likelihood: invalid choice: 'normal'", usage=True)),
     ("vae-too-many-latent", ["ok", "--model", "vae", "--n-factors", "20"],
      CliError("n_latent=20 needs fewer latent dimensions than the data's 20 genes")),
     ("vae-n-factors-zero", ["ok", "--model", "vae", "--n-factors", "0"],

@@ -51,12 +51,13 @@ def test_fit_gmvae_writes_clusters(counts_file, tmp_path):
     assert res.uns["gmvae"]["params"]["n_clusters"] == 2 and res.uns["gmvae"]["params"]["likelihood"] == "nb"
 
 
-def test_gaussian_likelihood_on_log_data(counts_file, tmp_path):
+@pytest.mark.parametrize("name", ["gaussian", "normal"])
+def test_gaussian_likelihood_on_log_data(counts_file, tmp_path, name):
     logged = ad.read_h5ad(counts_file)
     logged.X = np.log1p(logged.X)
     path = tmp_path / "log.h5ad"
     logged.write_h5ad(path)
-    assert main(["fit", str(path), "--model", "vae", "--likelihood", "gaussian", "--n-factors", "2",
+    assert main(["fit", str(path), "--model", "vae", "--likelihood", name, "--n-factors", "2",
                  "--max-epochs", "3", "--out", str(tmp_path / "o.h5ad"), "--quiet"]) == 0
 
 
