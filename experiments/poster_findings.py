@@ -80,10 +80,10 @@ def finding1(seed: int, out: Path) -> dict:
     signal = X_true @ W_true.T
     signal = signal - signal.mean(0)
     makers = {
-        "PCA": lambda: PCA(2),
-        "PPCA-MLE": lambda: PPCA(2, method="mle", progress=False, dtype="float64"),
-        "PPCA-MAP": lambda: PPCA(2, method="map", progress=False, dtype="float64"),
-        "PPCA-VI": lambda: PPCA(2, method="vi", progress=False, dtype="float64"),
+        "PCA": lambda: PCA(n_factors=2),
+        "PPCA-MLE": lambda: PPCA(n_factors=2, method="mle", progress=False, dtype="float64"),
+        "PPCA-MAP": lambda: PPCA(n_factors=2, method="map", progress=False, dtype="float64"),
+        "PPCA-VI": lambda: PPCA(n_factors=2, method="vi", progress=False, dtype="float64"),
     }
     fits, rows = {}, {}
     for name, make in makers.items():
@@ -167,9 +167,9 @@ def finding2(seed: int, out: Path, c: float = 2.5, sigma2: float = 0.1) -> dict:
     groups = adata.obs["group"].astype(str).to_numpy()
     c_true = adata.var["c_true"].to_numpy()
     fits, rows = {}, {}
-    for name, make in {"PCA": lambda: PCA(1),
-                       "PPCA-MAP": lambda: PPCA(1, method="map", progress=False, dtype="float64"),
-                       "PPCA-VI": lambda: PPCA(1, method="vi", progress=False, dtype="float64")}.items():
+    for name, make in {"PCA": lambda: PCA(n_factors=1),
+                       "PPCA-MAP": lambda: PPCA(n_factors=1, method="map", progress=False, dtype="float64"),
+                       "PPCA-VI": lambda: PPCA(n_factors=1, method="vi", progress=False, dtype="float64")}.items():
         fits[name], rows[name] = _fit(name, make, adata, seed=seed)
     for name, kwargs in {"Supervised (blocked)": {}, "Supervised (mean-field)": {"posterior": "mean-field"},
                          "Supervised (two-step OLS + PPCA)": {"two_step": True}}.items():

@@ -1,4 +1,9 @@
-"""pathfactor: interpretable gene programs from single-cell data with prior knowledge and interventions."""
+"""pathfactor: interpretable gene programs from single-cell data with prior knowledge and interventions.
+
+The submodules load when first used (``pf.models``, ``pf.tl``, ...), so that ``pathfactor --help`` does not wait
+for torch, scanpy and anndata to import.
+"""
+import importlib
 import logging
 import os
 
@@ -8,11 +13,33 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 __version__ = "0.1.0"
 
-from . import datasets, evaluate, models  # noqa: E402
-from .data import simulate  # noqa: E402
-from .data.genesets import GeneSets  # noqa: E402
-from .models import load  # noqa: E402
-
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["GeneSets", "datasets", "evaluate", "models", "simulate", "load", "__version__"]
+#: attribute -> (module, name in it or None for the module itself), imported on first access
+_LAZY = {
+    "datasets": ("pathfactor.datasets", None),
+    "evaluate": ("pathfactor.evaluate", None),
+    "models": ("pathfactor.models", None),
+    "simulate": ("pathfactor.data.simulate", None),
+    "distributed": ("pathfactor.distributed", None),
+    "tl": ("pathfactor.tl", None),
+    "pl": ("pathfactor.pl", None),
+    "GeneSets": ("pathfactor.data.genesets", "GeneSets"),
+    "load": ("pathfactor.models", "load"),
+}
+
+__all__ = ["GeneSets", "datasets", "evaluate", "models", "simulate", "load", "tl", "pl", "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'pathfactor' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module)
+    value = value if attr is None else getattr(value, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

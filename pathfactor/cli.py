@@ -25,6 +25,9 @@ log = logging.getLogger("pathfactor.cli")
 PROG = "pathfactor"
 #: exit status for bad input (as argparse uses for bad arguments)
 EXIT_BAD_INPUT = 2
+#: ``pathfactor simulate KIND``: the keys of ``pathfactor.data.simulate.SIMULATORS`` (a test checks they agree;
+#: listed here so that ``--help`` does not import the simulators' numpy / anndata)
+SIMULATOR_KINDS = ["annotations", "ppca"]
 #: errors that mean "the input is wrong": reported in one line, no traceback
 INPUT_ERRORS = (ValueError, FileNotFoundError, KeyError, EOFError, OSError, FloatingPointError)
 
@@ -255,6 +258,7 @@ def cmd_demo(args) -> int:
 
 def cmd_fit(args) -> int:
     from .memory import check_fit_memory, format_bytes
+    from .models._adata import check_key
     from .report import write_report  # noqa: F401  (fail early if the report module is broken)
 
     spec = MODELS[args.model]
@@ -269,6 +273,8 @@ def cmd_fit(args) -> int:
     adata = _read_h5ad(args.input)
     covariates = _split_columns(args.covariates)
     _check_obs_column(adata, args.color_by, "--color-by")
+    key = args.key or model.key
+    check_key(adata, key)  # a key another tool wrote (e.g. scanpy's pca, umap) is refused before the fit
     sets = read_gene_sets(args.gene_sets) if args.gene_sets else None
     fit_kwargs = _fit_kwargs(model, annotations=sets, layer=args.layer, covariates=covariates, device=args.device,
                              seed=args.seed, weights=args.weights_layer, checkpoint_dir=args.checkpoint)
@@ -276,13 +282,13 @@ def cmd_fit(args) -> int:
                             device=fit_kwargs.get("device"))  # refuses a fit whose memory does not fit
     log.info("fitting %r%s", model, "" if need is None else f" (about {format_bytes(need)} of memory)")
     model.fit(adata, **fit_kwargs)
-    model.write(adata)
+    model.write(adata, key=key)
     _write_h5ad(adata, args.out)
     if args.save_model:
         log.info("saved the model to %s", model.save(args.save_model))
     report = None
     if args.report:
-        report = write_report(adata, args.report, key=model.key, color_by=args.color_by)
+        report = write_report(adata, args.report, key=key, color_by=args.color_by)
         log.info("wrote %s", report)
     n_ann = int((model.factor_kinds_ == "annotated").sum())
     print(f"{type(model).__name__}: {len(model.factor_kinds_)} factors ({n_ann} annotated), "
@@ -346,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     models = ", ".join(f"{name} ({spec.help})" for name, spec in MODELS.items())
     p = sub.add_parser("fit", help="fit a model to an .h5ad file",
                        description=f"Fit a latent factor model to INPUT.h5ad and write the results to OUT.h5ad "
-                                   f"(obsm['X_<key>'], varm['<key>_loadings'], uns['<key>']). Models: {models}.")
+                                   f"(obsm['X_<key>'], varm['<key>_loadings'], uns['<key>'], obs['<key>_<factor>'] "
+                                   f"for the most relevant factors; --key). Models: {models}.")
     p.add_argument("input", metavar="INPUT.h5ad")
     p.add_argument("--model", choices=sorted(MODELS), default="spex", help="model (default spex)")
     p.add_argument("--gene-sets", action="append", metavar="FILE",
@@ -385,15 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="save the training state to DIR every few epochs and resume from it (spex, supervised)")
     p.add_argument("--save-model", default=None, metavar="DIR", help="save the fitted model (JSON + npz) to DIR")
+    p.add_argument("--key", default=None, metavar="NAME",
+                   help="write the results under NAME: obsm['X_NAME'], varm['NAME_loadings'], uns['NAME'] and obs "
+                        "columns NAME_<factor> for the 10 most relevant factors (default: the model's key, e.g. "
+                        "spex, pf_pca); keys another tool wrote are refused")
     common(p)
     p.set_defaults(func=cmd_fit)
 
-    from .data.simulate import SIMULATORS
-
     p = sub.add_parser("simulate", help="write a simulated data set with its ground truth",
                        description="Simulate data with known factors; options a simulator does not take are errors.")
-    p.add_argument("kind", choices=sorted(SIMULATORS), metavar="KIND",
-                   help=f"one of: {', '.join(sorted(SIMULATORS))}")
+    p.add_argument("kind", choices=SIMULATOR_KINDS, metavar="KIND", help=f"one of: {', '.join(SIMULATOR_KINDS)}")
     p.add_argument("--out", required=True, metavar="FILE.h5ad")
     p.add_argument("--n-cells", type=int, default=None, metavar="N")
     p.add_argument("--n-genes", type=int, default=None, metavar="G")
@@ -406,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write an HTML report of results stored in an .h5ad file")
     p.add_argument("input", metavar="RESULT.h5ad")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--key", default="spex", help="results key (default spex)")
+    p.add_argument("--key", default="spex", help="results key, as given to fit --key (default spex; the models' "
+                                                 "own keys: spex, pf_pca, ppca, fa, nmf, ...)")
     p.add_argument("--color-by", default=None, metavar="COL", help="obs column to colour the plots by")
     common(p, seed=False)
     p.set_defaults(func=cmd_report)

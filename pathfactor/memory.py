@@ -17,6 +17,7 @@ networks, the weights with their gradients and Adam moments.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 __all__ = ["InsufficientMemoryError", "memory_estimate", "fit_memory_estimate", "available_memory",
@@ -74,8 +75,10 @@ def _n_factors(model, var_names, annotations) -> int:
         return free
     from .data.genesets import annotation_mask
 
-    mask, _ = annotation_mask(annotations, var_names, model.min_set_size, model.max_set_size,
-                              getattr(model, "min_set_fraction", 0.0))
+    with warnings.catch_warnings():  # "N gene sets were dropped": the fit says it, once
+        warnings.simplefilter("ignore")
+        mask, _ = annotation_mask(annotations, var_names, model.min_set_size, model.max_set_size,
+                                  getattr(model, "min_set_fraction", 0.0))
     if type(model).__name__ == "NMF":  # gene sets are factors; n_factors counts them
         return max(free, mask.shape[1])
     return free + mask.shape[1]

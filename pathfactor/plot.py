@@ -13,7 +13,8 @@ from matplotlib.patches import Patch
 
 from .evaluate import ACTIVE_FRACTION, active_mask
 
-__all__ = ["relevance", "top_loadings", "factor_scores", "scores_scatter", "KIND_COLORS"]
+__all__ = ["relevance", "top_loadings", "factor_scores", "scores_scatter", "embedding_panels", "group_heatmap",
+           "group_order", "group_colors", "KIND_COLORS"]
 
 #: Colour of each factor kind; other kinds get grey.
 KIND_COLORS = {"annotated": "#3b75af", "sparse": "#ef8636", "dense": "#8c8c8c"}
@@ -131,20 +132,37 @@ def _as_groups(groups, index: pd.Index) -> pd.Series:
     return g
 
 
+def group_order(groups) -> list:
+    """The one order of groups for every figure: a categorical's categories (those present, in their order),
+    otherwise the sorted distinct values (numbers numerically, anything else as text)."""
+    g = pd.Series(groups)
+    if isinstance(g.dtype, pd.CategoricalDtype):
+        present = set(g.dropna().unique())
+        return [c for c in g.cat.categories if c in present]
+    values = g.dropna().unique().tolist()
+    numeric = pd.api.types.is_numeric_dtype(g.dtype) and not pd.api.types.is_bool_dtype(g.dtype)
+    return sorted(values) if numeric else sorted(values, key=str)
+
+
+def group_colors(order) -> dict:
+    """A colour per group, by position in ``order`` (tab10, tab20 beyond ten groups)."""
+    cmap = plt.get_cmap("tab10" if len(order) <= 10 else "tab20")
+    return {group: cmap(i % cmap.N) for i, group in enumerate(order)}
+
+
 def _group_order(values: pd.Series, groups: pd.Series, sort: str) -> list:
     ordered = isinstance(groups.dtype, pd.CategoricalDtype) and groups.cat.ordered
     if sort == "median" and not ordered:
         return values.groupby(groups, observed=True).median().sort_values(ascending=False).index.tolist()
-    if isinstance(groups.dtype, pd.CategoricalDtype):
-        return [c for c in groups.cat.categories if (groups == c).any()]
-    return sorted(groups.dropna().unique(), key=str)
+    return group_order(groups)
 
 
 def factor_scores(scores: pd.Series, groups: pd.Series | None = None, ax=None, sort: str = "median",
-                  max_points: int = 1500, seed: int = 0):
+                  max_points: int = 1500, seed: int = 0, order=None, colors: dict | None = None):
     """Factor scores per cell: violins with jittered points, one per group (``sort="median"``: highest median
-    first; ``"label"``: category / alphabetical order; ordered categoricals keep their order). Without ``groups``,
-    a histogram."""
+    first; ``"label"``: category / alphabetical order; ordered categoricals keep their order; ``order``, a list
+    of groups, overrides ``sort``). ``colors`` (group -> colour) colours the violins. Without ``groups``, a
+    histogram."""
     s = pd.Series(scores, dtype=float)
     name = s.name if s.name is not None else "score"
     if groups is None:
@@ -157,30 +175,55 @@ def factor_scores(scores: pd.Series, groups: pd.Series | None = None, ax=None, s
     g = _as_groups(groups, s.index)
     keep = g.notna() & s.notna()
     s, g = s[keep], g[keep]
-    order = _group_order(s, g, sort)
+    order = _group_order(s, g, sort) if order is None else [o for o in order if (g == o).any()]
     ax = _axes(ax, max(4.0, 1.0 + 0.55 * len(order)), 3.6)
+    low, high = _robust_limits(s.to_numpy())
     rng = np.random.default_rng(seed)
+    alpha = float(np.clip(400 / max(len(s) / max(len(order), 1), 1), 0.15, 0.5))
     for i, group in enumerate(order):
         v = s[(g == group).to_numpy()].to_numpy()
-        if len(v) > 1 and np.ptp(v) > 0:
-            parts = ax.violinplot(v, positions=[i], widths=0.8, showextrema=False)
+        inside = v[(v >= low) & (v <= high)]
+        if len(inside) > 1 and np.ptp(inside) > 0:
+            parts = ax.violinplot(inside, positions=[i], widths=0.8, showextrema=False)
             for body in parts["bodies"]:
-                body.set(facecolor=KIND_COLORS["annotated"], edgecolor="none", alpha=0.35)
+                color = (colors or {}).get(group, KIND_COLORS["annotated"])
+                body.set(facecolor=color, edgecolor="none", alpha=0.45 if colors else 0.35)
         shown = v if len(v) <= max_points else rng.choice(v, max_points, replace=False)
-        ax.scatter(i + rng.uniform(-0.18, 0.18, len(shown)), shown, s=4, color="0.15", alpha=0.5, lw=0)
+        ax.scatter(i + rng.uniform(-0.18, 0.18, len(shown)), np.clip(shown, low, high), s=4, color="0.15",
+                   alpha=alpha, lw=0)
+        for edge, marker in ((low, "v"), (high, "^")):
+            off = (v < low) if marker == "v" else (v > high)
+            if off.any():
+                ax.plot(i, edge, marker, color="0.15", ms=5)
         ax.hlines(np.median(v), i - 0.3, i + 0.3, color="black", lw=1.5)
+    off_scale = int(((s < low) | (s > high)).sum())
+    if off_scale:
+        ax.set_ylim(low - 0.04 * (high - low), high + 0.04 * (high - low))
+        ax.annotate(f"▲▼ {off_scale} cell{'s' if off_scale > 1 else ''} off scale, drawn at the edge",
+                    (0.0, 1.0), xycoords="axes fraction", va="bottom", fontsize=7, color="0.3")
     ax.set_xticks(np.arange(len(order)), [str(o) for o in order], rotation=45 if len(order) > 4 else 0,
                   ha="right" if len(order) > 4 else "center")
-    ax.set_ylabel(f"{name} score")
+    ax.set_ylabel(_wrap(f"{name} score", 30))
     if g.name is not None:
         ax.set_xlabel(str(g.name))
     ax.spines[["top", "right"]].set_visible(False)
     return ax
 
 
-def scores_scatter(x: pd.Series, y: pd.Series, groups=None, ax=None, s: float | None = None):
+def _robust_limits(values: np.ndarray, tail: float = 0.005, pad: float = 0.15) -> tuple[float, float]:
+    """Axis limits that keep all but far outliers: the central 99 % of ``values`` widened by ``pad`` of its
+    range on each side, never beyond the data."""
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return -1.0, 1.0
+    lo, hi = np.quantile(values, [tail, 1 - tail])
+    span = (hi - lo) or 1.0
+    return max(lo - pad * span, values.min()), min(hi + pad * span, values.max())
+
+
+def scores_scatter(x: pd.Series, y: pd.Series, groups=None, ax=None, s: float | None = None, order=None):
     """Two factors' scores against each other, coloured by ``groups``: categorical groups get a palette and a
-    legend, numeric groups a colourbar."""
+    legend (in ``order``, by default :func:`group_order`), numeric groups a colourbar."""
     x, y = pd.Series(x, dtype=float), pd.Series(y, dtype=float)
     ax = _axes(ax, 6.2, 4.6)
     size = s if s is not None else float(np.clip(3000 / max(len(x), 1), 2, 30))
@@ -194,15 +237,152 @@ def scores_scatter(x: pd.Series, y: pd.Series, groups=None, ax=None, s: float | 
             points = ax.scatter(x, y, c=g.to_numpy(dtype=float), s=size, cmap="viridis", lw=0)
             ax.figure.colorbar(points, ax=ax, label=str(g.name) if g.name is not None else None)
         else:
-            order = _group_order(x, g, "label")
-            cmap = plt.get_cmap("tab10" if len(order) <= 10 else "tab20")
-            for i, group in enumerate(order):
+            order = group_order(g) if order is None else list(order)
+            for group, color in group_colors(order).items():
                 idx = (g == group).to_numpy()
-                ax.scatter(x.to_numpy()[idx], y.to_numpy()[idx], s=size, color=cmap(i % cmap.N), lw=0, alpha=0.8,
-                           label=str(group))
+                if idx.any():
+                    ax.scatter(x.to_numpy()[idx], y.to_numpy()[idx], s=size, color=color, lw=0, alpha=0.8,
+                               label=str(group))
             ax.legend(title=str(g.name) if g.name is not None else None, loc="upper left", bbox_to_anchor=(1.01, 1),
                       frameon=False, markerscale=max(1.0, 30 / size) ** 0.5, fontsize="small")
     ax.set_xlabel(str(x.name) if x.name is not None else "factor 1")
     ax.set_ylabel(str(y.name) if y.name is not None else "factor 2")
     ax.spines[["top", "right"]].set_visible(False)
     return ax
+
+
+def _wrap(name: str, width: int = 26) -> str:
+    """``name`` broken into lines of at most ``width`` characters at underscores (long gene-set names)."""
+    lines, line = [], ""
+    for part in str(name).split("_"):
+        piece = part if not line else f"{line}_{part}"
+        if line and len(piece) > width:
+            lines.append(line + "_")
+            line = part
+        else:
+            line = piece
+    return "\n".join([*lines, line])
+
+
+def _subsample(n: int, max_points: int, seed: int) -> np.ndarray:
+    if n <= max_points:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
+
+
+def _colorbar(ax, points) -> None:
+    """A slim colour bar just right of ``ax`` that leaves every panel the same size."""
+    bar = ax.figure.colorbar(points, cax=ax.inset_axes([1.03, 0.12, 0.045, 0.76]))
+    bar.ax.tick_params(labelsize=7)
+
+
+def _score_panel(ax, xy: np.ndarray, values: np.ndarray, size: float, title: str) -> None:
+    """One embedding coloured by a factor's scores: diverging around 0 when the scores take both signs."""
+    order = np.argsort(np.abs(values))  # strongest cells on top
+    lo, hi = np.nanpercentile(values, [1, 99])
+    if lo < 0 < hi:
+        limit = max(-lo, hi)
+        style = dict(cmap="RdBu_r", vmin=-limit, vmax=limit)
+    else:
+        style = dict(cmap="viridis", vmin=lo, vmax=hi)
+    points = ax.scatter(xy[order, 0], xy[order, 1], c=values[order], s=size, lw=0, rasterized=True, **style)
+    _colorbar(ax, points)
+    ax.set_title(_wrap(title), fontsize=8.5)
+
+
+def _group_panel(ax, xy: np.ndarray, groups: pd.Series, order, size: float) -> None:
+    """One embedding coloured by the cells' groups (same colours and order as every other figure); the legend
+    goes right of the whole figure."""
+    name = str(groups.name) if groups.name is not None else "group"
+    numeric = pd.api.types.is_numeric_dtype(groups.dtype) and not pd.api.types.is_bool_dtype(groups.dtype)
+    if numeric and not isinstance(groups.dtype, pd.CategoricalDtype):
+        points = ax.scatter(xy[:, 0], xy[:, 1], c=groups.to_numpy(dtype=float), s=size, lw=0, cmap="viridis",
+                            rasterized=True)
+        _colorbar(ax, points)
+    else:
+        values = groups.to_numpy()
+        for group, color in group_colors(order).items():
+            idx = values == group
+            ax.scatter(xy[idx, 0], xy[idx, 1], s=size, color=color, lw=0, label=str(group), rasterized=True)
+        ax.figure.legend(*ax.get_legend_handles_labels(), title=name, loc="upper left", bbox_to_anchor=(0.985, 0.93),
+                         frameon=False, fontsize=8, title_fontsize=8.5, markerscale=max(1.0, 36 / size) ** 0.5,
+                         ncol=1 if len(order) <= 16 else 2)
+    ax.set_title(_wrap(name), fontsize=8.5)
+
+
+def embedding_panels(embedding, scores: pd.DataFrame, groups=None, order=None, ncols: int = 4,
+                     basis: str = "UMAP", max_points: int = 20000, seed: int = 0):
+    """Small multiples of a 2-D embedding (cells x 2, e.g. ``obsm["X_umap"]``): one panel coloured by ``groups``
+    (if given, groups in ``order``) and one per column of ``scores`` (cells x factors). Returns the Figure."""
+    xy = np.asarray(embedding, dtype=float)[:, :2]
+    scores = pd.DataFrame(scores)
+    if len(scores) != len(xy):
+        raise ValueError(f"embedding has {len(xy)} cells but scores have {len(scores)}")
+    keep = _subsample(len(xy), max_points, seed)
+    n_panels = scores.shape[1] + (groups is not None)
+    ncols = max(1, min(ncols, n_panels))
+    nrows = int(np.ceil(n_panels / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.9 * ncols, 2.8 * nrows), squeeze=False,
+                             gridspec_kw=dict(wspace=0.32, hspace=0.32, left=0.03, right=0.9, top=0.93, bottom=0.05))
+    size = float(np.clip(6000 / max(len(keep), 1), 0.5, 20))
+    flat = list(axes.ravel())
+    if groups is not None:
+        g = _as_groups(groups, pd.RangeIndex(len(xy))).iloc[keep]
+        _group_panel(flat.pop(0), xy[keep], g, group_order(g) if order is None else list(order), size)
+    for name in scores.columns:
+        _score_panel(flat.pop(0), xy[keep], scores[name].to_numpy(dtype=float)[keep], size, str(name))
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_aspect("equal", adjustable="datalim")
+    for ax in flat:
+        ax.set_visible(False)
+    axes[-1, 0].set_xlabel(f"{basis} 1", fontsize=8)
+    axes[-1, 0].set_ylabel(f"{basis} 2", fontsize=8)
+    return fig
+
+
+def group_heatmap(expression: pd.DataFrame, groups, order=None, blocks: pd.Series | None = None, ax=None):
+    """Each gene's (columns of ``expression``, cells x genes) mean per group of its expression z-scored across all
+    cells, so that 0 is the gene's mean and ±1 one standard deviation over cells; groups as columns in ``order``
+    (default :func:`group_order`). ``blocks`` (gene -> label, e.g. the factor a gene was picked for) labels
+    consecutive runs of genes on the right."""
+    expression = pd.DataFrame(expression)
+    g = _as_groups(groups, expression.index)
+    order = group_order(g) if order is None else [o for o in order if (g == o).any()]
+    sd = expression.std(axis=0, ddof=0).replace(0, np.nan)
+    scaled = expression.sub(expression.mean(axis=0), axis=1).div(sd, axis=1).fillna(0.0)
+    z = scaled.groupby(g.to_numpy(), sort=False).mean().reindex(order).T  # genes x groups
+    n_genes, n_groups = z.shape
+    ax = _axes(ax, 2.4 + 0.42 * n_groups + (2.2 if blocks is not None else 0), 1.4 + 0.2 * n_genes)
+    limit = max(0.5, float(np.abs(z.to_numpy()).max()))
+    image = ax.imshow(z.to_numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
+    rotate = n_groups > 4 or max((len(str(o)) for o in order), default=0) > 8
+    ax.set_xticks(np.arange(n_groups), [str(o) for o in order], rotation=45 if rotate else 0,
+                  ha="right" if rotate else "center", fontsize=8)
+    ax.set_yticks(np.arange(n_genes), [str(gene) for gene in z.index], fontsize=7.5)
+    ax.tick_params(length=0)
+    strip = ax.inset_axes([0, 1.01, 1, 0.025 * 30 / max(n_genes, 10)])
+    colors = group_colors(order)
+    strip.imshow([[colors[o] for o in order]], aspect="auto")
+    strip.set_axis_off()
+    if blocks is not None:
+        _label_blocks(ax, pd.Series(blocks).reindex(z.index).astype(str).to_numpy())
+    ax.figure.colorbar(image, ax=ax, location="bottom", shrink=0.6, aspect=25, pad=0.02,
+                       label="mean z-score of expression")
+    if g.name is not None:
+        ax.set_title(str(g.name), fontsize=9, pad=12)
+    return ax
+
+
+def _label_blocks(ax, labels: np.ndarray) -> None:
+    """Separator lines between runs of equal ``labels`` (rows) and each run's label at its middle, on the right."""
+    starts = [0] + [i for i in range(1, len(labels)) if labels[i] != labels[i - 1]]
+    ends = starts[1:] + [len(labels)]
+    for start in starts[1:]:
+        ax.axhline(start - 0.5, color="white", lw=2)
+    right = ax.secondary_yaxis("right")
+    right.set_yticks([(s + e - 1) / 2 for s, e in zip(starts, ends)], [_wrap(labels[s], 30) for s in starts],
+                     fontsize=7.5)
+    right.tick_params(length=0)
+    right.spines["right"].set_visible(False)

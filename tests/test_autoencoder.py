@@ -24,7 +24,7 @@ def fitted(sim):
 def test_recovers_the_true_mask_better_than_the_annotation(sim, fitted):
     ann, true = sim.varm["annotation"], sim.varm["mask_true"]
     W = fitted.loadings_.to_numpy()[:, :6]
-    assert list(fitted.loadings_.columns) == [f"term_{i}" for i in range(6)] + ["dense_0"]
+    assert list(fitted.loadings_.columns) == [f"term_{i}" for i in range(6)] + ["dense_1"]
     assert mask_f1(true, W) > mask_f1(true, ann.astype(float)) + 0.05
     # the off-annotation weights of annotated columns are mostly exactly zero
     assert (W[~ann] == 0).mean() > 0.7

@@ -1137,7 +1137,8 @@ def report_color_by(c):
     a = ad.read_h5ad(c.files["ok"])
     fit("PCA", a).write(a)
     a.write_h5ad(c.tmp / "res.h5ad")
-    return cli("report", c.tmp / "res.h5ad", "--key", "pca", "--color-by", "nope", "--out", c.tmp / "rep", "--quiet")
+    return cli("report", c.tmp / "res.h5ad", "--key", "pf_pca", "--color-by", "nope", "--out", c.tmp / "rep",
+               "--quiet")
 
 
 case(S, "cli-report-color-by-unknown", "pathfactor report", "--color-by nope", report_color_by,

@@ -74,8 +74,8 @@ def test_closed_form_is_tipping_bishop(n_cells, n_genes):
 
 
 def test_ppca_em_agrees_with_closed_form(sim):
-    closed = PPCA(3, **F64).fit(sim)
-    em = PPCA(3, method="em", tol=1e-10, **F64).fit(sim)
+    closed = PPCA(n_factors=3, **F64).fit(sim)
+    em = PPCA(n_factors=3, method="em", tol=1e-10, **F64).fit(sim)
     assert em.converged_
     assert em.log_likelihood_ == pytest.approx(closed.log_likelihood_, rel=1e-4)
     assert subspace_angles(em.loadings_.to_numpy(), closed.loadings_.to_numpy()).max() < 1e-3
@@ -130,7 +130,7 @@ def test_map_and_vi_approach_the_mle_as_cells_grow():
     out = {}
     for N in (100, 2000):
         Y = rng.normal(size=(N, K)) @ W_true.T + rng.normal(size=(N, G))
-        fits = {m: PPCA(K, method=m, **F64).fit(Y) for m in ("mle", "map", "vi")}
+        fits = {m: PPCA(n_factors=K, method=m, **F64).fit(Y) for m in ("mle", "map", "vi")}
         W_mle = fits["mle"].loadings_.to_numpy()
         for m in ("map", "vi"):
             W = fits[m].loadings_.to_numpy()
@@ -156,7 +156,7 @@ def test_map_and_vi_approach_the_mle_as_cells_grow():
 
 def test_fa_matches_sklearn_and_recovers_heteroscedastic_psi(hetero):
     Y, psi, K = hetero
-    fa = FactorAnalysis(K, **F64).fit(Y)
+    fa = FactorAnalysis(n_factors=K, **F64).fit(Y)
     sk = SkFA(K, tol=1e-8, max_iter=10000, svd_method="lapack").fit(Y)
     assert fa.converged_
     assert fa.log_likelihood_ == pytest.approx(sk.score(Y) * Y.shape[0], rel=1e-3)
@@ -165,7 +165,7 @@ def test_fa_matches_sklearn_and_recovers_heteroscedastic_psi(hetero):
     assert np.corrcoef(fa.Psi_, psi)[0, 1] > 0.95
     assert np.median(np.abs(fa.Psi_.to_numpy() / psi - 1)) < 0.1
     # PPCA, with one noise variance for all genes, fits these data worse
-    assert PPCA(K, **F64).fit(Y).log_likelihood_ < fa.log_likelihood_ - 100
+    assert PPCA(n_factors=K, **F64).fit(Y).log_likelihood_ < fa.log_likelihood_ - 100
 
 
 def test_fa_log_likelihood_never_decreases(hetero):
@@ -179,7 +179,7 @@ def test_fa_log_likelihood_never_decreases(hetero):
 
 
 def test_pca_matches_sklearn(sim):
-    pca = PCA(5, dtype="float64").fit(sim)
+    pca = PCA(n_factors=5, dtype="float64").fit(sim)
     sk = SkPCA(5).fit(sim.X.astype(np.float64))
     signs = np.sign((pca.loadings_.to_numpy() * sk.components_.T).sum(0))
     np.testing.assert_allclose(pca.loadings_.to_numpy(), sk.components_.T * signs, atol=1e-8)
@@ -188,13 +188,13 @@ def test_pca_matches_sklearn(sim):
     assert list(pca.loadings_.columns) == ["PC1", "PC2", "PC3", "PC4", "PC5"]
     # sparse input gives the same components
     import scipy.sparse as sp
-    sparse = PCA(5, dtype="float64").fit(sp.csr_matrix(sim.X))
+    sparse = PCA(n_factors=5, dtype="float64").fit(sp.csr_matrix(sim.X))
     assert subspace_angles(sparse.loadings_.to_numpy(), pca.loadings_.to_numpy()).max() < 1e-6
 
 
 # ---------------------------------------------------------------------------------------------- the model face
-MODELS = [PCA(3), PPCA(3, progress=False), PPCA(3, method="em", progress=False), PPCA(3, method="map", progress=False),
-          PPCA(3, method="vi", progress=False), FactorAnalysis(3, progress=False)]
+MODELS = [PCA(n_factors=3), PPCA(n_factors=3, progress=False), PPCA(n_factors=3, method="em", progress=False), PPCA(n_factors=3, method="map", progress=False),
+          PPCA(n_factors=3, method="vi", progress=False), FactorAnalysis(n_factors=3, progress=False)]
 
 
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: getattr(m, "method", type(m).__name__))
@@ -218,7 +218,7 @@ def test_save_load_round_trip_and_transform(sim, model, tmp_path):
 
 
 def test_relevance_is_r2_and_vi_reports_loading_sd(sim):
-    vi = PPCA(3, method="vi", **F64).fit(sim)
+    vi = PPCA(n_factors=3, method="vi", **F64).fit(sim)
     assert (vi.relevance_ > 0.05).all() and vi.relevance_.sum() < 1
     assert vi.loadings_sd_.shape == (40, 3) and (vi.loadings_sd_.to_numpy() > 0).all()
     assert list(vi.relevance().index) == ["PPC1", "PPC2", "PPC3"]   # principal axes: decreasing relevance
@@ -231,7 +231,7 @@ def test_relevance_is_r2_and_vi_reports_loading_sd(sim):
 def test_bad_shapes_and_factor_counts(make, n_factors, data_shape, match):
     Y = np.random.default_rng(0).normal(size=data_shape)
     with pytest.raises(ValueError, match=match):
-        make(n_factors).fit(Y)
+        make(n_factors=n_factors).fit(Y)
 
 
 @pytest.mark.parametrize("make", [PCA, PPCA, FactorAnalysis], ids=lambda c: c.__name__)
@@ -239,18 +239,42 @@ def test_nan_is_refused(make):
     Y = np.random.default_rng(0).normal(size=(30, 10))
     Y[3, 4] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        make(2).fit(Y)
+        make(n_factors=2).fit(Y)
 
 
 def test_bad_method_and_options():
     Y = np.random.default_rng(0).normal(size=(30, 10))
     with pytest.raises(ValueError, match="method must be one of 'mle', 'em', 'map', 'vi'"):
-        PPCA(2, method="gibbs").fit(Y)
+        PPCA(n_factors=2, method="gibbs").fit(Y)
     with pytest.raises(ValueError, match="dtype"):
-        PPCA(2, dtype="float16").fit(Y)
+        PPCA(n_factors=2, dtype="float16").fit(Y)
     with pytest.raises(ValueError, match="max_epochs"):
-        FactorAnalysis(2, max_epochs=0).fit(Y)
+        FactorAnalysis(n_factors=2, max_epochs=0).fit(Y)
     with pytest.raises(ValueError, match="svd_solver"):
-        PCA(2, svd_solver="magic").fit(Y)
+        PCA(n_factors=2, svd_solver="magic").fit(Y)
     with pytest.raises(RuntimeError, match="not fitted"):
-        PPCA(2).transform(Y)
+        PPCA(n_factors=2).transform(Y)
+
+
+@pytest.mark.parametrize("name", ["Spex", "Supervised", "Slalom", "Autoencoder", "NMF", "PCA", "PPCA",
+                                  "FactorAnalysis", "VAE", "GMVAE"])
+def test_scikit_learn_clone_and_set_params(name):
+    from sklearn.base import clone
+
+    cls = getattr(pf.models, name)
+    model = cls(max_epochs=7) if "max_epochs" in cls._param_names() else cls(n_factors=3)
+    copy = clone(model)
+    assert type(copy) is cls and copy.get_params() == model.get_params() and copy is not model
+    with pytest.raises(TypeError):
+        cls(3)  # keyword-only, as scikit-learn's estimators
+    with pytest.raises(ValueError, match="has no parameters"):
+        model.set_params(not_a_parameter=1)
+
+
+def test_clone_keeps_spex_parameters_and_set_params_changes_the_fit():
+    from sklearn.base import clone
+
+    assert clone(pf.models.Spex(n_sparse=2)).n_sparse == 2
+    sim = pf.simulate.ppca_interventions(n_cells=60, n_genes=40, n_factors=2)
+    sup = pf.models.Supervised(n_factors=1, max_epochs=3, progress=False).set_params(n_factors=2)
+    assert sup.fit(sim, covariates="group").loadings_.shape[1] == 2

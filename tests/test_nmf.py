@@ -163,14 +163,14 @@ def test_loss_matches_scikit_learn(data, loss, sk_loss, sparse_input):
 # ------------------------------------------------------------------ gene sets
 def test_mask_is_respected_and_planted_programs_recovered(planted, fitted):
     Y, X_true, genes = planted
-    assert list(fitted.loadings_.columns) == ["PROG_A", "PROG_B", "nmf_0", "nmf_1", "nmf_2"]
+    assert list(fitted.loadings_.columns) == ["PROG_A", "PROG_B", "nmf_1", "nmf_2", "nmf_3"]
     assert list(fitted.factor_kinds_) == ["annotated"] * 2 + ["latent"] * 3
     L = fitted.loadings_
     outside_a = [g for g in genes if g not in genes[0:30]]
     outside_b = [g for g in genes if g not in genes[30:60]]
     assert (L.loc[outside_a, "PROG_A"] == 0).all() and (L.loc[outside_b, "PROG_B"] == 0).all()
     assert (L.loc[genes[0:30], "PROG_A"] > 0).all()
-    assert fitted.annotation_["PROG_A"].sum() == 30 and not fitted.annotation_["nmf_0"].any()
+    assert fitted.annotation_["PROG_A"].sum() == 30 and not fitted.annotation_["nmf_1"].any()
     for k, name in enumerate(["PROG_A", "PROG_B"]):
         assert np.corrcoef(fitted.factor_scores_[name], X_true[:, k])[0, 1] > 0.95
     # the unannotated programs are found by the free factors
@@ -199,7 +199,7 @@ def test_results_relevance_and_write(planted, fitted):
     r2 = [1 - ((Yv - np.outer(Xs[:, k], Ws[:, k])) ** 2).sum() / (Yv ** 2).sum() for k in range(Xs.shape[1])]
     np.testing.assert_allclose(fitted.relevance_.to_numpy(), r2, rtol=1e-5, atol=1e-8)
     free = fitted.relevance_.iloc[2:].to_numpy()
-    assert (np.diff(free) <= 0).all()  # nmf_0 explains most
+    assert (np.diff(free) <= 0).all()  # nmf_1 explains most
     adata = ad.AnnData(Y)
     fitted.write(adata)
     assert adata.obsm["X_nmf"].shape == (300, 5) and adata.varm["nmf_loadings"].shape == (200, 5)

@@ -10,7 +10,7 @@ from pathfactor.data.simulate import annotation_sets, noisy_annotations, ppca_in
 from pathfactor.evaluate import mask_f1
 from pathfactor.models.slalom import Slalom, SlalomVI, _update_order
 from pathfactor.train import one_thread
-from pathfactor.models.spex import _initial_factors
+from pathfactor.models.spex import starting_factors
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def _vi(seed=1, dtype=torch.float64):
     Y = Y - Y.mean(0)
     mask = torch.tensor(sim.varm["annotation"], dtype=dtype)
     pi = torch.cat([torch.where(mask > 0, 0.99, 0.001), torch.full((150, 1), 0.99, dtype=dtype)], 1)
-    X0 = _initial_factors(Y, mask, 1)
+    X0 = starting_factors(Y, mask, 1)
     return SlalomVI(Y, Z, pi, X0, order=_update_order(Y, X0, mask))
 
 
@@ -181,7 +181,7 @@ def test_same_seed_same_result_and_unannotated_factors(sim):
     # identical up to float32 rounding (vectorised kernels may sum in another order on differently aligned memory)
     pd.testing.assert_frame_equal(a.loadings_, b.loadings_, check_exact=False, rtol=1e-4, atol=1e-5)
     assert list(a.factor_kinds_)[-2:] == ["sparse", "dense"]
-    assert list(a.loadings_.columns)[-2:] == ["sparse_0", "dense_0"]
+    assert list(a.loadings_.columns)[-2:] == ["sparse_1", "dense_1"]
     only = ppca_interventions(n_cells=200, n_genes=50, n_factors=2, sigma2=0.1, seed=1)
     m = Slalom(n_dense=2, progress=False).fit(only)
     assert list(m.factor_kinds_) == ["dense", "dense"] and m.r2_.sum() > 0.5 and m.annotation_ is None

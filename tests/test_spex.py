@@ -9,7 +9,7 @@ import pathfactor as pf
 from pathfactor.data.simulate import annotation_sets, noisy_annotations, ppca_interventions
 from pathfactor.evaluate import mask_f1
 from pathfactor.models._spex_vi import SpexVI
-from pathfactor.models.spex import _initial_factors
+from pathfactor.models.spex import starting_factors
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_elbo_rises_monotonically_with_covariates(sim, tau, posterior):
     Z = torch.randn(300, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     Z = Z - Z.mean(0)
     s = torch.where(mask > 0, 1.0, 0.01) * Y.std()
-    vi = SpexVI(Y, Z, s, _initial_factors(Y, mask, 1)[:, :8], tau=tau, posterior=posterior)
+    vi = SpexVI(Y, Z, s, starting_factors(Y, mask, 1)[:, :8], tau=tau, posterior=posterior)
     elbos = [vi.epoch() for _ in range(25)]
     steps = np.diff(elbos)
     assert (steps >= -1e-8 * np.abs(elbos[1:])).all(), steps

@@ -8,7 +8,7 @@ import torch
 import pathfactor as pf
 from pathfactor.data import stream
 from pathfactor.data.simulate import annotation_sets, noisy_annotations
-from pathfactor.models.spex import _initial_factors
+from pathfactor.models.spex import starting_factors
 
 TOL = 1e-8  # relative, float64: the two paths differ only in the order of floating-point sums
 
@@ -108,7 +108,7 @@ def test_one_pass_gives_the_in_memory_means_and_sd(files):
 
 @pytest.mark.parametrize("n_cells", [60, 200])  # fewer and more cells than genes: svd_lowrank's two branches
 def test_streamed_start_is_the_in_memory_start(n_cells):
-    """initial_factors reproduces _initial_factors, torch.svd_lowrank's random draws included; a failure after a
+    """initial_factors reproduces starting_factors, torch.svd_lowrank's random draws included; a failure after a
     torch upgrade means svd_lowrank changed and the streamed twin must follow it."""
     g = torch.Generator().manual_seed(0)
     raw = torch.randn(n_cells, 100, generator=g) @ torch.randn(100, 100, generator=g)  # float32: read exactly
@@ -116,7 +116,7 @@ def test_streamed_start_is_the_in_memory_start(n_cells):
     Y = raw.double() - mean
     mask = (torch.rand(100, 3, generator=g) < 0.2).double()
     torch.manual_seed(5)
-    expected = _initial_factors(Y, mask, 2)
+    expected = starting_factors(Y, mask, 2)
     torch.manual_seed(5)
     source = stream.BackedRows(raw.numpy(), mean.numpy(), torch.zeros(n_cells, 0, dtype=torch.float64),
                                torch.float64, "cpu", block_rows=13)

@@ -16,7 +16,7 @@ def test_recovers_the_intervention_effect(sim, posterior):
     m = pf.models.Supervised(n_factors=2, posterior=posterior, progress=False).fit(sim, covariates="group")
     b = m.covariate_effects_["group=stimulated"].to_numpy()
     assert np.corrcoef(b, sim.var["c_true"])[0, 1] > 0.99
-    assert list(m.factor_kinds_) == ["latent", "latent"] and list(m.loadings_.columns) == ["factor_0", "factor_1"]
+    assert list(m.factor_kinds_) == ["latent", "latent"] and list(m.loadings_.columns) == ["factor_1", "factor_2"]
     # the residual factors carry the latent signal, not the groups
     for k in range(2):
         assert pf.evaluate.auroc(m.factor_scores_.iloc[:, k], sim.obs["group"], "stimulated") < 0.65

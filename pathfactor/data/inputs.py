@@ -50,7 +50,7 @@ class Matrix:
         return Matrix(self.Y.astype(dtype), self.obs_names, self.var_names)
 
 
-#: sums of squares of the data must stay this factor below the dtype's largest number (see _check_magnitude)
+#: sums of squares of the data must stay this factor below the dtype's largest number (see check_magnitude)
 SQUARES_HEADROOM = 1e8
 #: data whose largest |value| is below this are too small for float32 arithmetic: their squares come within
 #: ``SQUARES_HEADROOM`` of float32's smallest normal number (1.2e-38), below which products lose their digits or
@@ -148,11 +148,11 @@ def as_matrix(data, layer: str | None = None, dtype=np.float32, new_cells: bool 
             f"expression data contains {bad} NaN or infinite values; remove or impute them "
             f"(e.g. np.nan_to_num) before {'transforming' if new_cells else 'fitting'}"
         )
-    _check_magnitude(vals, n, g, Y.dtype)
+    check_magnitude(vals, n, g, Y.dtype)
     return Matrix(Y, obs, var)
 
 
-def _check_magnitude(vals: np.ndarray, n: int, g: int, dtype) -> None:
+def check_magnitude(vals: np.ndarray, n: int, g: int, dtype) -> None:
     """Refuse values so large that their squares, summed over the ``n x g`` entries, come within a factor
     ``SQUARES_HEADROOM`` of the largest ``dtype`` number: the models form such sums and products of them (Gram
     matrices, residual norms, NMF's ``X W^T W``), which would overflow to Inf/NaN mid-way."""
@@ -259,7 +259,7 @@ def _is_numeric(values: pd.Series) -> bool:
 
 def _numeric(values: pd.Series, col) -> np.ndarray:
     """A numeric covariate's values (float64), refused when infinite or too large for the models' float32
-    arithmetic: like the data (:func:`_check_magnitude`), the sum of their squares over the cells must stay a
+    arithmetic: like the data (:func:`check_magnitude`), the sum of their squares over the cells must stay a
     factor ``SQUARES_HEADROOM`` below the largest float32."""
     v = values.to_numpy(dtype=np.float64)
     if not np.isfinite(v).all():

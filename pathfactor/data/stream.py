@@ -26,7 +26,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .inputs import _check_magnitude
+from .inputs import check_magnitude
 
 __all__ = ["TensorRows", "BackedRows", "BackedMatrix", "is_backed", "backed_matrix", "prepare", "initial_factors",
            "factor_r2", "DEFAULT_BLOCK_ELEMENTS"]
@@ -276,7 +276,7 @@ def prepare(X, Z: torch.Tensor, mask: torch.Tensor, n_free: int, device, dtype, 
         if bad:
             raise ValueError(f"expression data contains {bad} NaN or infinite values; remove or impute them "
                              "(e.g. np.nan_to_num) before fitting")
-        _check_magnitude(np.array([top]), N, G, np.float32)
+        check_magnitude(np.array([top]), N, G, np.float32)
     except ValueError as err:
         error = err
     _raise_together(error, reduce)

@@ -171,7 +171,7 @@ class Autoencoder(LatentModel):
 
     key = "autoencoder"
 
-    def __init__(self, n_sparse: int = 0, n_dense: int = 0, hidden=(256,), lambda0: float = 0.1,
+    def __init__(self, *, n_sparse: int = 0, n_dense: int = 0, hidden=(256,), lambda0: float = 0.1,
                  lambda_off: float = 0.5, lambda_l1: float = 0.5, lambda_group: float = 0.1, lr: float = 1e-2,
                  batch_size: int = 128, max_epochs: int = 300, tol: float = 1e-4, min_set_size: int = 15,
                  max_set_size: int = 500, progress: bool = True, dtype: str = "float32"):

@@ -15,13 +15,13 @@ import pandas as pd
 from .. import __version__
 from ..evaluate import ACTIVE_FRACTION, refined_annotations
 from ..train import keeps_global_random_state
+from . import _adata
+from .registry import REGISTRY
 from .persist import (ARRAY_FILE, FORMAT, FORMAT_VERSION, MODEL_FILE, array_record, corrupted, read_arrays, read_meta,
                       write_model)
 
 __all__ = ["LatentModel", "REGISTRY", "load", "factor_layout"]
 
-#: model class name -> class, filled by ``LatentModel.__init_subclass__`` (used by :func:`load`)
-REGISTRY: dict[str, type] = {}
 
 #: a factor is flagged inactive when it explains less than this fraction of the variance (R^2)
 MIN_RELEVANCE = 1e-4
@@ -29,8 +29,9 @@ MIN_RELEVANCE = 1e-4
 
 def factor_layout(term_names, n_sparse: int, n_dense: int, dense_name: str = "dense") -> tuple[list[str], list[str]]:
     """Names and kinds of a model's factors, in their order: one per gene set (named after it), then
-    ``sparse_i``, then ``{dense_name}_i``."""
-    names = [*term_names, *(f"sparse_{i}" for i in range(n_sparse)), *(f"{dense_name}_{i}" for i in range(n_dense))]
+    ``sparse_i``, then ``{dense_name}_i``, numbered from 1 as every model's unannotated factors (PC1, z1, nmf_1)."""
+    names = [*term_names, *(f"sparse_{i}" for i in range(1, n_sparse + 1)),
+             *(f"{dense_name}_{i}" for i in range(1, n_dense + 1))]
     kinds = ["annotated"] * len(term_names) + ["sparse"] * n_sparse + ["dense"] * n_dense
     return names, kinds
 
@@ -67,9 +68,23 @@ class LatentModel:
                 setattr(cls, name, keeps_global_random_state(vars(cls)[name]))
 
     # ------------------------------------------------------------------ parameters
-    def get_params(self) -> dict:
-        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
-        return {name: getattr(self, name) for name in names}
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor's parameters (scikit-learn's estimator contract: ``clone``, grid search). ``deep`` is
+        accepted for that contract; no parameter is itself an estimator."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params) -> "LatentModel":
+        """Set constructor parameters (checked when ``fit`` runs); returns the model."""
+        unknown = sorted(set(params) - set(self._param_names()))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no parameters {unknown}; it takes {self._param_names()}")
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
@@ -115,8 +130,24 @@ class LatentModel:
 
     # ------------------------------------------------------------------ AnnData out
     def write(self, adata, key: str | None = None) -> None:
-        """Write results into ``adata`` (modified in place): ``obsm["X_<key>"]``, ``varm["<key>_loadings"]``
-        (and ``_loadings_sd``, ``_annotation``, ``_covariate_effects``, ``_covariate_effects_sd``), ``uns[key]``."""
+        """Write results into ``adata`` (modified in place) under ``key`` (default: the model's ``key``).
+
+        - ``obsm["X_<key>"]``: all factor scores, in the model's factor order (``uns[key]["factor_names"]``)
+        - ``obs["<key>_<factor>"]``: the scores of the 10 most relevant active factors (all active ones if fewer),
+          e.g. ``obs["spex_HALLMARK_INTERFERON_GAMMA_RESPONSE"]``, so ``sc.pl.umap(adata, color=...)`` finds them
+          by name (``pf.tl.scores(adata, key)`` gives every factor as an AnnData)
+        - ``varm["<key>_loadings"]`` (and ``_loadings_sd``, ``_annotation``, ``_covariate_effects``,
+          ``_covariate_effects_sd``)
+        - ``uns[key]``: model, version, factor_names, factor_kinds, relevance, relevance_measure, active,
+          covariate_names, params, obs_columns / obs_factors (the obs columns and their factors), n_epochs,
+          converged (when the model reports it), seed (when the model records it). Lists come back from an h5ad
+          file as numpy arrays.
+
+        A key another tool wrote (``uns[key]`` that is not a pathfactor result, or ``obsm["X_<key>"]`` /
+        ``varm["<key>_loadings"]`` / an obs column ``<key>_<factor>`` without a pathfactor ``uns[key]``) is a
+        ``ValueError``: pass another ``key=``. A previous pathfactor result under ``key`` is replaced entirely
+        (logged at INFO)."""
+
         self._check_fitted()
         key = key or self.key
         if list(adata.obs_names) != list(self.factor_scores_.index):
@@ -125,7 +156,16 @@ class LatentModel:
         missing = self.loadings_.index.difference(adata.var_names)
         if len(missing):
             raise ValueError(f"{len(missing)} genes of the model are not in adata.var_names (e.g. {list(missing[:3])})")
+        previous = _adata.check_key(adata, key)
+        ranked = self.relevance_[self.active_].sort_values(ascending=False, kind="stable")
+        top = [str(f) for f in ranked.index[:_adata.N_OBS_FACTORS]]
+        columns = _adata.obs_columns(adata, key, top, previous)
+        if previous is not None:
+            _adata.clear_previous(adata, key, previous)
+
         adata.obsm[f"X_{key}"] = self.factor_scores_.to_numpy(dtype=np.float32)
+        for column, factor in zip(columns, top):
+            adata.obs[column] = self.factor_scores_[factor].to_numpy(dtype=np.float32)
 
         def per_gene(frame, fill):
             out = frame.reindex(adata.var_names, fill_value=fill).to_numpy()
@@ -137,7 +177,7 @@ class LatentModel:
                                     ("covariate_effects_sd", self.covariate_effects_sd_, 0.0)]:
             if frame is not None:
                 adata.varm[f"{key}_{suffix}"] = per_gene(frame, fill)
-        adata.uns[key] = {
+        uns = {
             "model": type(self).__name__,
             "version": __version__,
             "factor_names": [str(n) for n in self.loadings_.columns],
@@ -147,7 +187,15 @@ class LatentModel:
             "active": self.active_.to_numpy(dtype=bool),
             "covariate_names": [] if self.covariate_effects_ is None else [str(c) for c in self.covariate_effects_.columns],
             "params": {k: v for k, v in self.get_params().items() if isinstance(v, (int, float, str, bool))},
+            "obs_columns": columns,
+            "obs_factors": top,
+            "n_epochs": len(self.history_),
         }
+        if getattr(self, "converged_", None) is not None:
+            uns["converged"] = bool(self.converged_)
+        if getattr(self, "seed_", None) is not None:
+            uns["seed"] = int(self.seed_)
+        adata.uns[key] = uns
 
     # ------------------------------------------------------------------ save / load (JSON + npz, never pickle)
     def _extra_state(self) -> tuple[dict, dict[str, np.ndarray]]:

@@ -26,7 +26,7 @@ from ..evaluate import factor_r2, orient
 from ..train import Task, resolve_device, seed_everything, train
 from .base import LatentModel
 from .persist import expect_shapes
-from .ppca import (_mm, check_common, check_shape, gaussian_log_likelihood, mle, principal_rotation,
+from .ppca import (check_common, check_shape, gaussian_log_likelihood, matmul64, mle, principal_rotation,
                    sym_sqrt)
 
 __all__ = ["FactorAnalysis"]
@@ -53,7 +53,7 @@ class _FAEM(Task):
         self.floor = torch.clamp(PSI_FLOOR * self.ss / self.N, min=1e-12 * float(self.ss.mean() / self.N) + 1e-300)
         self.W, self.psi, self.expand = W.double(), torch.maximum(psi.double(), self.floor), expand
         self.eye = torch.eye(W.shape[1], dtype=torch.float64, device=Y.device)
-        self.YB = _mm(Y, self.W / self.psi[:, None])
+        self.YB = matmul64(Y, self.W / self.psi[:, None])
 
     def log_likelihood(self) -> float:
         return float(gaussian_log_likelihood(self.Y, self.W, self.psi, YB=self.YB, ss=self.ss))
@@ -64,13 +64,13 @@ class _FAEM(Task):
         Ainv = torch.linalg.inv(self.eye + W.T @ (W / self.psi[:, None]))
         EX = self.YB @ Ainv
         Sxx = N * Ainv + EX.T @ EX
-        YtX = _mm(self.Y.T, EX)
+        YtX = matmul64(self.Y.T, EX)
         # M-step (psi_g maximised under its floor: the constrained maximum of a unimodal function)
         W = YtX @ torch.linalg.inv(Sxx)
         self.psi = torch.maximum((self.ss - (W * YtX).sum(1)) / N, self.floor)
         if self.expand:
             W = W @ sym_sqrt(Sxx / N)
-        self.W, self.YB = W, _mm(self.Y, W / self.psi[:, None])
+        self.W, self.YB = W, matmul64(self.Y, W / self.psi[:, None])
         return self.log_likelihood()
 
 
@@ -100,7 +100,7 @@ class FactorAnalysis(LatentModel):
 
     key = "fa"
 
-    def __init__(self, n_factors: int = 10, max_epochs: int = 1000, tol: float = 1e-7, progress: bool = True,
+    def __init__(self, *, n_factors: int = 10, max_epochs: int = 1000, tol: float = 1e-7, progress: bool = True,
                  dtype: str = "float32"):
         self.n_factors, self.max_epochs, self.tol = n_factors, max_epochs, tol
         self.progress, self.dtype = progress, dtype
@@ -126,11 +126,11 @@ class FactorAnalysis(LatentModel):
         W = W @ R
         B = W / psi[:, None]
         P = B @ torch.linalg.inv(torch.eye(K, dtype=W.dtype, device=dev) + W.T @ B)   # E[x_n] = P^T y_n
-        X = _mm(Y, P).cpu().numpy()
+        X = matmul64(Y, P).cpu().numpy()
         self.mu_ = mu.double().cpu().numpy()
         self._projection = P.cpu().numpy()
         self.Psi_ = pd.Series(psi.cpu().numpy(), index=matrix.var_names, name="Psi")
-        self.log_likelihood_ = float(gaussian_log_likelihood(Y, W, psi, YB=_mm(Y, B), ss=task.ss))
+        self.log_likelihood_ = float(gaussian_log_likelihood(Y, W, psi, YB=matmul64(Y, B), ss=task.ss))
         W = W.cpu().numpy()
         self._set_results(scores=X, loadings=W, obs_names=matrix.obs_names, var_names=matrix.var_names,
                           factor_names=[f"FA{k + 1}" for k in range(K)], factor_kinds=["latent"] * K,

@@ -23,7 +23,7 @@ from torch import nn
 from ..likelihoods import LOG_VAR_RANGE
 from ..train import one_thread, train
 from .persist import expect_shapes
-from .vae import VAE, _check_int, _Decoder, _Encoder, _stack, encoder_input, gaussian_kl
+from .vae import VAE, Decoder, Encoder, check_integer, encoder_input, gaussian_kl, stack_layers
 
 __all__ = ["GMVAE"]
 
@@ -36,9 +36,9 @@ class _GMVAENet(nn.Module):
 
     def __init__(self, n_genes, n_latent, n_clusters, hidden, likelihood, batch_norm, learn_weights):
         super().__init__()
-        self.y_encoder = nn.Sequential(*_stack((n_genes, *hidden), batch_norm), nn.Linear(hidden[-1], n_clusters))
-        self.encoder = _Encoder(n_genes, n_latent, hidden, batch_norm, n_cond=n_clusters)
-        self.decoder = _Decoder(n_genes, n_latent, hidden, likelihood, batch_norm)
+        self.y_encoder = nn.Sequential(*stack_layers((n_genes, *hidden), batch_norm), nn.Linear(hidden[-1], n_clusters))
+        self.encoder = Encoder(n_genes, n_latent, hidden, batch_norm, n_cond=n_clusters)
+        self.decoder = Decoder(n_genes, n_latent, hidden, likelihood, batch_norm)
         self.prior_mean = nn.Parameter(torch.randn(n_clusters, n_latent))
         self.prior_log_var = nn.Parameter(torch.zeros(n_clusters, n_latent))
         self.prior_logits = nn.Parameter(torch.zeros(n_clusters), requires_grad=learn_weights)
@@ -107,7 +107,7 @@ class GMVAE(VAE):
 
     key = "gmvae"
 
-    def __init__(self, n_clusters: int = 10, n_latent: int = 10, likelihood: str = "nb", hidden=(128,),
+    def __init__(self, *, n_clusters: int = 10, n_latent: int = 10, likelihood: str = "nb", hidden=(128,),
                  batch_norm: bool = False, kl_warmup: int = 10, pretrain_epochs: int = 50,
                  prior_weights: str = "learned", lr: float = 1e-3, batch_size: int = 128, max_epochs: int = 300,
                  tol: float = 1e-4, patience: int = 10, validation_fraction: float = 0.1, n_samples: int = 1,
@@ -119,8 +119,8 @@ class GMVAE(VAE):
         self.n_clusters, self.pretrain_epochs, self.prior_weights = n_clusters, pretrain_epochs, prior_weights
 
     def _check_params(self) -> str:
-        _check_int("n_clusters", self.n_clusters, 2)
-        _check_int("pretrain_epochs", self.pretrain_epochs, 0)
+        check_integer("n_clusters", self.n_clusters, 2)
+        check_integer("pretrain_epochs", self.pretrain_epochs, 0)
         if self.prior_weights not in ("learned", "uniform"):
             raise ValueError(f"prior_weights must be 'learned' or 'uniform', got {self.prior_weights!r}")
         return super()._check_params()

@@ -434,7 +434,7 @@ class NMF(LatentModel):
     ----------
     n_factors : int
         Number of factors K. With gene sets every kept set gets a factor, and ``n_factors - n_sets`` free factors
-        (``nmf_0``, ``nmf_1``, ...) are added when that is positive; K = max(n_factors, n_sets).
+        (``nmf_1``, ``nmf_2``, ...) are added when that is positive; K = max(n_factors, n_sets).
     loss : "frobenius" or "kl"
         Weighted squared error ``1/2 sum M (Y - XW^T)^2`` (for log-normalised data) or the weighted generalised
         Kullback-Leibler divergence ``sum M (Y log(Y/XW^T) - Y + XW^T)`` (the Poisson likelihood, for counts).
@@ -475,7 +475,7 @@ class NMF(LatentModel):
 
     key = "nmf"
 
-    def __init__(self, n_factors: int = 10, loss: str = "frobenius", max_epochs: int = 500, tol: float = 1e-5,
+    def __init__(self, *, n_factors: int = 10, loss: str = "frobenius", max_epochs: int = 500, tol: float = 1e-5,
                  progress: bool = True, dtype: str = "float32", min_set_size: int = 15, max_set_size: int = 500,
                  init: str = "nndsvda"):
         self.n_factors, self.loss = n_factors, loss
@@ -563,10 +563,10 @@ class NMF(LatentModel):
         total = W.sum(0)
         scale = np.where(total > 0, total, 1.0)
         X, W = X * scale, W / scale
-        # free factors ordered by relevance, named nmf_0, nmf_1, ...
+        # free factors ordered by relevance, named nmf_1, nmf_2, ...
         order = np.concatenate([np.arange(A), A + np.argsort(-relevance[A:], kind="stable")]).astype(int)
         X, W, relevance = X[:, order], W[:, order], relevance[order]
-        names = term_names + [f"nmf_{i}" for i in range(K - A)]
+        names = term_names + [f"nmf_{i}" for i in range(1, K - A + 1)]
         kinds = ["annotated"] * A + ["latent"] * (K - A)
         annotation = np.concatenate([mask, np.zeros((G, K - A), dtype=bool)], axis=1)
         self._set_results(scores=X, loadings=W, obs_names=matrix.obs_names, var_names=matrix.var_names,

@@ -37,9 +37,10 @@ class PCA(LatentModel):
     ``explained_variance_``.
     """
 
-    key = "pca"
+    #: not "pca": scanpy owns obsm["X_pca"], uns["pca"] and varm["PCs"] (sc.pp.pca)
+    key = "pf_pca"
 
-    def __init__(self, n_factors: int = 10, svd_solver: str = "auto", dtype: str = "float32"):
+    def __init__(self, *, n_factors: int = 10, svd_solver: str = "auto", dtype: str = "float32"):
         self.n_factors, self.svd_solver, self.dtype = n_factors, svd_solver, dtype
 
     def fit(self, data, layer: str | None = None, seed: int = 0) -> "PCA":

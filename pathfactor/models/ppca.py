@@ -165,7 +165,7 @@ def expansion(EXX: torch.Tensor, EWW: torch.Tensor, c: float) -> torch.Tensor:
     return sym_sqrt(Bih @ Q @ Bih)
 
 
-def _mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+def matmul64(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``A @ B`` in A's dtype (the data's: the N x G x K products), returned in float64 (the K x K algebra)."""
     return (A @ B.to(A.dtype)).double()
 
@@ -203,7 +203,7 @@ class _EM(_Task):
 
     def __init__(self, Y, W, sigma2, expand: bool = True):
         super().__init__(Y, W, sigma2, expand)
-        self.YW = _mm(Y, self.W)
+        self.YW = matmul64(Y, self.W)
 
     def log_likelihood(self) -> float:
         psi = self.sigma2.expand(self.G)
@@ -215,13 +215,13 @@ class _EM(_Task):
         Minv = torch.linalg.inv(W.T @ W + self.sigma2 * self.eye)
         EX = self.YW @ Minv
         Sxx = N * self.sigma2 * Minv + EX.T @ EX
-        YtX = _mm(self.Y.T, EX)
+        YtX = matmul64(self.Y.T, EX)
         # M-step: W = Y^T E[X] (sum E[x x^T])^-1; sigma2 = E||Y - X W^T||^2 / (N G)
         W = YtX @ torch.linalg.inv(Sxx)
         self.sigma2 = ((self.total - 2 * (YtX * W).sum() + (Sxx * (W.T @ W)).sum()) / (N * G)).clamp_min(self.floor)
         if self.expand:
             W = W @ sym_sqrt(Sxx / N)
-        self.W, self.YW = W, _mm(self.Y, W)
+        self.W, self.YW = W, matmul64(self.Y, W)
         return self.log_likelihood()
 
 
@@ -236,8 +236,8 @@ class _MAP(_Task):
         N, G = self.N, self.G
         a0, b0 = SIGMA2_PRIOR
         s = self.sigma2
-        X = _mm(self.Y, self.W) @ torch.linalg.inv(self.W.T @ self.W + s * self.eye)
-        XtX, YtX = X.T @ X, _mm(self.Y.T, X)
+        X = matmul64(self.Y, self.W) @ torch.linalg.inv(self.W.T @ self.W + s * self.eye)
+        XtX, YtX = X.T @ X, matmul64(self.Y.T, X)
         W = YtX @ torch.linalg.inv(XtX + s * self.eye / W_PRIOR_VAR)
         R = self.total - 2 * (YtX * W).sum() + (XtX * (W.T @ W)).sum()   # ||Y - X W^T||^2
         s = (R + 2 * b0) / (N * G + 2 * a0 + 2)
@@ -286,12 +286,12 @@ class _VI(_Task):
 
     def update_x(self) -> None:
         self.S_X = torch.linalg.inv(self.eye + self.tau * self.EWW())
-        self.M_X = self.tau * _mm(self.Y, self.M_W) @ self.S_X
+        self.M_X = self.tau * matmul64(self.Y, self.M_W) @ self.S_X
         self.YtX = None
 
     def update_w(self) -> None:
         self.S_W = torch.linalg.inv(self.eye / W_PRIOR_VAR + self.tau * self.EXX())
-        self.YtX = _mm(self.Y.T, self.M_X)
+        self.YtX = matmul64(self.Y.T, self.M_X)
         self.M_W = self.tau * self.YtX @ self.S_W
 
     def update_sigma2(self) -> None:
@@ -310,7 +310,7 @@ class _VI(_Task):
     def expected_residual(self):
         """E_q ||Y - X W^T||^2 = ||Y||^2 - 2 tr(M_X^T Y M_W) + tr(E[X^T X] E[W^T W])."""
         if self.YtX is None:
-            self.YtX = _mm(self.Y.T, self.M_X)
+            self.YtX = matmul64(self.Y.T, self.M_X)
         return self.total - 2 * (self.YtX * self.M_W).sum() + (self.EXX() * self.EWW()).sum()
 
     def elbo(self) -> float:
@@ -366,7 +366,7 @@ class PPCA(LatentModel):
 
     key = "ppca"
 
-    def __init__(self, n_factors: int = 10, method: str = "mle", max_epochs: int = 1000, tol: float = 1e-7,
+    def __init__(self, *, n_factors: int = 10, method: str = "mle", max_epochs: int = 1000, tol: float = 1e-7,
                  progress: bool = True, dtype: str = "float32"):
         self.n_factors, self.method = n_factors, method
         self.max_epochs, self.tol, self.progress, self.dtype = max_epochs, tol, progress, dtype
@@ -411,12 +411,12 @@ class PPCA(LatentModel):
             loadings_sd = torch.sqrt(torch.diagonal(task.S_W)).expand(G, K).cpu().numpy()
         else:
             P = W @ torch.linalg.inv(W.T @ W + sigma2 * torch.eye(K, dtype=W.dtype, device=dev))
-        X = _mm(Y, P).cpu().numpy()
+        X = matmul64(Y, P).cpu().numpy()
         self.mu_ = mu.double().cpu().numpy()
         self.sigma2_ = float(sigma2)
         self._projection = P.cpu().numpy()
         psi = torch.full((G,), self.sigma2_, dtype=torch.float64, device=dev)
-        self.log_likelihood_ = float(gaussian_log_likelihood(Y, W, psi, YB=_mm(Y, W / psi[:, None]),
+        self.log_likelihood_ = float(gaussian_log_likelihood(Y, W, psi, YB=matmul64(Y, W / psi[:, None]),
                                                              ss=(Y * Y).sum(0, dtype=torch.float64)))
         W = W.cpu().numpy()
         self._set_results(scores=X, loadings=W, obs_names=matrix.obs_names, var_names=matrix.var_names,

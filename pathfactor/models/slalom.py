@@ -49,7 +49,7 @@ from ..evaluate import refined_annotations as _refined_by_loading
 from ..train import Task, one_thread, resolve_device, seed_everything, train
 from .base import LatentModel, factor_layout
 from .persist import expect_shapes
-from .spex import _initial_factors
+from .spex import starting_factors
 
 __all__ = ["Slalom"]
 
@@ -351,7 +351,7 @@ class Slalom(LatentModel):
     key = "slalom"
     relevance_measure = "1/E[alpha]"
 
-    def __init__(self, n_dense: int = 0, n_sparse: int = 0, fpr: float = 0.01, fnr: float = 0.001,
+    def __init__(self, *, n_dense: int = 0, n_sparse: int = 0, fpr: float = 0.01, fnr: float = 0.001,
                  switch_off: float = 1e3, max_epochs: int = 500, tol: float = 1e-5,
                  min_set_size: int = 15, max_set_size: int = 500, progress: bool = True, dtype: str = "float32"):
         self.n_dense, self.n_sparse = n_dense, n_sparse
@@ -418,7 +418,7 @@ class Slalom(LatentModel):
         # f-scLVM's start: each term's leading principal component, then those of what the terms leave
         Y_resid = Y - Zt @ torch.linalg.lstsq(Zt, Y).solution if Zt.shape[1] else Y
         mask_t = torch.as_tensor(mask, dtype=dt, device=dev)
-        X0 = _initial_factors(Y_resid, mask_t, H)
+        X0 = starting_factors(Y_resid, mask_t, H)
         order = _update_order(Y_resid, X0, mask_t)
         vi = SlalomVI(Y, Zt, torch.as_tensor(pi, dtype=dt, device=dev), X0, order=order, switch_off=self.switch_off)
         result = train(vi, max_epochs=self.max_epochs, tol=self.tol, progress=self.progress, desc="Slalom")

@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import torch
 
-from .. import distributed
+from .. import parallel
 from ..data import stream
 from ..data.genesets import annotation_mask
 from ..data.inputs import Matrix, aligned_centred, as_matrix, check_counts, covariate_design, new_covariates
@@ -36,7 +36,7 @@ def _log_normalised(counts: torch.Tensor) -> torch.Tensor:
     return Y - Y.mean(0)
 
 
-def _initial_factors(Y: torch.Tensor, mask: torch.Tensor, n_free: int, n_iter: int = 10) -> torch.Tensor:
+def starting_factors(Y: torch.Tensor, mask: torch.Tensor, n_free: int, n_iter: int = 10) -> torch.Tensor:
     """Starting scores: for each gene set the leading principal component of its genes (a masked power
     iteration, all sets at once), then the leading components of what those leave unexplained."""
     N = Y.shape[0]
@@ -114,7 +114,7 @@ class Spex(LatentModel):
     #: dense factors are named ``{dense_name}_i``
     dense_name = "dense"
 
-    def __init__(self, n_sparse: int = 0, n_dense: int = 0, slab_in: float = 1.0, slab_out: float = 1e-3,
+    def __init__(self, *, n_sparse: int = 0, n_dense: int = 0, slab_in: float = 1.0, slab_out: float = 1e-3,
                  slab_sparse: float = 0.1, slab_dense: float = 1.0, slab_confidence: float = 2.0,
                  global_scale: float | None = 1.0,
                  min_set_size: int = 15, max_set_size: int = 500, min_set_fraction: float = 0.0,
@@ -167,14 +167,14 @@ class Spex(LatentModel):
         Out of core: an AnnData opened with ``anndata.read_h5ad(path, backed="r")`` is streamed from disk
         (``data.stream``), ``batch_size`` rows at a time (a few MiB when ``batch_size=None``); memory then holds one
         block of the data plus N x K factor scores. Data-parallel: inside a ``torch.distributed`` process group
-        of several processes (``pathfactor.distributed.init()`` under torchrun), each process fits its shard of the
+        of several processes (``pathfactor.distributed.session()`` under torchrun), each process fits its shard of the
         cells and every process returns the whole model.
         """
         self._check_params()
         generator = seed_everything(seed)
         dev, dt = resolve_device(device), getattr(torch, self.dtype)
         # rows streamed from a backed .h5ad and/or shared among the processes of a data-parallel fit
-        comm = distributed.current()
+        comm = parallel.current()
         reduce = None if comm is None else comm.reduce
         streamed = self.likelihood != "nb" and (comm is not None or stream.is_backed(data, layer))
         matrix = stream.backed_matrix(data) if streamed and stream.is_backed(data, layer) else as_matrix(data, layer)
@@ -215,7 +215,7 @@ class Spex(LatentModel):
             data_sd = float(Y.var(0).mean().sqrt().clamp_min(1e-12))
         if not streamed:  # start the factors on what the covariates leave unexplained (two-step OLS + PCA, seed 000)
             Y_resid = Y - Zt @ torch.linalg.lstsq(Zt, Y).solution if Zt.shape[1] else Y
-            X0 = _initial_factors(Y_resid, mask_t, H)
+            X0 = starting_factors(Y_resid, mask_t, H)
         tau = None if self.global_scale is None else self.global_scale * data_sd
         s_t = torch.as_tensor(s * data_sd, dtype=dt, device=dev)
         if self.likelihood == "nb":

@@ -43,16 +43,12 @@ class Supervised(Spex):
     key = "supervised"
     dense_name = "factor"
 
-    def __init__(self, n_factors: int = 5, posterior: str = "blocked", two_step: bool = False,
+    def __init__(self, *, n_factors: int = 5, posterior: str = "blocked", two_step: bool = False,
                  global_scale: float | None = None, max_epochs: int = 500, tol: float = 1e-6, progress: bool = True,
                  dtype: str = "float32"):
         super().__init__(n_dense=n_factors, global_scale=global_scale, max_epochs=max_epochs, tol=tol,
                          posterior=posterior, progress=progress, dtype=dtype)
         self.n_factors, self.two_step = n_factors, two_step
-
-    def get_params(self) -> dict:
-        return {k: getattr(self, k) for k in ("n_factors", "posterior", "two_step", "global_scale", "max_epochs", "tol",
-                                              "progress", "dtype")}
 
     def fit(self, data, covariates=None, layer: str | None = None, device="auto", seed: int = 0,
             annotations=None, checkpoint_dir=None) -> "Supervised":
@@ -62,6 +58,7 @@ class Supervised(Spex):
         if annotations is not None:
             raise ValueError("the supervised model takes no gene sets; use Spex(covariates=...) for annotated factors")
         if not self.two_step:
+            self.n_dense = self.n_factors  # Spex's name for them (n_factors may have changed by set_params)
             super().fit(data, covariates=covariates, layer=layer, device=device, seed=seed,
                         checkpoint_dir=checkpoint_dir)
             self.factor_kinds_[:] = "latent"

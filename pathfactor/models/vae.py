@@ -63,7 +63,7 @@ def _act(width: int, batch_norm: bool) -> list[nn.Module]:
     return ([nn.BatchNorm1d(width)] if batch_norm else []) + [nn.ELU()]
 
 
-def _stack(widths, batch_norm: bool) -> list[nn.Module]:
+def stack_layers(widths, batch_norm: bool) -> list[nn.Module]:
     """``Linear [BN] ELU`` from each width to the next."""
     layers = []
     for a, b in zip(widths[:-1], widths[1:]):
@@ -71,7 +71,7 @@ def _stack(widths, batch_norm: bool) -> list[nn.Module]:
     return layers
 
 
-class _Encoder(nn.Module):
+class Encoder(nn.Module):
     """``q(z | x[, y]) = N(m, diag e^log_v)``. With ``n_cond`` the one-hot ``y`` joins the input; a linear layer
     on ``[x, y]`` is the first layer on ``x`` plus a learned vector per ``y``, which is how it is computed (one
     pass over ``x`` gives every ``y``'s output, shape ``(..., n_cond, K)``)."""
@@ -80,7 +80,7 @@ class _Encoder(nn.Module):
         super().__init__()
         self.first = nn.Linear(n_in, hidden[0])
         self.cond = nn.Parameter(torch.zeros(n_cond, hidden[0])) if n_cond else None
-        self.body = nn.Sequential(*_act(hidden[0], batch_norm), *_stack(tuple(hidden), batch_norm))
+        self.body = nn.Sequential(*_act(hidden[0], batch_norm), *stack_layers(tuple(hidden), batch_norm))
         self.head = nn.Linear(hidden[-1], 2 * n_latent)
 
     def forward(self, xin: torch.Tensor, cond: bool = True):
@@ -91,14 +91,14 @@ class _Encoder(nn.Module):
         return m, log_v.clamp(*LOG_VAR_RANGE)
 
 
-class _Decoder(nn.Module):
+class Decoder(nn.Module):
     """``z -> `` the likelihood's location per gene (log-proportions for counts, means for the Gaussian) and its
     per-gene parameters (log-dispersion, zero-inflation logits, log-variance), clamped to finite ranges."""
 
     def __init__(self, n_genes: int, n_latent: int, hidden, likelihood: str, batch_norm: bool):
         super().__init__()
         widths = (n_latent, *reversed(tuple(hidden)))
-        self.body = nn.Sequential(*_stack(widths, batch_norm))
+        self.body = nn.Sequential(*stack_layers(widths, batch_norm))
         self.out = nn.Linear(widths[-1], n_genes)
         self.likelihood = likelihood
         self.counts = likelihood in COUNT_LIKELIHOODS
@@ -139,8 +139,8 @@ class _VAENet(nn.Module):
 
     def __init__(self, n_genes, n_latent, hidden, likelihood, batch_norm):
         super().__init__()
-        self.encoder = _Encoder(n_genes, n_latent, hidden, batch_norm)
-        self.decoder = _Decoder(n_genes, n_latent, hidden, likelihood, batch_norm)
+        self.encoder = Encoder(n_genes, n_latent, hidden, batch_norm)
+        self.decoder = Decoder(n_genes, n_latent, hidden, likelihood, batch_norm)
         self.n_latent = n_latent
         self.fanout = 1  # decoder passes per cell
 
@@ -266,7 +266,7 @@ def _is_real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
 
 
-def _check_int(name, value, minimum):
+def check_integer(name, value, minimum):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
@@ -314,7 +314,7 @@ class VAE(LatentModel):
     key = "vae"
     relevance_measure = "KL (nats)"
 
-    def __init__(self, n_latent: int = 10, likelihood: str = "nb", hidden=(128,), batch_norm: bool = False,
+    def __init__(self, *, n_latent: int = 10, likelihood: str = "nb", hidden=(128,), batch_norm: bool = False,
                  kl_warmup: int = 10, lr: float = 1e-3, batch_size: int = 128, max_epochs: int = 300,
                  tol: float = 1e-4, patience: int = 10, validation_fraction: float = 0.1, n_samples: int = 1,
                  progress: bool = True, dtype: str = "float32"):
@@ -334,11 +334,11 @@ class VAE(LatentModel):
         return tuple(int(v) for v in h)
 
     def _check_params(self) -> str:
-        _check_int("n_latent", self.n_latent, 1)
+        check_integer("n_latent", self.n_latent, 1)
         self._hidden()
         for name, minimum in (("kl_warmup", 0), ("batch_size", 1), ("max_epochs", 1), ("patience", 1),
                               ("n_samples", 1)):
-            _check_int(name, getattr(self, name), minimum)
+            check_integer(name, getattr(self, name), minimum)
         if not _is_real(self.lr) or self.lr <= 0:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not _is_real(self.tol) or not 0 <= self.tol < 1:
@@ -421,7 +421,7 @@ class VAE(LatentModel):
         pass
 
     def _factor_names(self) -> list[str]:
-        return [f"z{k}" for k in range(self.n_latent)]
+        return [f"z{k}" for k in range(1, self.n_latent + 1)]
 
     def _gene_attributes(self) -> None:
         params = {k: v.detach().double().cpu().numpy() for k, v in self._net.decoder.gene_params().items()}
@@ -488,7 +488,7 @@ class VAE(LatentModel):
         reparameterised draws (default the model's ``n_samples``) minus the closed-form KL. For count
         likelihoods it is a lower bound on ``log p(x_n | l_n)``, the cell's counts given its library size."""
         n_samples = self.n_samples if n_samples is None else n_samples
-        _check_int("n_samples", n_samples, 1)
+        check_integer("n_samples", n_samples, 1)
         if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         rows, obs = self._rows(data, layer)

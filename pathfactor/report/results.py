@@ -1,0 +1,173 @@
+"""The results a report reads from an AnnData, as pandas objects, and the per-factor overview numbers.
+
+Reads the convention a model's ``write(adata)`` (or ``pathfactor fit``) leaves: ``obsm["X_<key>"]``,
+``varm["<key>_loadings"]``, optional ``varm["<key>_annotation"]`` and ``varm["<key>_covariate_effects"]``, and
+``uns[<key>]`` (factor names, kinds, relevance, active, params; optionally version, seed, converged, n_epochs,
+gene_set_urls). h5ad round trips turn lists into arrays and scalars into 0-d arrays: everything is unwrapped here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ..evaluate import active_mask, refined_annotations
+
+
+@dataclass
+class Results:
+    model: str
+    info: pd.DataFrame  # index: factor names; columns: kind, relevance, active
+    scores: pd.DataFrame  # cells x factors
+    loadings: pd.DataFrame  # genes x factors
+    annotation: pd.DataFrame | None  # genes x factors, bool
+    covariates: pd.DataFrame | None  # genes x covariates
+    params: dict = field(default_factory=dict)
+    measure: str = "R^2"  # what relevance measures
+    fit: dict = field(default_factory=dict)  # version, seed, converged, n_epochs (None when not recorded)
+    urls: dict = field(default_factory=dict)  # gene set name -> URL
+
+    @property
+    def is_r2(self) -> bool:
+        return self.measure in ("R^2", "R²")
+
+
+def _missing(what: str) -> ValueError:
+    return ValueError(f"{what} is missing: it holds the fitted model's results, which the model's write(adata) "
+                      f"or `pathfactor fit` creates")
+
+
+def scalar(value):
+    """A plain Python value from what h5ad gives back (0-d / 1-element arrays, numpy scalars, bytes)."""
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+    elif isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return value
+
+
+def _table(matrix, index, columns, what: str) -> pd.DataFrame:
+    values = np.asarray(matrix)
+    if values.shape != (len(index), len(columns)):
+        raise ValueError(f"{what} has shape {values.shape}, expected {(len(index), len(columns))}")
+    return pd.DataFrame(values, index=index, columns=columns)
+
+
+def _check_present(adata, key: str) -> dict:
+    if key not in adata.uns:
+        raise _missing(f"adata.uns[{key!r}]")
+    meta = adata.uns[key]
+    for name in ("factor_names", "relevance"):
+        if name not in meta:
+            raise _missing(f"adata.uns[{key!r}][{name!r}]")
+    if f"X_{key}" not in adata.obsm:
+        raise _missing(f"adata.obsm['X_{key}']")
+    if f"{key}_loadings" not in adata.varm:
+        raise _missing(f"adata.varm['{key}_loadings']")
+    return meta
+
+
+def _info(meta, key: str) -> pd.DataFrame:
+    names = [str(n) for n in np.ravel(meta["factor_names"])]
+    if len(set(names)) != len(names):
+        raise ValueError(f"adata.uns[{key!r}]['factor_names'] has duplicates: {names}")
+    k = len(names)
+    kinds = [str(x) for x in np.ravel(meta.get("factor_kinds", ["factor"] * k))]
+    relevance = np.ravel(np.asarray(meta["relevance"], dtype=float))
+    active = np.ravel(np.asarray(meta.get("active", [True] * k), dtype=bool))
+    if not len(kinds) == len(relevance) == len(active) == k:
+        raise ValueError(f"adata.uns[{key!r}]: factor_kinds, relevance and active must each have one entry per "
+                         f"factor ({k} factor_names)")
+    return pd.DataFrame({"kind": kinds, "relevance": relevance, "active": active}, index=names)
+
+
+def _urls(meta, given) -> dict:
+    """Gene set name -> URL from ``uns[key]["gene_set_urls"]``, overridden by ``given``."""
+    stored = meta.get("gene_set_urls", None)
+    out = {str(k): str(scalar(v)) for k, v in dict(stored or {}).items()}
+    out.update({str(k): str(v) for k, v in dict(given or {}).items()})
+    return out
+
+
+def load(adata, key: str, gene_set_urls=None) -> Results:
+    """The results under ``key``, checked, as pandas objects."""
+    meta = _check_present(adata, key)
+    info = _info(meta, key)
+    names = info.index.tolist()
+    genes = adata.var_names.astype(str)
+    scores = _table(adata.obsm[f"X_{key}"], adata.obs_names.astype(str), names, f"adata.obsm['X_{key}']")
+    loadings = _table(adata.varm[f"{key}_loadings"], genes, names, f"adata.varm['{key}_loadings']")
+    annotation = covariates = None
+    if f"{key}_annotation" in adata.varm:
+        annotation = _table(adata.varm[f"{key}_annotation"], genes, names,
+                            f"adata.varm['{key}_annotation']").astype(bool)
+    if f"{key}_covariate_effects" in adata.varm:
+        effects = np.asarray(adata.varm[f"{key}_covariate_effects"], dtype=float).reshape(len(genes), -1)
+        default = [f"covariate_{i}" for i in range(effects.shape[1])]
+        cov_names = [str(c) for c in np.ravel(meta.get("covariate_names", default))]
+        covariates = _table(effects, genes, cov_names, f"adata.varm['{key}_covariate_effects']")
+    params = {str(k): scalar(v) for k, v in dict(meta.get("params", {}) or {}).items()}
+    fit = {name: scalar(meta.get(name, None)) for name in ("version", "seed", "converged", "n_epochs")}
+    return Results(str(scalar(meta.get("model", key))), info, scores.astype(float), loadings.astype(float),
+                   annotation, covariates, params, str(scalar(meta.get("relevance_measure", "R^2"))), fit,
+                   _urls(meta, gene_set_urls))
+
+
+def refined(res: Results) -> pd.DataFrame:
+    """:func:`evaluate.refined_annotations` indexed by term (empty without an annotation)."""
+    if res.annotation is None:
+        return pd.DataFrame(columns=["n_annotated", "n_active", "gained", "lost"])
+    return refined_annotations(res.loadings, res.annotation).set_index("term")
+
+
+def overview(res: Results, refined_table: pd.DataFrame) -> pd.DataFrame:
+    """One row per factor, most relevant first: kind, relevance, active, set_size (genes of the gene set in the
+    data; NaN when unannotated), n_active (active genes), n_gained, n_lost (NaN when unannotated)."""
+    table = res.info.copy()
+    table["n_active"] = active_mask(res.loadings.to_numpy()).sum(axis=0)
+    ann = res.annotation
+    table["set_size"] = ann.sum(axis=0).where(ann.any(axis=0)) if ann is not None else np.nan
+    table["n_gained"] = refined_table["gained"].map(len).reindex(table.index)
+    table["n_lost"] = refined_table["lost"].map(len).reindex(table.index)
+    return table.sort_values("relevance", ascending=False, kind="stable")
+
+
+def report_groups(adata, color_by: str | None) -> pd.Series | None:
+    """The obs column the cells are grouped by; many-valued numbers become quintiles (an ordered categorical)."""
+    if color_by is None:
+        return None
+    if color_by not in adata.obs.columns:
+        available = ", ".join(map(str, adata.obs.columns)) or "(none)"
+        raise ValueError(f"color_by={color_by!r} is not a column of adata.obs; available columns: {available}")
+    groups = adata.obs[color_by]
+    if not pd.api.types.is_numeric_dtype(groups) or pd.api.types.is_bool_dtype(groups) or groups.nunique() <= 12:
+        return groups
+    bins = pd.qcut(groups, 5, duplicates="drop")
+    labels = [f"Q{i + 1}: {b.left:.3g}–{b.right:.3g}" for i, b in enumerate(bins.cat.categories)]
+    return bins.cat.rename_categories(labels).rename(f"{color_by} (quintile)")
+
+
+def _looks_like_counts(X) -> bool:
+    values = (X.data if sp.issparse(X) else np.asarray(X).ravel())[:20000]
+    values = values[values != 0]
+    return bool(len(values)) and bool(np.all(values >= 0)) and bool(np.all(values == np.round(values)))
+
+
+def expression(adata, genes) -> tuple[pd.DataFrame | None, str]:
+    """Cells x ``genes`` expression for group means and how it was derived: ``adata.X`` as stored, or
+    ``log1p`` of counts per 10,000 when X holds counts. (None, "") when there is no X."""
+    X = adata.X
+    if X is None:
+        return None, ""
+    sub = X[:, adata.var_names.get_indexer(list(genes))]
+    values = sub.toarray() if sp.issparse(sub) else np.asarray(sub, dtype=float)
+    how = "adata.X as stored"
+    if _looks_like_counts(X):
+        totals = np.asarray(X.sum(axis=1), dtype=float).ravel()
+        values = np.log1p(values / np.maximum(totals, 1e-12)[:, None] * 1e4)
+        how = "log1p of counts per 10,000 (adata.X holds counts)"
+    return pd.DataFrame(values, index=adata.obs_names.astype(str), columns=list(genes)), how

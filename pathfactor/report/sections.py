@@ -1,0 +1,233 @@
+"""The report's sections, each an HTML string built from :class:`results.Results`."""
+from __future__ import annotations
+
+from html import escape
+
+import numpy as np
+import pandas as pd
+
+from .. import __version__, plot
+from ..evaluate import ACTIVE_FRACTION, active_mask
+from . import html as h
+from .results import Results, expression
+
+
+def header(res: Results, adata, title: str, groups: pd.Series | None, links: list[tuple[str, str]]) -> str:
+    counts = res.info["kind"].value_counts()
+    kinds = ", ".join(f"{n} {escape(kind)}" for kind, n in counts.items())
+    lines = [f"<b>Model:</b> {escape(res.model)}",
+             f"<b>Data:</b> {adata.n_obs:,} cells × {adata.n_vars:,} genes",
+             f"<b>Factors:</b> {len(res.info)} ({kinds}); <b>active:</b> {int(res.info['active'].sum())}"]
+    if res.covariates is not None:
+        lines.append(f"<b>Covariates:</b> {h.genes(res.covariates.columns, 50)}")
+    if groups is not None:
+        lines.append(f"<b>Cells grouped by:</b> {escape(str(groups.name))}")
+    nav = " ".join(f'<a href="#{target}">{escape(text)}</a>' for target, text in links)
+    return f"<h1>{escape(title)}</h1>\n<p class='meta'>{'<br>'.join(lines)}</p>\n<nav>{nav}</nav>"
+
+
+def how_to_read(res: Results) -> str:
+    relevance = ("the fraction of the expression variance the factor explains (R², shown in %)" if res.is_r2
+                 else f"the model's own measure, {escape(res.measure)}")
+    return f"""<div class="note"><p>Each factor is a gene program: a score per cell and a loading per gene. Annotated
+factors start from a gene set and carry its name (↗ opens the gene set's page); <i>sparse</i> and <i>dense</i> factors
+are unannotated programs the data needed. <b>Relevance</b> is {relevance}.</p>
+<p>A gene is <b>active</b> in a factor when |w| &gt; {ACTIVE_FRACTION:g} × the factor's largest |w|. <b>Gained</b>
+genes are active but not in the gene set (the data add them to the program); <b>lost</b> genes are in the gene set
+but not active (the data do not support them). The sign of a factor is arbitrary: a positive loading means the gene
+rises with the factor's score.</p></div>"""
+
+
+# ---------------------------------------------------------------------------------------------- overview
+def _bar(value: float, top: float, kind: str) -> str:
+    width = 0.0 if top <= 0 or not np.isfinite(value) else max(0.0, value / top) * 6
+    color = plot.KIND_COLORS.get(kind, "#999")
+    return f'<span class="bar" style="width:{width:.2f}em;background:{color}"></span>'
+
+
+def _overview_row(rank: int, name: str, row, res: Results, sectioned: set, top: float) -> str:
+    label = (f'<a href="#{h.anchor(name)}">{escape(name)}</a>' if name in sectioned else escape(name))
+    cells = [f'<td class="num">{rank}</td>', f'<td class="name">{label}{h.external_link(name, res.urls)}</td>',
+             f"<td>{h.kind_badge(row['kind'])}</td>", f'<td class="num">{h.count(row["set_size"])}</td>',
+             f'<td class="num" title="{escape(res.measure)} = {row["relevance"]:.4g}">'
+             f'{h.relevance_text(row["relevance"], res.is_r2)}{_bar(row["relevance"], top, row["kind"])}</td>',
+             f'<td class="num">{h.count(row["n_active"])}</td>', f'<td class="num">{h.count(row["n_gained"])}</td>',
+             f'<td class="num">{h.count(row["n_lost"])}</td>', f"<td>{'yes' if row['active'] else 'no'}</td>"]
+    return f"<tr{'' if row['active'] else ' class=inactive'}>{''.join(cells)}</tr>"
+
+
+def overview(table: pd.DataFrame, res: Results, sectioned: set) -> str:
+    """Every factor, most relevant first."""
+    top = float(np.nanmax(table["relevance"])) if len(table) else 0.0
+    rows = "\n".join(_overview_row(i + 1, name, row, res, sectioned, top) for i, (name, row) in
+                     enumerate(table.iterrows()))
+    measure = "variance explained" if res.is_r2 else f"relevance ({escape(res.measure)})"
+    heads = ["#", "factor", "kind", "gene set (genes in data)", measure, "active genes", "gained", "lost", "active"]
+    return f"""<h2 id="overview">All factors</h2>
+<p>Every factor of the model, most relevant first. <i>Gene set</i>: genes of the factor's gene set present in the
+data; <i>active genes</i>: genes with |w| &gt; {ACTIVE_FRACTION:g} × max |w|; <i>gained</i> / <i>lost</i>: active
+genes outside the set / set genes that are not active. Inactive factors (greyed) explain almost nothing and get no
+section. Hover a relevance for its exact value.</p>
+<table class="overview"><thead><tr>{''.join(f'<th>{t}</th>' for t in heads)}</tr></thead>
+<tbody>
+{rows}
+</tbody></table>"""
+
+
+# ---------------------------------------------------------------------------------------------- factors
+def _gained_lost(name: str, res: Results, refined: pd.DataFrame, top_genes: int) -> str:
+    if name in refined.index:
+        row = refined.loc[name]
+        gained, lost = list(row["gained"]), list(row["lost"])
+        return f"""<table>
+<tr><th></th><th>genes</th><th>count</th></tr>
+<tr><th>gained (active, not in set; strongest first)</th><td class="gained">{h.genes(gained)}</td><td>{len(gained)}</td></tr>
+<tr><th>lost (in set, not active; weakest first)</th><td>{h.genes(lost)}</td><td>{len(lost)}</td></tr>
+</table>"""
+    w = res.loadings[name]
+    strength = w.abs()[active_mask(w.to_numpy()[:, None])[:, 0]].sort_values(ascending=False)
+    signed = [f"{escape(g)} ({w[g]:+.2f})" for g in strength.index[:top_genes]]
+    more = f" … (+{len(strength) - top_genes} more)" if len(strength) > top_genes else ""
+    return f"<p>Unannotated factor; its {len(strength)} active genes, strongest first: {', '.join(signed)}{more}.</p>"
+
+
+def _facts(row, res: Results) -> str:
+    facts = [f"relevance {h.relevance_text(row['relevance'], res.is_r2)}"
+             + (" of variance" if res.is_r2 else f" ({escape(res.measure)})")]
+    if not np.isnan(row["set_size"]):
+        facts.append(f"gene set: {h.count(row['set_size'])} genes in the data")
+    facts.append(f"{h.count(row['n_active'])} active genes")
+    if not np.isnan(row["n_gained"]):
+        facts.append(f"{h.count(row['n_gained'])} gained, {h.count(row['n_lost'])} lost")
+    return " · ".join(facts)
+
+
+def factor_section(rank: int, name: str, row, res: Results, refined: pd.DataFrame, groups, order, colors,
+                   top_genes: int, collapsed: bool) -> str:
+    """A factor's top loadings, scores by group and gained/lost genes; ``collapsed`` wraps it in ``<details>``."""
+    annotated = res.annotation[name] if res.annotation is not None and res.annotation[name].any() else None
+    figs = [h.figure(plot.top_loadings, res.loadings[name], annotated, top=top_genes, alt=f"top loadings of {name}"),
+            h.figure(plot.factor_scores, res.scores[name], groups, order=order, colors=colors,
+                     alt=f"scores of {name}")]
+    title = (f"{rank}. {escape(name)}{h.external_link(name, res.urls)} {h.kind_badge(row['kind'])}")
+    body = f"""<p class="facts">{_facts(row, res)}</p>
+<div class="figs">{''.join(figs)}</div>
+{_gained_lost(name, res, refined, top_genes)}"""
+    if collapsed:
+        return (f'<details class="factor" id="{h.anchor(name)}"><summary>{title} '
+                f'<span class="brief">{_facts(row, res)}</span></summary>\n{body}\n</details>')
+    return f'<h3 id="{h.anchor(name)}">{title}</h3>\n{body}'
+
+
+def factors(names: list[str], table: pd.DataFrame, res: Results, refined: pd.DataFrame, groups, order, colors,
+            top_genes: int, n_open: int) -> str:
+    """A section per factor in ``names``: the first ``n_open`` open, the rest collapsed."""
+    if not names:
+        return '<h2 id="factors">Factors</h2>\n<p>No factor is active, so there are no factor sections.</p>'
+    parts = [factor_section(i + 1, name, table.loc[name], res, refined, groups, order, colors, top_genes,
+                            collapsed=i >= n_open) for i, name in enumerate(names)]
+    if len(names) > n_open:
+        parts.insert(n_open, f"<p>The other {len(names) - n_open} factors, by relevance (click to open):</p>")
+    intro = ("<p>Each active factor, most relevant first: its strongest genes (coloured by gene-set membership) and "
+             "its scores per cell" + (f" by {escape(str(groups.name))}" if groups is not None else "") + ".</p>")
+    return '<h2 id="factors">Factors</h2>\n' + intro + "\n" + "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- cells
+def umap(adata, res: Results, names: list[str], groups, order) -> str:
+    img = h.figure(plot.embedding_panels, adata.obsm["X_umap"], res.scores[names], groups, order=order,
+                   alt="UMAP coloured by the top factors")
+    by = f" and by {escape(str(groups.name))}" if groups is not None else ""
+    return f"""<h2 id="umap">UMAP</h2>
+<p>The cells' UMAP (<code>obsm["X_umap"]</code>) coloured by the scores of the {len(names)} most relevant active
+factors{by}. Red and blue are the two ends of a factor (its sign is arbitrary).</p>
+<div class="figs">{img}</div>"""
+
+
+def _heatmap_genes(res: Results, names: list[str], per_factor: int) -> pd.Series:
+    """gene -> factor: the ``per_factor`` genes with the largest |loading| of each factor, each gene once."""
+    picked: dict[str, str] = {}
+    for name in names:
+        top = res.loadings[name].abs().sort_values(ascending=False, kind="stable")
+        for gene in [g for g in top.index if g not in picked][:per_factor]:
+            picked[gene] = name
+    return pd.Series(picked, dtype=object)
+
+
+def heatmap(adata, res: Results, names: list[str], groups, order, per_factor: int = 5) -> str:
+    """Mean expression per group of the top genes of the top factors (empty when it cannot be drawn)."""
+    if groups is None or len(order) < 2 or not names:
+        return ""
+    genes = _heatmap_genes(res, names, per_factor)
+    values, how = expression(adata, genes.index)
+    if values is None:
+        return ""
+    img = h.figure(plot.group_heatmap, values, groups, order=order, blocks=genes, alt="heatmap of the top genes")
+    return f"""<h2 id="heatmap">Top genes by {escape(str(groups.name))}</h2>
+<p>The {per_factor} genes with the largest |loading| of each of the {len(names)} most relevant active factors
+(labelled on the right). Each gene's expression ({escape(how)}) is z-scored across all cells; a cell shows the mean
+z-score of each group, so red means higher than the gene's average over all cells, in standard deviations.</p>
+<div class="figs">{img}</div>"""
+
+
+def scatter(res: Results, pair: list[str], groups, order) -> str:
+    img = h.figure(plot.scores_scatter, res.scores[pair[0]], res.scores[pair[1]], groups, order=order,
+                   alt="factor scatter")
+    return f'<h2 id="scatter">The two most relevant factors</h2>\n<div class="figs">{img}</div>'
+
+
+def covariates(effects: pd.DataFrame, top_genes: int) -> str:
+    rows = []
+    for cov in effects.columns:
+        e = effects[cov].sort_values()
+        up = [f"{escape(g)} ({v:+.2f})" for g, v in e[::-1].head(top_genes).items() if v > 0]
+        down = [f"{escape(g)} ({v:+.2f})" for g, v in e.head(top_genes).items() if v < 0]
+        cells = "".join(f"<td>{', '.join(genes) or '—'}</td>" for genes in (up, down))
+        rows.append(f"<tr><th>{escape(cov)}</th>{cells}</tr>")
+    return f"""<h2 id="covariates">Covariate effects</h2>
+<p>Genes most shifted by each covariate (effect on expression, largest first); these are explained by the covariates,
+not by the factors.</p>
+<table><tr><th>covariate</th><th>up</th><th>down</th></tr>{''.join(rows)}</table>"""
+
+
+# ---------------------------------------------------------------------------------------------- methods
+def _param(name: str, value) -> str:
+    return f"<code>{escape(name)}={escape(repr(value) if isinstance(value, str) else str(value))}</code>"
+
+
+def _training(fit: dict) -> str:
+    seed = "not recorded" if fit.get("seed") is None else escape(str(fit["seed"]))
+    epochs = fit.get("n_epochs")
+    converged = fit.get("converged")
+    if converged is None:
+        state = "convergence not recorded" + (f" ({epochs} epochs)" if epochs is not None else "")
+    elif bool(converged):
+        state = "converged" + (f" after {epochs} epochs" if epochs is not None else "")
+    else:
+        state = ("did not converge" + (f" within {epochs} epochs" if epochs is not None else "")
+                 + ": read the results with care")
+    return f"Random seed: {seed}. Training: {state}."
+
+
+def _relevance_method(res: Results) -> str:
+    if res.is_r2:
+        return ("Relevance is the R² of each factor alone, 1 − ‖Y − x<sub>k</sub> w<sub>k</sub><sup>T</sup>‖² / ‖Y‖² "
+                "for the centred data Y, i.e. the fraction of the variance it explains")
+    return f"Relevance is the model's own measure, {escape(res.measure)}"
+
+
+def methods(res: Results, adata) -> str:
+    version = res.fit.get("version")
+    version_text = (f"pathfactor {escape(str(version))}" if version is not None
+                    else "pathfactor (version not recorded)")
+    params = ", ".join(_param(k, v) for k, v in res.params.items()) or "parameters not recorded"
+    kinds = res.info["kind"].value_counts()
+    n_sets = int(kinds.get("annotated", 0))
+    data = (f"{adata.n_obs:,} cells × {adata.n_vars:,} genes; {len(res.info)} factors"
+            + (f", {n_sets} of them from gene sets" if n_sets else ""))
+    return f"""<h2 id="methods">Methods</h2>
+<div class="methods"><p>Gene programs were inferred with {version_text} using the {escape(res.model)} model
+({params}). {_training(res.fit)} Data: {data}. {_relevance_method(res)}; a factor is flagged active by the model
+(for pathfactor's models: R² above 10<sup>−4</sup>). A gene is active in a factor when |w| &gt; {ACTIVE_FRACTION:g} ×
+the factor's largest |w|; gained and lost genes compare the active genes with the gene set. Report written by
+pathfactor {escape(__version__)}.</p></div>"""
