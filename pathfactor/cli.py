@@ -55,7 +55,43 @@ def _model(name: str):
     def load():
         from . import models
         return getattr(models, name)
+    load.class_name = name
     return load
+
+
+def constructor_defaults(class_name: str) -> dict:
+    """A model's constructor defaults, read from its source file without importing it (``--help`` shows them
+    without waiting for torch): ``{parameter: default}`` for the defaults that are plain literals."""
+    import ast
+
+    module = {"FactorAnalysis": "factor_analysis"}.get(class_name, class_name.lower())
+    tree = ast.parse((Path(__file__).parent / "models" / f"{module}.py").read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            init = next(n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+            args = init.args
+            pairs = list(zip(args.args[len(args.args) - len(args.defaults):], args.defaults))
+            pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+            out = {}
+            for arg, default in pairs:
+                try:
+                    out[arg.arg] = ast.literal_eval(default)
+                except ValueError:
+                    pass
+            return out
+    return {}
+
+
+def _defaults_text(dest: str) -> str:
+    """`` (default: spex 0, slalom 0)`` for a model-specific option: each model's own default for it."""
+    parts = []
+    for name, spec in MODELS.items():
+        keyword = spec.options.get(dest)
+        if keyword is not None:
+            value = constructor_defaults(spec.load.class_name).get(keyword)
+            if value is not None:
+                parts.append(f"{name} {value}")
+    return f" (default: {', '.join(parts)})" if parts else ""
 
 
 #: model-specific CLI options (argparse dest -> the flag, for messages)
@@ -130,7 +166,8 @@ def _fit_kwargs(model, **given) -> dict:
     """Keep the ``fit`` arguments the model takes; an argument the user set but the model lacks is an error."""
     params = inspect.signature(model.fit).parameters
     flags = {"annotations": "--gene-sets", "layer": "--layer", "covariates": "--covariates", "device": "--device",
-             "seed": "--seed", "weights": "--weights-layer", "checkpoint_dir": "--checkpoint"}
+             "seed": "--seed", "weights": "--weights-layer", "checkpoint_dir": "--checkpoint",
+             "use_highly_variable": "--all-genes"}
     out = {}
     for key, value in given.items():
         if key in params:
@@ -277,7 +314,8 @@ def cmd_fit(args) -> int:
     check_key(adata, key)  # a key another tool wrote (e.g. scanpy's pca, umap) is refused before the fit
     sets = read_gene_sets(args.gene_sets) if args.gene_sets else None
     fit_kwargs = _fit_kwargs(model, annotations=sets, layer=args.layer, covariates=covariates, device=args.device,
-                             seed=args.seed, weights=args.weights_layer, checkpoint_dir=args.checkpoint)
+                             seed=args.seed, weights=args.weights_layer, checkpoint_dir=args.checkpoint,
+                             use_highly_variable=False if args.all_genes else None)
     need = check_fit_memory(model, adata, annotations=sets, covariates=covariates, layer=args.layer,
                             device=fit_kwargs.get("device"))  # refuses a fit whose memory does not fit
     log.info("fitting %r%s", model, "" if need is None else f" (about {format_bytes(need)} of memory)")
@@ -288,7 +326,7 @@ def cmd_fit(args) -> int:
         log.info("saved the model to %s", model.save(args.save_model))
     report = None
     if args.report:
-        report = write_report(adata, args.report, key=key, color_by=args.color_by)
+        report = write_report(adata, args.report, key=key, color_by=args.color_by, gene_set_urls=sets)
         log.info("wrote %s", report)
     n_ann = int((model.factor_kinds_ == "annotated").sum())
     print(f"{type(model).__name__}: {len(model.factor_kinds_)} factors ({n_ann} annotated), "
@@ -360,35 +398,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GMT, GMT.gz or JSON file, or a bundled collection (hallmark, reactome_mouse); repeat to "
                         "merge several")
     p.add_argument("--layer", default=None, help="adata.layers entry to fit (default adata.X)")
-    p.add_argument("--n-sparse", type=int, default=None, metavar="N", help="unannotated sparse factors")
-    p.add_argument("--n-dense", type=int, default=None, metavar="N", help="unannotated dense factors")
+    p.add_argument("--n-sparse", type=int, default=None, metavar="N", help=("unannotated sparse factors") + _defaults_text("n_sparse"))
+    p.add_argument("--n-dense", type=int, default=None, metavar="N", help=("unannotated dense factors") + _defaults_text("n_dense"))
     p.add_argument("--n-factors", type=int, default=None, metavar="K",
-                   help="latent factors (pca, ppca, fa, supervised; latent dimensions of vae, gmvae)")
-    p.add_argument("--method", choices=["mle", "em", "map", "vi"], default=None, help="PPCA estimator (default mle)")
+                   help=("latent factors (pca, ppca, fa, supervised; latent dimensions of vae, gmvae)") + _defaults_text("n_factors"))
+    p.add_argument("--method", choices=["mle", "em", "map", "vi"], default=None, help=("PPCA estimator") + _defaults_text("method"))
     p.add_argument("--posterior", choices=["blocked", "mean-field"], default=None,
-                   help="supervised: joint q(w_g, b_g) per gene (blocked, default) or q(W) q(B)")
+                   help=("supervised: joint q(w_g, b_g) per gene (blocked, default) or q(W) q(B)") + _defaults_text("posterior"))
     p.add_argument("--two-step", action="store_const", const=True, default=None,
                    help="supervised: OLS of Y on the covariates, then PPCA of the residuals")
-    p.add_argument("--fpr", type=float, default=None, help="slalom: annotation false-positive rate (default 0.01)")
-    p.add_argument("--fnr", type=float, default=None, help="slalom: annotation false-negative rate (default 0.001)")
-    p.add_argument("--loss", choices=["frobenius", "kl"], default=None, help="nmf: frobenius (log data) or kl (counts)")
+    p.add_argument("--fpr", type=float, default=None, help=("slalom: annotation false-positive rate") + _defaults_text("fpr"))
+    p.add_argument("--fnr", type=float, default=None, help=("slalom: annotation false-negative rate") + _defaults_text("fnr"))
+    p.add_argument("--loss", choices=["frobenius", "kl"], default=None, help=("nmf: frobenius (log data) or kl (counts)") + _defaults_text("loss"))
     p.add_argument("--likelihood", choices=["poisson", "nb", "zip", "zinb", "gaussian", "normal"], default=None,
                    help="observation model of the models that take one (vae, gmvae): counts (poisson, nb, zip, "
                         "zinb; raw integer counts) or gaussian (log-normalised data)")
-    p.add_argument("--n-clusters", type=int, default=None, metavar="C", help="gmvae: mixture components")
+    p.add_argument("--n-clusters", type=int, default=None, metavar="C", help=("gmvae: mixture components") + _defaults_text("n_clusters"))
     p.add_argument("--weights-layer", default=None, metavar="LAYER",
                    help="nmf: adata.layers entry of per-entry weights (0 = missing)")
     p.add_argument("--covariates", action="append", metavar="COL[,COL]",
                    help="obs column(s) to regress out (categorical: one effect per non-reference level)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
-    p.add_argument("--max-epochs", type=int, default=None, metavar="E", help="maximum training epochs")
+    p.add_argument("--max-epochs", type=int, default=None, metavar="E", help=("maximum training epochs") + _defaults_text("max_epochs"))
     p.add_argument("--min-set-size", type=int, default=None, metavar="N",
-                   help="drop gene sets with fewer matched genes (model default 15)")
+                   help=("drop gene sets with fewer matched genes (model default 15)") + _defaults_text("min_set_size"))
     p.add_argument("--max-set-size", type=int, default=None, metavar="N",
-                   help="drop gene sets with more matched genes (model default 500)")
+                   help=("drop gene sets with more matched genes (model default 500)") + _defaults_text("max_set_size"))
     p.add_argument("--out", required=True, metavar="OUT.h5ad", help="where to write the data with the results")
     p.add_argument("--report", default=None, metavar="DIR", help="also write DIR/report.html")
     p.add_argument("--color-by", default=None, metavar="COL", help="obs column to colour the report's plots by")
+    p.add_argument("--all-genes", action="store_true",
+                   help="fit every gene; by default a boolean var['highly_variable'] (sc.pp.highly_variable_genes), "
+                        "when present, selects the genes to fit and the others get zero loadings")
     p.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="save the training state to DIR every few epochs and resume from it (spex, supervised)")
     p.add_argument("--save-model", default=None, metavar="DIR", help="save the fitted model (JSON + npz) to DIR")

@@ -199,8 +199,8 @@ def factor_scores(scores: pd.Series, groups: pd.Series | None = None, ax=None, s
     off_scale = int(((s < low) | (s > high)).sum())
     if off_scale:
         ax.set_ylim(low - 0.04 * (high - low), high + 0.04 * (high - low))
-        ax.annotate(f"▲▼ {off_scale} cell{'s' if off_scale > 1 else ''} off scale, drawn at the edge",
-                    (0.0, 1.0), xycoords="axes fraction", va="bottom", fontsize=7, color="0.3")
+        ax.text(0.0, 1.0, f"▲▼ {off_scale} cell{'s' if off_scale > 1 else ''} off scale, drawn at the edge",
+                transform=ax.transAxes, va="bottom", fontsize=7, color="0.3")
     ax.set_xticks(np.arange(len(order)), [str(o) for o in order], rotation=45 if len(order) > 4 else 0,
                   ha="right" if len(order) > 4 else "center")
     ax.set_ylabel(_wrap(f"{name} score", 30))
@@ -210,21 +210,25 @@ def factor_scores(scores: pd.Series, groups: pd.Series | None = None, ax=None, s
     return ax
 
 
-def _robust_limits(values: np.ndarray, tail: float = 0.005, pad: float = 0.15) -> tuple[float, float]:
-    """Axis limits that keep all but far outliers: the central 99 % of ``values`` widened by ``pad`` of its
-    range on each side, never beyond the data."""
+def _robust_limits(values: np.ndarray, tail: float = 0.005, pad: float = 0.3) -> tuple[float, float]:
+    """Axis limits that keep all but far outliers: the central 99 % of ``values`` (at least all but the most
+    extreme value on each side) widened by ``pad`` of its range on each side, never beyond the data."""
     values = values[np.isfinite(values)]
     if not len(values):
         return -1.0, 1.0
-    lo, hi = np.quantile(values, [tail, 1 - tail])
+    lo, hi = np.quantile(values, tail, method="higher"), np.quantile(values, 1 - tail, method="lower")
     span = (hi - lo) or 1.0
     return max(lo - pad * span, values.min()), min(hi + pad * span, values.max())
 
 
 def scores_scatter(x: pd.Series, y: pd.Series, groups=None, ax=None, s: float | None = None, order=None):
     """Two factors' scores against each other, coloured by ``groups``: categorical groups get a palette and a
-    legend (in ``order``, by default :func:`group_order`), numeric groups a colourbar."""
+    legend (in ``order``, by default :func:`group_order`), numeric groups a colourbar. Far outliers are drawn at
+    the edge (see :func:`factor_scores`)."""
     x, y = pd.Series(x, dtype=float), pd.Series(y, dtype=float)
+    (x_lo, x_hi), (y_lo, y_hi) = _robust_limits(x.to_numpy()), _robust_limits(y.to_numpy())
+    off_scale = int(((x < x_lo) | (x > x_hi) | (y < y_lo) | (y > y_hi)).sum())
+    x, y = x.clip(x_lo, x_hi), y.clip(y_lo, y_hi)
     ax = _axes(ax, 6.2, 4.6)
     size = s if s is not None else float(np.clip(3000 / max(len(x), 1), 2, 30))
     if groups is None:
@@ -245,6 +249,9 @@ def scores_scatter(x: pd.Series, y: pd.Series, groups=None, ax=None, s: float | 
                                label=str(group))
             ax.legend(title=str(g.name) if g.name is not None else None, loc="upper left", bbox_to_anchor=(1.01, 1),
                       frameon=False, markerscale=max(1.0, 30 / size) ** 0.5, fontsize="small")
+    if off_scale:
+        ax.text(0.0, 1.0, f"{off_scale} cell{'s' if off_scale > 1 else ''} off scale, drawn at the edge",
+                transform=ax.transAxes, va="bottom", fontsize=7, color="0.3")
     ax.set_xlabel(str(x.name) if x.name is not None else "factor 1")
     ax.set_ylabel(str(y.name) if y.name is not None else "factor 2")
     ax.spines[["top", "right"]].set_visible(False)

@@ -214,3 +214,4 @@ def test_help_imports_no_heavy_library_and_lists_every_simulator():
             "print('HEAVY', heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out and "--gene-sets" in out
+    assert "(default: spex 0, slalom 0, autoencoder 0)" in " ".join(out.split())  # each model's own default

@@ -82,3 +82,56 @@ def test_covariate_design_levels_and_errors():
         covariate_design(None, np.zeros((3, 1)), 4)
     with pytest.raises(ValueError, match="need AnnData"):
         covariate_design(None, "stim", 4)
+
+
+def _flagged(n_cells=60, n_genes=40, seed=0):
+    import anndata as ad
+
+    rng = np.random.default_rng(seed)
+    adata = ad.AnnData(rng.normal(size=(n_cells, n_genes)).astype(np.float32))
+    adata.var_names = [f"g{i}" for i in range(n_genes)]
+    adata.var["highly_variable"] = np.arange(n_genes) % 2 == 0
+    return adata
+
+
+@pytest.mark.parametrize("model", ["PCA", "PPCA", "Spex", "NMF"])
+def test_highly_variable_genes_are_used_by_default_and_the_rest_get_zero_loadings(model):
+    import pathfactor as pf
+
+    adata = _flagged()
+    if model == "NMF":
+        adata.X = np.abs(adata.X)
+    kw = {"n_dense": 2} if model == "Spex" else {"n_factors": 2}
+    m = getattr(pf.models, model)(**kw).fit(adata)
+    assert list(m.loadings_.index) == list(adata.var_names[adata.var.highly_variable])
+    m.write(adata)
+    key = m.key
+    loadings = adata.varm[f"{key}_loadings"]
+    assert np.all(loadings[~adata.var.highly_variable.to_numpy()] == 0)
+    assert list(adata.uns[key]["genes_left_out"]) == list(adata.var_names[~adata.var.highly_variable])
+    every = getattr(pf.models, model)(**kw).fit(adata, use_highly_variable=False)
+    assert every.loadings_.shape[0] == adata.n_vars and not every.genes_left_out_
+
+
+def test_use_highly_variable_true_needs_the_column():
+    import anndata as ad
+
+    import pathfactor as pf
+
+    adata = ad.AnnData(np.random.default_rng(0).normal(size=(20, 10)).astype(np.float32))
+    with pytest.raises(ValueError, match="no 'highly_variable' column"):
+        pf.models.PCA(n_factors=2).fit(adata, use_highly_variable=True)
+
+
+def test_gaussian_model_warns_on_raw_counts_and_count_models_do_not():
+    import warnings
+
+    import pathfactor as pf
+
+    counts = np.random.default_rng(0).poisson(5.0, size=(40, 30)).astype(np.float32)
+    with pytest.warns(UserWarning, match="look like raw counts"):
+        pf.models.PCA(n_factors=2).fit(counts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        pf.models.NMF(n_factors=2, loss="kl", progress=False).fit(counts)
+        pf.models.PCA(n_factors=2).fit(np.log1p(counts))

@@ -14,7 +14,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 __all__ = ["Matrix", "CovariateNames", "as_matrix", "aligned_centred", "check_counts", "check_variance",
-           "covariate_design", "new_covariates", "read_h5ad", "working_dtype"]
+           "covariate_design", "new_covariates", "read_h5ad", "working_dtype", "looks_like_counts"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,8 @@ class Matrix:
     Y: np.ndarray | sp.csr_matrix
     obs_names: pd.Index
     var_names: pd.Index
+    #: genes of the data left out of the fit (those not ``var["highly_variable"]``; see :func:`as_matrix`)
+    genes_left_out: tuple = ()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -47,7 +49,7 @@ class Matrix:
         """The same matrix with values of ``dtype`` (itself when they already are)."""
         if self.Y.dtype == np.dtype(dtype):
             return self
-        return Matrix(self.Y.astype(dtype), self.obs_names, self.var_names)
+        return Matrix(self.Y.astype(dtype), self.obs_names, self.var_names, self.genes_left_out)
 
 
 #: sums of squares of the data must stay this factor below the dtype's largest number (see check_magnitude)
@@ -83,12 +85,15 @@ def _values(Y):
     return Y.data if sp.issparse(Y) else np.asarray(Y)
 
 
-def as_matrix(data, layer: str | None = None, dtype=np.float32, new_cells: bool = False) -> Matrix:
+def as_matrix(data, layer: str | None = None, dtype=np.float32, new_cells: bool = False,
+              use_highly_variable: bool | None = False) -> Matrix:
     """Extract and validate the expression matrix of ``data``.
 
     ``data`` is an AnnData (``layer=None`` takes ``.X``), a pandas DataFrame (cells x genes), a numpy
     array or any scipy sparse matrix (names are then generated). ``new_cells=True``: the cells are for a
-    fitted model's ``transform``, where a single cell is enough (a fit needs 2).
+    fitted model's ``transform``, where a single cell is enough (a fit needs 2). ``use_highly_variable``: keep only
+    the genes of an AnnData's boolean ``var["highly_variable"]`` (as ``sc.pp.pca``): ``None`` when the column
+    exists, ``True`` requires it, ``False`` keeps every gene; the others are named in ``genes_left_out``.
     """
     if hasattr(data, "obs_names") and hasattr(data, "var_names"):
         if layer is None:
@@ -122,6 +127,10 @@ def as_matrix(data, layer: str | None = None, dtype=np.float32, new_cells: bool 
         raise ValueError(f"expression data must be 2-D (cells x genes), got shape {np.shape(Y)}")
     if hasattr(Y, "to_memory"):  # backed AnnData datasets
         Y = Y.to_memory()
+    left_out = ()
+    keep = _highly_variable(data, use_highly_variable)
+    if keep is not None:
+        Y, left_out, var = Y[:, keep], tuple(var[~keep]), var[keep]
     if sp.issparse(Y):
         Y = sp.csr_matrix(Y)
     else:
@@ -149,7 +158,36 @@ def as_matrix(data, layer: str | None = None, dtype=np.float32, new_cells: bool 
             f"(e.g. np.nan_to_num) before {'transforming' if new_cells else 'fitting'}"
         )
     check_magnitude(vals, n, g, Y.dtype)
-    return Matrix(Y, obs, var)
+    return Matrix(Y, obs, var, left_out)
+
+
+def _highly_variable(data, use: bool | None) -> np.ndarray | None:
+    """The boolean gene mask of ``var["highly_variable"]`` to fit on, or None for every gene."""
+    var = getattr(data, "var", None)
+    has = isinstance(var, pd.DataFrame) and "highly_variable" in var.columns
+    if use is False or (use is None and not has):
+        return None
+    if not has:
+        raise ValueError("use_highly_variable=True but adata.var has no 'highly_variable' column; run "
+                         "sc.pp.highly_variable_genes first, or pass use_highly_variable=False")
+    keep = var["highly_variable"].to_numpy()
+    if keep.dtype != bool:
+        raise ValueError(f"adata.var['highly_variable'] must be boolean, got dtype {keep.dtype}")
+    if not keep.any():
+        raise ValueError("adata.var['highly_variable'] marks no gene; recompute it or pass use_highly_variable=False")
+    if keep.all():
+        return None
+    log.info("fitting the %d of %d genes marked highly_variable (use_highly_variable=False fits every gene)",
+             int(keep.sum()), len(keep))
+    return keep
+
+
+def looks_like_counts(matrix: Matrix) -> bool:
+    """Whether the data look like raw counts: non-negative integers with some values of 10 or more (log-normalised
+    data are not integers; a binary matrix is not counts)."""
+    vals = _values(matrix.Y)
+    sample = vals[:: max(1, vals.size // 200_000)]  # a strided sample decides: whole-matrix checks cost a pass
+    return bool(sample.size and sample.min() >= 0 and sample.max() >= 10 and np.all(sample == np.round(sample)))
 
 
 def check_magnitude(vals: np.ndarray, n: int, g: int, dtype) -> None:

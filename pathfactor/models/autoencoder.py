@@ -213,7 +213,8 @@ class Autoencoder(LatentModel):
         return (int(h),) if isinstance(h, (int, np.integer)) else tuple(int(v) for v in h)
 
     # ------------------------------------------------------------------ fit
-    def fit(self, data, annotations=None, layer: str | None = None, device="auto", seed: int = 0) -> "Autoencoder":
+    def fit(self, data, annotations=None, layer: str | None = None, device="auto", seed: int = 0,
+            use_highly_variable: bool | None = None) -> "Autoencoder":
         """Fit to ``data`` (AnnData, DataFrame or array; cells x genes, log-normalised).
 
         ``annotations``: GeneSets, ``{name: genes}``, a genes x terms boolean DataFrame or a GMT/JSON path (or a
@@ -223,7 +224,8 @@ class Autoencoder(LatentModel):
         self._check_params()
         generator = seed_everything(seed)
         dev, dt = resolve_device(device), getattr(torch, self.dtype)
-        matrix = as_matrix(data, layer)
+        matrix = as_matrix(data, layer, use_highly_variable=use_highly_variable)
+        self._note_inputs(matrix, seed=seed)
         N, G = matrix.shape
         mask, term_names = annotation_mask(annotations, matrix.var_names, self.min_set_size, self.max_set_size)
         A, S, D = mask.shape[1], self.n_sparse, self.n_dense

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import inspect
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pandas as pd
 
 from .. import __version__
 from ..evaluate import ACTIVE_FRACTION, refined_annotations
+from ..data.inputs import looks_like_counts
 from ..train import keeps_global_random_state
 from . import _adata
 from .registry import REGISTRY
@@ -90,6 +92,16 @@ class LatentModel:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({args})"
 
+    def _note_inputs(self, matrix, gaussian: bool = True, seed: int | None = None) -> None:
+        """Record what a fit reads (``genes_left_out_``: genes outside ``var["highly_variable"]``, which get zero
+        loadings in :meth:`write`; ``seed_``) and warn when a Gaussian model is given raw counts."""
+        self.genes_left_out_, self.seed_ = list(matrix.genes_left_out), seed
+        if gaussian and looks_like_counts(matrix):
+            warnings.warn(f"{type(self).__name__} models log-normalised data with Gaussian noise, but these look like "
+                          "raw counts (non-negative integers); normalise and log-transform them first "
+                          "(sc.pp.normalize_total, sc.pp.log1p), or use a count model (Spex(likelihood='nb'), VAE, "
+                          "NMF(loss='kl'))", UserWarning, stacklevel=3)
+
     def _check_fitted(self) -> None:
         if not hasattr(self, "loadings_"):
             raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call .fit(adata, ...) first")
@@ -140,7 +152,8 @@ class LatentModel:
           ``_covariate_effects_sd``)
         - ``uns[key]``: model, version, factor_names, factor_kinds, relevance, relevance_measure, active,
           covariate_names, params, obs_columns / obs_factors (the obs columns and their factors), n_epochs,
-          converged (when the model reports it), seed (when the model records it). Lists come back from an h5ad
+          converged (when the model reports it), seed (when the model records it), genes_left_out (genes outside
+          ``var["highly_variable"]`` that the fit left out: their loadings are 0). Lists come back from an h5ad
           file as numpy arrays.
 
         A key another tool wrote (``uns[key]`` that is not a pathfactor result, or ``obsm["X_<key>"]`` /
@@ -195,6 +208,8 @@ class LatentModel:
             uns["converged"] = bool(self.converged_)
         if getattr(self, "seed_", None) is not None:
             uns["seed"] = int(self.seed_)
+        if getattr(self, "genes_left_out_", None):  # not var["highly_variable"]: zero loadings above
+            uns["genes_left_out"] = [str(g) for g in self.genes_left_out_]
         adata.uns[key] = uns
 
     # ------------------------------------------------------------------ save / load (JSON + npz, never pickle)

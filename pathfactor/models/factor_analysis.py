@@ -105,13 +105,15 @@ class FactorAnalysis(LatentModel):
         self.n_factors, self.max_epochs, self.tol = n_factors, max_epochs, tol
         self.progress, self.dtype = progress, dtype
 
-    def fit(self, data, layer: str | None = None, device="auto", seed: int = 0) -> "FactorAnalysis":
+    def fit(self, data, layer: str | None = None, device="auto", seed: int = 0,
+            use_highly_variable: bool | None = None) -> "FactorAnalysis":
         """Fit to ``data`` (AnnData, DataFrame, array or sparse; cells x genes), centred by its gene means.
         EM starts from the PPCA closed form (W, Psi = sigma2 I); ``seed`` is accepted for a uniform face."""
         check_common(self)
         seed_everything(seed)
         dev, dt = resolve_device(device), getattr(torch, self.dtype)
-        matrix = as_matrix(data, layer)
+        matrix = as_matrix(data, layer, use_highly_variable=use_highly_variable)
+        self._note_inputs(matrix, seed=seed)
         N, G = matrix.shape
         K = int(self.n_factors)
         check_shape(K, N, G, "FactorAnalysis")

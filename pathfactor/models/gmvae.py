@@ -129,10 +129,11 @@ class GMVAE(VAE):
         return _GMVAENet(n_genes, self.n_latent, self.n_clusters, self._hidden(), likelihood,
                          bool(self.batch_norm), self.prior_weights == "learned")
 
-    def fit(self, data, layer: str | None = None, device="auto", seed: int = 0) -> "GMVAE":
+    def fit(self, data, layer: str | None = None, device="auto", seed: int = 0,
+            use_highly_variable: bool | None = None) -> "GMVAE":
         """Fit to ``data`` as :meth:`VAE.fit`; needs at least ``n_clusters`` cells (and as many training cells
         for the k-means initialisation after pre-training)."""
-        return super().fit(data, layer=layer, device=device, seed=seed)
+        return super().fit(data, layer=layer, device=device, seed=seed, use_highly_variable=use_highly_variable)
 
     def _check_shape(self, n_cells: int, n_genes: int) -> None:
         """As :meth:`VAE._check_shape`, and at least ``n_clusters`` cells."""

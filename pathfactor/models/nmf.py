@@ -350,9 +350,9 @@ def _check_nonnegative(matrix) -> None:
             "use counts (e.g. layer='counts') or log-normalised data, not scaled or centred data (sc.pp.scale)")
 
 
-def _read_matrix(data, layer, dtype, new_cells: bool = False):
+def _read_matrix(data, layer, dtype, new_cells: bool = False, use_highly_variable: bool | None = False):
     try:
-        return as_matrix(data, layer, dtype=dtype, new_cells=new_cells)
+        return as_matrix(data, layer, dtype=dtype, new_cells=new_cells, use_highly_variable=use_highly_variable)
     except ValueError as err:
         if "NaN" in str(err):
             raise ValueError(f"{err}; or, to treat them as missing, set them to 0 and pass weights= with weight 0 "
@@ -502,7 +502,7 @@ class NMF(LatentModel):
 
     # ------------------------------------------------------------------ fit
     def fit(self, data, annotations=None, layer: str | None = None, weights=None, seed: int = 0,
-            device="auto") -> "NMF":
+            device="auto", use_highly_variable: bool | None = None) -> "NMF":
         """Fit to ``data`` (AnnData, DataFrame, numpy or scipy sparse; cells x genes, non-negative: counts or
         log-normalised data).
 
@@ -515,7 +515,8 @@ class NMF(LatentModel):
         self._check_params()
         seed_everything(seed)
         dev, dt = resolve_device(device), getattr(torch, self.dtype)
-        matrix = _read_matrix(data, layer, getattr(np, self.dtype))
+        matrix = _read_matrix(data, layer, getattr(np, self.dtype), use_highly_variable=use_highly_variable)
+        self._note_inputs(matrix, gaussian=False, seed=seed)
         _check_nonnegative(matrix)
         N, G = matrix.shape
         M = _as_weights(weights, data, matrix, getattr(np, self.dtype))

@@ -43,7 +43,7 @@ class PCA(LatentModel):
     def __init__(self, *, n_factors: int = 10, svd_solver: str = "auto", dtype: str = "float32"):
         self.n_factors, self.svd_solver, self.dtype = n_factors, svd_solver, dtype
 
-    def fit(self, data, layer: str | None = None, seed: int = 0) -> "PCA":
+    def fit(self, data, layer: str | None = None, seed: int = 0, use_highly_variable: bool | None = None) -> "PCA":
         """Fit to ``data`` (AnnData, DataFrame, array or sparse; cells x genes). ``seed`` seeds the randomized
         and ARPACK solvers."""
         from sklearn.decomposition import PCA as SkPCA
@@ -54,7 +54,8 @@ class PCA(LatentModel):
         solvers = ("auto", "full", "covariance_eigh", "arpack", "randomized")
         if self.svd_solver not in solvers:
             raise ValueError(f"svd_solver must be one of {solvers}, got {self.svd_solver!r}")
-        matrix = as_matrix(data, layer, dtype=np.dtype(self.dtype))
+        matrix = as_matrix(data, layer, dtype=np.dtype(self.dtype), use_highly_variable=use_highly_variable)
+        self._note_inputs(matrix, seed=seed)
         matrix = matrix.astype(working_dtype(matrix, matrix.Y.dtype))  # float64 for data too small for float32
         N, G = matrix.shape
         if K > min(N, G) or (sp.issparse(matrix.Y) and K >= min(N, G)):

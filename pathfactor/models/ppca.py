@@ -371,7 +371,8 @@ class PPCA(LatentModel):
         self.n_factors, self.method = n_factors, method
         self.max_epochs, self.tol, self.progress, self.dtype = max_epochs, tol, progress, dtype
 
-    def fit(self, data, layer: str | None = None, device="auto", seed: int = 0) -> "PPCA":
+    def fit(self, data, layer: str | None = None, device="auto", seed: int = 0,
+            use_highly_variable: bool | None = None) -> "PPCA":
         """Fit to ``data`` (AnnData, DataFrame, array or sparse; cells x genes). The data are centred by their
         gene means ``mu``; ``seed`` draws the random start of the iterative methods."""
         check_common(self)
@@ -379,7 +380,8 @@ class PPCA(LatentModel):
             raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {self.method!r}")
         generator = seed_everything(seed)
         dev, dt = resolve_device(device), getattr(torch, self.dtype)
-        matrix = as_matrix(data, layer)
+        matrix = as_matrix(data, layer, use_highly_variable=use_highly_variable)
+        self._note_inputs(matrix, seed=seed)
         N, G = matrix.shape
         K = int(self.n_factors)
         check_shape(K, N, G, "PPCA")

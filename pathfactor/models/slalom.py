@@ -382,7 +382,7 @@ class Slalom(LatentModel):
 
     # ------------------------------------------------------------------ fit
     def fit(self, data, annotations=None, layer: str | None = None, covariates=None, device="auto",
-            seed: int = 0) -> "Slalom":
+            seed: int = 0, use_highly_variable: bool | None = None) -> "Slalom":
         """Fit to ``data`` (AnnData, DataFrame or array; cells x genes, log-normalised expression).
 
         ``annotations``: GeneSets, ``{name: genes}``, a genes x terms boolean DataFrame or a GMT/JSON path (or a
@@ -393,7 +393,8 @@ class Slalom(LatentModel):
         self._check_params()
         seed_everything(seed)
         dev, dt = resolve_device(device), getattr(torch, self.dtype)
-        matrix = as_matrix(data, layer)
+        matrix = as_matrix(data, layer, use_highly_variable=use_highly_variable)
+        self._note_inputs(matrix, seed=seed)
         N, G = matrix.shape
         mask, term_names = annotation_mask(annotations, matrix.var_names, self.min_set_size, self.max_set_size)
         Z, covariate_names = covariate_design(getattr(data, "obs", None), covariates, N)

@@ -154,7 +154,7 @@ class Spex(LatentModel):
 
     # ------------------------------------------------------------------ fit
     def fit(self, data, annotations=None, layer: str | None = None, covariates=None, device="auto",
-            seed: int = 0, checkpoint_dir=None) -> "Spex":
+            seed: int = 0, checkpoint_dir=None, use_highly_variable: bool | None = None) -> "Spex":
         """Fit to ``data`` (AnnData, DataFrame or array; cells x genes, log-normalised or scaled).
 
         ``annotations``: GeneSets, ``{name: genes}``, a genes x terms boolean DataFrame or a GMT/JSON path (or a
@@ -177,7 +177,11 @@ class Spex(LatentModel):
         comm = parallel.current()
         reduce = None if comm is None else comm.reduce
         streamed = self.likelihood != "nb" and (comm is not None or stream.is_backed(data, layer))
-        matrix = stream.backed_matrix(data) if streamed and stream.is_backed(data, layer) else as_matrix(data, layer)
+        if streamed and stream.is_backed(data, layer):  # every gene of the file (subset it before backing)
+            matrix, self.genes_left_out_, self.seed_ = stream.backed_matrix(data), [], seed
+        else:
+            matrix = as_matrix(data, layer, use_highly_variable=use_highly_variable)
+            self._note_inputs(matrix, gaussian=self.likelihood != "nb", seed=seed)
         N, G = matrix.shape
         mask, term_names = annotation_mask(annotations, matrix.var_names, self.min_set_size, self.max_set_size,
                                            self.min_set_fraction)

@@ -51,7 +51,7 @@ class Supervised(Spex):
         self.n_factors, self.two_step = n_factors, two_step
 
     def fit(self, data, covariates=None, layer: str | None = None, device="auto", seed: int = 0,
-            annotations=None, checkpoint_dir=None) -> "Supervised":
+            annotations=None, checkpoint_dir=None, use_highly_variable: bool | None = None) -> "Supervised":
         if covariates is None or (not isinstance(covariates, str) and len(covariates) == 0):
             raise ValueError("the supervised model needs covariates= (obs column names or a cells x C array); "
                              "without them use Spex or PPCA")
@@ -60,16 +60,17 @@ class Supervised(Spex):
         if not self.two_step:
             self.n_dense = self.n_factors  # Spex's name for them (n_factors may have changed by set_params)
             super().fit(data, covariates=covariates, layer=layer, device=device, seed=seed,
-                        checkpoint_dir=checkpoint_dir)
+                        checkpoint_dir=checkpoint_dir, use_highly_variable=use_highly_variable)
             self.factor_kinds_[:] = "latent"
             return self
-        return self._fit_two_step(data, covariates, layer, seed)
+        return self._fit_two_step(data, covariates, layer, seed, use_highly_variable)
 
-    def _fit_two_step(self, data, covariates, layer, seed) -> "Supervised":
+    def _fit_two_step(self, data, covariates, layer, seed, use_highly_variable) -> "Supervised":
         """OLS of the centred Y on the centred Z, then PPCA (closed-form MLE) of the residuals."""
         from .ppca import PPCA
 
-        matrix = as_matrix(data, layer)
+        matrix = as_matrix(data, layer, use_highly_variable=use_highly_variable)
+        self._note_inputs(matrix, seed=seed)
         check_variance(matrix, "Supervised")
         Z, names = covariate_design(getattr(data, "obs", None), covariates, matrix.shape[0])
         Y = matrix.dense(np.float64)

@@ -367,14 +367,16 @@ class VAE(LatentModel):
         return result
 
     # ------------------------------------------------------------------ fit
-    def fit(self, data, layer: str | None = None, device="auto", seed: int = 0) -> "VAE":
+    def fit(self, data, layer: str | None = None, device="auto", seed: int = 0,
+            use_highly_variable: bool | None = None) -> "VAE":
         """Fit to ``data`` (AnnData, DataFrame, array or sparse; cells x genes): raw counts for the count
         likelihoods (non-negative integers, else ``ValueError``), log-normalised data for "gaussian". The
         caller's data are not modified; :meth:`write` stores results."""
         likelihood = self._check_params()
         generator = seed_everything(seed)
         dev, dt = resolve_device(device), getattr(torch, self.dtype)
-        matrix = as_matrix(data, layer)
+        matrix = as_matrix(data, layer, use_highly_variable=use_highly_variable)
+        self._note_inputs(matrix, gaussian=likelihood == "gaussian", seed=seed)
         check_data(matrix, likelihood)
         N, G = matrix.shape
         self._check_shape(N, G)

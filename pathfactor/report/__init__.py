@@ -47,13 +47,14 @@ def _nav(adata, res, names, has_heatmap: bool, has_scatter: bool) -> list[tuple[
 
 
 def write_report(adata, out_dir, key: str = "spex", color_by: str | None = None, top_factors: int | None = None,
-                 top_genes: int = 15, title: str | None = None, gene_set_urls: dict | None = None,
+                 top_genes: int = 15, title: str | None = None, gene_set_urls=None,
                  open_factors: int = 10) -> Path:
     """Write ``out_dir/report.html``, one self-contained page about the results stored under ``key``.
 
     ``color_by``: an obs column to group cells by (violins, heatmap, UMAP; many-valued numbers become quintiles).
     ``top_factors``: at most this many factor sections (default: every active factor), the first
-    ``open_factors`` open and the rest collapsed. ``gene_set_urls``: gene set name -> web page, added to
+    ``open_factors`` open and the rest collapsed. ``gene_set_urls``: gene set name -> web page (or the
+    :class:`~pathfactor.GeneSets` read from a GMT whose descriptions are URLs), added to
     ``uns[key]["gene_set_urls"]``; MSigDB names (HALLMARK_*, REACTOME_*, ...) link to their MSigDB card anyway.
     Returns the path of the HTML file.
     """

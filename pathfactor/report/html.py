@@ -46,7 +46,8 @@ table.overview thead th { position: sticky; top: 0; }
 details.factor { border: 1px solid #ddd; border-radius: 4px; padding: 0.3em 0.8em; margin: 0.5em 0; }
 details.factor > summary { cursor: pointer; font-weight: bold; }
 details.factor > summary .brief { font-weight: normal; color: #555; font-size: 0.9em; margin-left: 0.5em; }
-.methods p { max-width: 60em; } sub, sup { line-height: 0; } code { background: #f3f3f3; padding: 0 0.2em; border-radius: 2px; }
+.methods p { max-width: 60em; } sub, sup { line-height: 0; }
+code { background: #f3f3f3; padding: 0 0.2em; border-radius: 2px; }
 """
 
 

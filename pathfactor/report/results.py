@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..data.genesets import GeneSets
 from ..evaluate import active_mask, refined_annotations
 
 
@@ -86,7 +87,10 @@ def _info(meta, key: str) -> pd.DataFrame:
 
 
 def _urls(meta, given) -> dict:
-    """Gene set name -> URL from ``uns[key]["gene_set_urls"]``, overridden by ``given``."""
+    """Gene set name -> URL from ``uns[key]["gene_set_urls"]``, overridden by ``given`` (a mapping, or a
+    :class:`GeneSets` whose descriptions are URLs, as in MSigDB's GMT files)."""
+    if isinstance(given, GeneSets):
+        given = given.descriptions
     stored = meta.get("gene_set_urls", None)
     out = {str(k): str(scalar(v)) for k, v in dict(stored or {}).items()}
     out.update({str(k): str(v) for k, v in dict(given or {}).items()})

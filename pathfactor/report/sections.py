@@ -81,7 +81,8 @@ def _gained_lost(name: str, res: Results, refined: pd.DataFrame, top_genes: int)
         gained, lost = list(row["gained"]), list(row["lost"])
         return f"""<table>
 <tr><th></th><th>genes</th><th>count</th></tr>
-<tr><th>gained (active, not in set; strongest first)</th><td class="gained">{h.genes(gained)}</td><td>{len(gained)}</td></tr>
+<tr><th>gained (active, not in set; strongest first)</th><td class="gained">{h.genes(gained)}</td>
+<td>{len(gained)}</td></tr>
 <tr><th>lost (in set, not active; weakest first)</th><td>{h.genes(lost)}</td><td>{len(lost)}</td></tr>
 </table>"""
     w = res.loadings[name]
@@ -211,7 +212,8 @@ def _training(fit: dict) -> str:
 
 def _relevance_method(res: Results) -> str:
     if res.is_r2:
-        return ("Relevance is the R² of each factor alone, 1 − ‖Y − x<sub>k</sub> w<sub>k</sub><sup>T</sup>‖² / ‖Y‖² "
+        return ("Relevance is the R² of each factor alone, "
+                "1 − ‖Y − x<sub>k</sub> w<sub>k</sub><sup>T</sup>‖² / ‖Y‖² "
                 "for the centred data Y, i.e. the fraction of the variance it explains")
     return f"Relevance is the model's own measure, {escape(res.measure)}"
 
@@ -228,6 +230,6 @@ def methods(res: Results, adata) -> str:
     return f"""<h2 id="methods">Methods</h2>
 <div class="methods"><p>Gene programs were inferred with {version_text} using the {escape(res.model)} model
 ({params}). {_training(res.fit)} Data: {data}. {_relevance_method(res)}; a factor is flagged active by the model
-(for pathfactor's models: R² above 10<sup>−4</sup>). A gene is active in a factor when |w| &gt; {ACTIVE_FRACTION:g} ×
-the factor's largest |w|; gained and lost genes compare the active genes with the gene set. Report written by
-pathfactor {escape(__version__)}.</p></div>"""
+(for pathfactor's models: R² above 10<sup>−4</sup>). A gene is active in a factor when
+|w| &gt; {ACTIVE_FRACTION:g} × the factor's largest |w|; gained and lost genes compare the active genes with the
+gene set. Report written by pathfactor {escape(__version__)}.</p></div>"""
