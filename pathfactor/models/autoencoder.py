@@ -23,7 +23,7 @@ from torch import nn
 from ..data.genesets import annotation_mask
 from ..data.inputs import as_matrix
 from ..evaluate import factor_r2, orient
-from ..train import Task, one_thread, resolve_device, seed_everything, train
+from ..train import Task, one_thread, train
 from .base import LatentModel, factor_layout
 from .persist import expect_shapes, module_shapes
 
@@ -222,10 +222,8 @@ class Autoencoder(LatentModel):
         are not modified; call :meth:`write` to store results.
         """
         self._check_params()
-        generator = seed_everything(seed)
-        dev, dt = resolve_device(device), getattr(torch, self.dtype)
-        matrix = as_matrix(data, layer, use_highly_variable=use_highly_variable)
-        self._note_inputs(matrix, seed=seed)
+        matrix, generator, dev, dt = self._begin_fit(data, layer, seed=seed, device=device,
+                                                     use_highly_variable=use_highly_variable)
         N, G = matrix.shape
         mask, term_names = annotation_mask(annotations, matrix.var_names, self.min_set_size, self.max_set_size)
         A, S, D = mask.shape[1], self.n_sparse, self.n_dense

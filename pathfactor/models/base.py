@@ -15,8 +15,8 @@ import pandas as pd
 
 from .. import __version__
 from ..evaluate import ACTIVE_FRACTION, refined_annotations
-from ..data.inputs import looks_like_counts
-from ..train import keeps_global_random_state
+from ..data.inputs import as_matrix, looks_like_counts
+from ..train import keeps_global_random_state, resolve_device, seed_everything
 from . import _adata
 from .registry import REGISTRY
 from .persist import (ARRAY_FILE, FORMAT, FORMAT_VERSION, MODEL_FILE, array_record, corrupted, read_arrays, read_meta,
@@ -91,6 +91,20 @@ class LatentModel:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({args})"
+
+    def _begin_fit(self, data, layer, *, seed: int, device="auto", use_highly_variable=None, gaussian: bool = True,
+                   read=as_matrix):
+        """The first steps every fit shares, after checking its parameters: seed the generators (inside the
+        caller's kept random state), resolve the device and dtype, read and check the data (``read``:
+        :func:`~pathfactor.data.inputs.as_matrix` or a model's wrapper of it), note the inputs. Returns
+        ``(matrix, generator, device, dtype)``."""
+        import torch
+
+        generator = seed_everything(seed)
+        dev, dt = resolve_device(device), getattr(torch, self.dtype)
+        matrix = read(data, layer, use_highly_variable=use_highly_variable)
+        self._note_inputs(matrix, gaussian=gaussian, seed=seed)
+        return matrix, generator, dev, dt
 
     def _note_inputs(self, matrix, gaussian: bool = True, seed: int | None = None) -> None:
         """Record what a fit reads (``genes_left_out_``: genes outside ``var["highly_variable"]``, which get zero

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pandas as pd
 import torch
 
-from ..data.inputs import aligned_centred, as_matrix, working_dtype
+from ..data.inputs import aligned_centred, working_dtype
 from ..evaluate import factor_r2, orient
-from ..train import Task, resolve_device, seed_everything, train
+from ..train import Task, train
 from .base import LatentModel
 from .persist import expect_shapes
 from .ppca import (check_common, check_shape, gaussian_log_likelihood, matmul64, mle, principal_rotation,
@@ -110,10 +109,8 @@ class FactorAnalysis(LatentModel):
         """Fit to ``data`` (AnnData, DataFrame, array or sparse; cells x genes), centred by its gene means.
         EM starts from the PPCA closed form (W, Psi = sigma2 I); ``seed`` is accepted for a uniform face."""
         check_common(self)
-        seed_everything(seed)
-        dev, dt = resolve_device(device), getattr(torch, self.dtype)
-        matrix = as_matrix(data, layer, use_highly_variable=use_highly_variable)
-        self._note_inputs(matrix, seed=seed)
+        matrix, _, dev, dt = self._begin_fit(data, layer, seed=seed, device=device,
+                                             use_highly_variable=use_highly_variable)
         N, G = matrix.shape
         K = int(self.n_factors)
         check_shape(K, N, G, "FactorAnalysis")

@@ -35,7 +35,7 @@ import torch
 
 from ..data.genesets import annotation_mask
 from ..data.inputs import as_matrix, unit_scale
-from ..train import Task, resolve_device, seed_everything, train
+from ..train import Task, resolve_device, train
 from .base import LatentModel
 
 __all__ = ["NMF"]
@@ -513,10 +513,9 @@ class NMF(LatentModel):
         0 marks a missing entry, whose value in ``data`` is then ignored. The caller's data are not modified.
         """
         self._check_params()
-        seed_everything(seed)
-        dev, dt = resolve_device(device), getattr(torch, self.dtype)
-        matrix = _read_matrix(data, layer, getattr(np, self.dtype), use_highly_variable=use_highly_variable)
-        self._note_inputs(matrix, gaussian=False, seed=seed)
+        read = lambda data, layer, **kw: _read_matrix(data, layer, getattr(np, self.dtype), **kw)  # noqa: E731
+        matrix, _, dev, dt = self._begin_fit(data, layer, seed=seed, device=device, gaussian=False, read=read,
+                                             use_highly_variable=use_highly_variable)
         _check_nonnegative(matrix)
         N, G = matrix.shape
         M = _as_weights(weights, data, matrix, getattr(np, self.dtype))

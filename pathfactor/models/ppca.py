@@ -34,9 +34,9 @@ import numbers
 import numpy as np
 import torch
 
-from ..data.inputs import aligned_centred, as_matrix, check_variance, working_dtype
+from ..data.inputs import aligned_centred, check_variance, working_dtype
 from ..evaluate import factor_r2, orient
-from ..train import Task, resolve_device, seed_everything, train
+from ..train import Task, train
 from .base import LatentModel
 from .persist import expect_shapes
 
@@ -378,10 +378,8 @@ class PPCA(LatentModel):
         check_common(self)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {self.method!r}")
-        generator = seed_everything(seed)
-        dev, dt = resolve_device(device), getattr(torch, self.dtype)
-        matrix = as_matrix(data, layer, use_highly_variable=use_highly_variable)
-        self._note_inputs(matrix, seed=seed)
+        matrix, generator, dev, dt = self._begin_fit(data, layer, seed=seed, device=device,
+                                                     use_highly_variable=use_highly_variable)
         N, G = matrix.shape
         K = int(self.n_factors)
         check_shape(K, N, G, "PPCA")

@@ -43,10 +43,10 @@ import torch
 from scipy.special import digamma
 
 from ..data.genesets import annotation_mask
-from ..data.inputs import aligned_centred, as_matrix, covariate_design, new_covariates
+from ..data.inputs import aligned_centred, covariate_design, new_covariates
 from ..evaluate import factor_r2, orient
 from ..evaluate import refined_annotations as _refined_by_loading
-from ..train import Task, one_thread, resolve_device, seed_everything, train
+from ..train import Task, one_thread, train
 from .base import LatentModel, factor_layout
 from .persist import expect_shapes
 from .spex import starting_factors
@@ -391,10 +391,8 @@ class Slalom(LatentModel):
         array; their effects get a vague Gaussian prior. The caller's data are not modified.
         """
         self._check_params()
-        seed_everything(seed)
-        dev, dt = resolve_device(device), getattr(torch, self.dtype)
-        matrix = as_matrix(data, layer, use_highly_variable=use_highly_variable)
-        self._note_inputs(matrix, seed=seed)
+        matrix, _, dev, dt = self._begin_fit(data, layer, seed=seed, device=device,
+                                             use_highly_variable=use_highly_variable)
         N, G = matrix.shape
         mask, term_names = annotation_mask(annotations, matrix.var_names, self.min_set_size, self.max_set_size)
         Z, covariate_names = covariate_design(getattr(data, "obs", None), covariates, N)

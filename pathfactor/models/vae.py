@@ -27,7 +27,7 @@ from torch import nn
 from ..data.inputs import as_matrix
 from ..likelihoods import (COUNT_LIKELIHOODS, LOG_THETA_RANGE, LOG_VAR_RANGE, PARAMETERS, check_data,
                            check_likelihood, log_prob)
-from ..train import Task, one_thread, resolve_device, seed_everything, train
+from ..train import Task, one_thread, train
 from .autoencoder import SMALL_STEP
 from .base import LatentModel
 from .persist import module_shapes
@@ -373,10 +373,9 @@ class VAE(LatentModel):
         likelihoods (non-negative integers, else ``ValueError``), log-normalised data for "gaussian". The
         caller's data are not modified; :meth:`write` stores results."""
         likelihood = self._check_params()
-        generator = seed_everything(seed)
-        dev, dt = resolve_device(device), getattr(torch, self.dtype)
-        matrix = as_matrix(data, layer, use_highly_variable=use_highly_variable)
-        self._note_inputs(matrix, gaussian=likelihood == "gaussian", seed=seed)
+        matrix, generator, dev, dt = self._begin_fit(data, layer, seed=seed, device=device,
+                                                     use_highly_variable=use_highly_variable,
+                                                     gaussian=likelihood == "gaussian")
         check_data(matrix, likelihood)
         N, G = matrix.shape
         self._check_shape(N, G)
