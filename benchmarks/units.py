@@ -36,8 +36,9 @@ def _fits(name: str, seed: int):
     if name == "NMF":
         sim.X = np.abs(sim.X)
         return sim, lambda a: pf.models.NMF(n_factors=6, progress=False).fit(a)
-    if name == "PPCA":
-        return sim, lambda a: pf.models.PPCA(n_factors=6, progress=False).fit(a)
+    if name.startswith("PPCA"):  # "PPCA" (closed form), "PPCA-em", "PPCA-map", "PPCA-vi"
+        method = name.partition("-")[2] or "mle"
+        return sim, lambda a: pf.models.PPCA(n_factors=6, method=method, progress=False).fit(a)
     raise ValueError(name)
 
 
@@ -60,7 +61,7 @@ def measure(name: str, seed: int = 0) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["Supervised", "Spex", "NMF", "PPCA"])
+    parser.add_argument("--models", nargs="+", default=["Supervised", "Spex", "NMF", "PPCA", "PPCA-map", "PPCA-vi"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)

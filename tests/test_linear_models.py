@@ -135,12 +135,16 @@ def test_map_and_vi_approach_the_mle_as_cells_grow():
         for m in ("map", "vi"):
             W = fits[m].loadings_.to_numpy()
             assert subspace_angles(W, W_mle).max() < 1e-3, (m, N)
-        # at the joint mode the priors of X and W balance (the expansion step's fixed point): X^T X = W^T W
+        # at the joint mode the priors of X and W balance (the expansion step's fixed point): X^T X = W^T W / s^2,
+        # the W prior being N(0, s^2) in units of the data's sd s
         X, W = fits["map"].factor_scores_.to_numpy(), fits["map"].loadings_.to_numpy()
-        np.testing.assert_allclose(X.T @ X, W.T @ W, rtol=1e-4, atol=1e-4 * np.abs(W.T @ W).max())
-        # and sigma2 is the mode of its conditional with the InvGamma(1, 1) prior: (R + 2 b0) / (N G + 2 a0 + 2)
-        R = ((Y - Y.mean(0) - X @ W.T) ** 2).sum()
-        assert fits["map"].sigma2_ == pytest.approx((R + 2) / (N * G + 4), rel=1e-6)
+        Yc = Y - Y.mean(0)
+        s2 = (Yc * Yc).mean()
+        Ws = W / np.sqrt(s2)
+        np.testing.assert_allclose(X.T @ X, Ws.T @ Ws, rtol=1e-4, atol=1e-4 * np.abs(Ws.T @ Ws).max())
+        # and sigma2 is the mode of its conditional with the InvGamma(1, s^2) prior: (R + 2 b0) / (N G + 2 a0 + 2)
+        R = ((Yc - X @ W.T) ** 2).sum()
+        assert fits["map"].sigma2_ == pytest.approx((R + 2 * s2) / (N * G + 4), rel=1e-6)
         out[N] = dict(
             angle_true={m: subspace_angles(f.loadings_.to_numpy(), W_true).max() for m, f in fits.items()},
             vi_gap=np.linalg.norm(fits["vi"].loadings_.to_numpy() - W_mle) / np.linalg.norm(W_mle),

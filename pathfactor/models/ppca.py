@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 _LOG_2PI = math.log(2 * math.pi)
 METHODS = ("mle", "em", "map", "vi")
-#: the poster's priors (seed 000): w_gk ~ N(0, W_PRIOR_VAR), sigma2 ~ InvGamma(SIGMA2_PRIOR)
+#: the poster's priors (seed 000): w_gk ~ N(0, W_PRIOR_VAR), sigma2 ~ InvGamma(SIGMA2_PRIOR), in units of the data's
+#: typical sd s (``PPCA.fit`` runs MAP and VI on Y / s and scales W by s, sigma2 by s^2): the same factors in any units
 W_PRIOR_VAR = 1.0
 SIGMA2_PRIOR = (1.0, 1.0)
 
@@ -391,13 +392,18 @@ class PPCA(LatentModel):
             W, sigma2 = (t.double() for t in mle(Y, K))
         else:
             var = (Y * Y).sum(dtype=torch.float64) / (N * G)
-            W0 = torch.randn(G, K, generator=generator, dtype=torch.float64).to(dev) * var.sqrt()
-            task = {"em": _EM, "map": _MAP, "vi": _VI}[self.method](Y, W0, var)
+            # MAP and VI fit Y / s, so that their unit priors are in units of the data's sd s (EM needs no prior)
+            s = 1.0 if self.method == "em" else float(var.sqrt())
+            W0 = torch.randn(G, K, generator=generator, dtype=torch.float64).to(dev) * var.sqrt() / s
+            task = {"em": _EM, "map": _MAP, "vi": _VI}[self.method](Y / s, W0, var / s**2)
             result = train(task, max_epochs=self.max_epochs, tol=self.tol, progress=self.progress,
                            desc=f"PPCA-{self.method}")
-            history, self.converged_ = result.history, result.converged
-            W = task.M_W if self.method == "vi" else task.W
-            sigma2 = task.b / (task.a - 1) if self.method == "vi" else task.sigma2
+            jacobian = -N * G * math.log(s)  # log p(Y) = log p(Y / s) - N G log s
+            history, self.converged_ = [v + jacobian for v in result.history], result.converged
+            if self.method == "vi":
+                task.Y, task.M_W, task.S_W, task.b = Y, task.M_W * s, task.S_W * s**2, task.b * s**2
+            W = task.M_W if self.method == "vi" else task.W * s
+            sigma2 = task.b / (task.a - 1) if self.method == "vi" else task.sigma2 * s**2
 
         # principal axes, then signs: the rotation the likelihood (and both priors) cannot see
         R = principal_rotation(W)

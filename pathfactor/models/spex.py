@@ -9,6 +9,7 @@ gene over its loadings and covariate effects jointly.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -173,6 +174,7 @@ class Spex(LatentModel):
         self._check_params()
         generator = seed_everything(seed)
         dev, dt = resolve_device(device), getattr(torch, self.dtype)
+        unit = 1.0  # the data's scale the fit divides out (in-memory Gaussian fits; see below)
         # rows streamed from a backed .h5ad and/or shared among the processes of a data-parallel fit
         comm = parallel.current()
         reduce = None if comm is None else comm.reduce
@@ -214,9 +216,11 @@ class Spex(LatentModel):
             prep = stream.prepare(matrix.Y, Zt, mask_t, H, dev, dt, reduce=reduce,
                                   rows=None if comm is None else comm.shard(N), block_rows=self.batch_size)
             Y, gene_mean, data_sd, X0 = prep.source, prep.gene_mean, prep.data_sd, prep.X0
-        else:
-            Y, gene_mean = matrix.centred(dev, dt)
-            data_sd = float(Y.var(0).mean().sqrt().clamp_min(1e-12))
+        else:  # fitted on Y / unit, a power of two near the data's sd: exact, and no value is too small for dt
+            Y, gene_mean = matrix.centred(dev, torch.float64)
+            data_sd = float(Y.var(0).mean().sqrt())
+            unit = 2.0 ** round(math.log2(data_sd)) if data_sd > 0 else 1.0
+            Y, data_sd = (Y / unit).to(dt), max(data_sd / unit, 1e-12)
         if not streamed:  # start the factors on what the covariates leave unexplained (two-step OLS + PCA, seed 000)
             Y_resid = Y - Zt @ torch.linalg.lstsq(Zt, Y).solution if Zt.shape[1] else Y
             X0 = starting_factors(Y_resid, mask_t, H)
@@ -239,9 +243,12 @@ class Spex(LatentModel):
         result = train(vi, max_epochs=self.max_epochs, tol=self.tol, progress=progress,
                        desc=type(self).__name__, checkpoint_dir=checkpoint_dir, fingerprint=owner)
 
-        # results, each factor oriented so that its gene set's loadings point up
-        M = vi.M.double().cpu().numpy()
-        sd = vi.loadings_sd().double().cpu().numpy()
+        # results in the data's units, each factor oriented so that its gene set's loadings point up
+        M = vi.M.double().cpu().numpy() * unit
+        sd = vi.loadings_sd().double().cpu().numpy() * unit
+        # the ELBO of Y itself: log p(Y) = log p(Y / u) - N G log u, and the product-form prior of each of the G K
+        # weights (two unnormalised Gaussian factors, see _spex_vi) shifts by one more log u
+        history = [v - (N * G + G * K) * math.log(unit) for v in result.history]
         mu = vi.scores()
         if streamed:
             relevance = stream.factor_r2(Y, mu, vi.M[:, :K], reduce)
@@ -253,13 +260,13 @@ class Spex(LatentModel):
             if self.likelihood == "nb":  # variance each factor adds to a gene's log-mean, averaged over genes
                 relevance = mu.var(0) * (M[:, :K] ** 2).mean(0)
             else:
-                relevance = factor_r2(Y.double().cpu().numpy(), mu, M[:, :K])
+                relevance = factor_r2(Y.double().cpu().numpy(), mu, M[:, :K] / unit)  # Y is the fitted Y / unit
         self._set_results(scores=mu * signs, loadings=M[:, :K] * signs, loadings_sd=sd[:, :K],
                           obs_names=matrix.obs_names, var_names=matrix.var_names, factor_names=names, factor_kinds=kinds,
                           relevance=relevance, annotation=annotation if A else None,
                           covariate_effects=M[:, K:], covariate_effects_sd=sd[:, K:], covariate_names=covariate_names,
-                          history=result.history)
-        self.elbo_ = result.history[-1]
+                          history=history)
+        self.elbo_ = history[-1]
         self.converged_ = result.converged
         # what transform() needs
         post = {"signs": signs, "M": M, "z_mean": z_mean.cpu().numpy()}
@@ -267,7 +274,7 @@ class Spex(LatentModel):
             post.update(T2=vi._theta_second().cpu().numpy(), beta=vi.beta.double().cpu().numpy(),
                         dispersion=vi.r.double().cpu().numpy())
         else:
-            post.update(psi=vi.psi.double().cpu().numpy(), Q=vi.second_moment().double().cpu().numpy(),
+            post.update(psi=vi.psi.double().cpu().numpy() / unit**2, Q=vi.second_moment().double().cpu().numpy(),
                         gene_mean=gene_mean.cpu().numpy())
         self._posterior = post
         self._covariates = covariates if isinstance(covariates, (str, list, tuple)) else None
