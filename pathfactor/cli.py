@@ -295,7 +295,7 @@ def cmd_demo(args) -> int:
 
 def cmd_fit(args) -> int:
     from .memory import check_fit_memory, format_bytes
-    from .models._adata import check_key
+    from .models.anndata_io import check_key
     from .report import write_report  # noqa: F401  (fail early if the report module is broken)
 
     spec = MODELS[args.model]

@@ -13,7 +13,7 @@ by obs column (``"spex_HALLMARK_G2M_CHECKPOINT"``) or by position (int)::
 from __future__ import annotations
 
 from . import plot
-from .models._adata import read_results
+from .models.anndata_io import read_results
 
 __all__ = ["relevance", "top_loadings", "factor_scores", "umap", "embedding"]
 

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .cli import MODELS
-from .models._adata import Results, read_results
+from .models.anndata_io import Results, read_results
 
 log = logging.getLogger("pathfactor.tl")
 
@@ -61,7 +61,7 @@ def _split_params(cls, tool: str, params: dict) -> tuple[dict, dict]:
 def _run(tool: str, adata, gene_sets, key_added, copy, layer, covariates, seed, params):
     from anndata import AnnData
 
-    from .models._adata import check_key
+    from .models.anndata_io import check_key
 
     spec = MODELS[TOOLS[tool]]
     cls = spec.load()

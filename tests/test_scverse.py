@@ -20,7 +20,7 @@ import pathfactor as pf  # noqa: E402
 from pathfactor import cli  # noqa: E402
 from pathfactor.data.genesets import GeneSets  # noqa: E402
 from pathfactor.models import REGISTRY  # noqa: E402
-from pathfactor.models._adata import N_OBS_FACTORS, SCANPY_KEYS, names  # noqa: E402
+from pathfactor.models.anndata_io import N_OBS_FACTORS, SCANPY_KEYS, names  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("torch_one_thread"),
               pytest.mark.filterwarnings("ignore::pathfactor.train.ConvergenceWarning")]

@@ -17,7 +17,7 @@ from .. import __version__
 from ..evaluate import ACTIVE_FRACTION, refined_annotations
 from ..data.inputs import as_matrix, looks_like_counts
 from ..train import keeps_global_random_state, resolve_device, seed_everything
-from . import _adata
+from . import anndata_io
 from .registry import REGISTRY
 from .persist import (ARRAY_FILE, FORMAT, FORMAT_VERSION, MODEL_FILE, array_record, corrupted, read_arrays, read_meta,
                       write_model)
@@ -183,12 +183,12 @@ class LatentModel:
         missing = self.loadings_.index.difference(adata.var_names)
         if len(missing):
             raise ValueError(f"{len(missing)} genes of the model are not in adata.var_names (e.g. {list(missing[:3])})")
-        previous = _adata.check_key(adata, key)
+        previous = anndata_io.check_key(adata, key)
         ranked = self.relevance_[self.active_].sort_values(ascending=False, kind="stable")
-        top = [str(f) for f in ranked.index[:_adata.N_OBS_FACTORS]]
-        columns = _adata.obs_columns(adata, key, top, previous)
+        top = [str(f) for f in ranked.index[:anndata_io.N_OBS_FACTORS]]
+        columns = anndata_io.obs_columns(adata, key, top, previous)
         if previous is not None:
-            _adata.clear_previous(adata, key, previous)
+            anndata_io.clear_previous(adata, key, previous)
 
         adata.obsm[f"X_{key}"] = self.factor_scores_.to_numpy(dtype=np.float32)
         for column, factor in zip(columns, top):

@@ -15,6 +15,7 @@ import scipy.sparse as sp
 
 from ..data.genesets import GeneSets
 from ..evaluate import active_mask, refined_annotations
+from ..models.anndata_io import scalar
 
 
 @dataclass
@@ -38,17 +39,6 @@ class Results:
 def _missing(what: str) -> ValueError:
     return ValueError(f"{what} is missing: it holds the fitted model's results, which the model's write(adata) "
                       f"or `pathfactor fit` creates")
-
-
-def scalar(value):
-    """A plain Python value from what h5ad gives back (0-d / 1-element arrays, numpy scalars, bytes)."""
-    if isinstance(value, np.ndarray) and value.size == 1:
-        value = value.reshape(()).item()
-    elif isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    return value
 
 
 def _table(matrix, index, columns, what: str) -> pd.DataFrame:
