@@ -334,7 +334,10 @@ def _read_checkpoint(path: Path, expected: dict | None) -> tuple[dict, dict]:
     if expected is not None and saved != json.loads(json.dumps(expected)):
         saved = saved if isinstance(saved, dict) else {}
         differ = [k for k in sorted(set(saved) | set(expected)) if saved.get(k) != expected.get(k)]
-        detail = "; ".join(f"{k}: {saved.get(k)!r} there, {expected.get(k)!r} now" for k in differ[:3])
+        def pair(k):
+            there, now = repr(saved.get(k)), repr(expected.get(k))
+            return f"{k}: {there} there, {now} now" if len(there) + len(now) < 120 else f"{k} differ"
+        detail = "; ".join(pair(k) for k in differ[:3])
         raise _refuse(path, f"belongs to a different fit ({detail})")
     name = meta.get("arrays")
     if not isinstance(name, str) or "/" in name or not name.startswith("state-"):
