@@ -202,3 +202,13 @@ def test_minibatch_stochastic_vi_recovers_the_annotation_too(sim):
     m.fit(sim, annotations=annotation_sets(sim))
     assert mask_f1(sim.varm["mask_true"], m.loadings_.to_numpy()) > 0.9
     assert np.isfinite(m.history_).all() and m.factor_scores_.shape == (300, 8)
+
+
+def test_more_factors_than_cells_fit_with_a_monotone_elbo(torch_one_thread):
+    """A shrinkage prior needs no K < N (the spex-LVM paper fits 83 gene sets to 182 cells): 32 factors on 25 cells."""
+    sim = noisy_annotations(n_cells=25, n_genes=300, n_factors=30, noise=0.2, seed=1)
+    m = pf.models.Spex(n_sparse=1, n_dense=1, min_set_size=3, tol=0.0, max_epochs=15, progress=False,
+                       dtype="float64").fit(sim, annotations=annotation_sets(sim))
+    assert m.loadings_.shape[1] == 32 > sim.n_obs
+    assert np.isfinite(m.loadings_.to_numpy()).all() and np.isfinite(m.factor_scores_.to_numpy()).all()
+    assert np.diff(m.history_).min() > -1e-6 * abs(m.history_[-1])

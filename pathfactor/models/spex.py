@@ -195,8 +195,8 @@ class Spex(LatentModel):
         if K >= G:
             raise ValueError(f"{K} factors need fewer than the data's {G} genes; "
                              "use fewer gene sets (e.g. raise min_set_size) or fewer unannotated factors")
-        if K + Z.shape[1] >= N:
-            raise ValueError(f"{K} factors + {Z.shape[1]} covariate columns need fewer than the data's {N} cells")
+        if Z.shape[1] + 1 >= N:  # the shrinkage prior needs no K < N, but the covariates' effects need cells
+            raise ValueError(f"{Z.shape[1]} covariate columns need fewer than the data's {N} cells")
 
         Zt = torch.as_tensor(Z, dtype=torch.float64, device=dev)
         z_mean = Zt.mean(0)
