@@ -217,19 +217,14 @@ def _write_h5ad(adata, path) -> Path:
 
 def read_gene_sets(sources):
     """Merge gene-set files (GMT / GMT.gz / JSON) or bundled collection names (``hallmark``, ``reactome_mouse``)."""
-    from .data import datasets
-    from .data.genesets import GeneSets
+    from .data.genesets import BUNDLED, as_gene_sets
 
     out = None
     for source in sources:
-        p = Path(source)
-        if p.exists():
-            sets = GeneSets.read(p)
-        elif str(source).lower() in datasets.available():
-            sets = datasets.gene_sets(str(source))
-        else:
+        if not Path(source).exists() and str(source).lower() not in BUNDLED:
             raise FileNotFoundError(f"gene set file {str(source)!r} does not exist and is not a bundled collection "
-                                    f"({', '.join(datasets.available())})")
+                                    f"({', '.join(BUNDLED)})")
+        sets = as_gene_sets(str(source))
         log.info("gene sets %s: %d sets", source, len(sets))
         out = sets if out is None else out + sets
     return out

@@ -135,15 +135,7 @@ def available_memory(device=None) -> int | None:
             return int(torch.cuda.mem_get_info(torch.device(device))[0])
         except Exception:  # noqa: BLE001 - no CUDA or no such device: the fit reports that itself
             return None
-    free = None
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    free = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        free = None
+    free = _proc_kib("/proc/meminfo", "MemAvailable:")
     if free is None:
         try:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -165,16 +157,20 @@ def _address_space_room() -> int | None:
         return None
     if limit == resource.RLIM_INFINITY or limit < 0:
         return None
-    used = None
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmSize:"):
-                    used = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
+    used = _proc_kib("/proc/self/status", "VmSize:")
     return max(int(limit) - (used or 0), 0)
+
+
+def _proc_kib(path: str, field: str) -> int | None:
+    """Bytes of a ``field: N kB`` line of a /proc file, or None where it cannot be read."""
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def format_bytes(n: float) -> str:

@@ -91,12 +91,6 @@ class HalfCauchy:
         lp = s2.expected_log_prior(0.5, nu.mean_inv, -nu.mean_log) + nu.expected_log_prior(0.5, 1.0 / self.s0**2)
         return (lp + s2.entropy() + nu.entropy()).sum()
 
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"scale2_rate": self.scale2.rate, "aux_rate": self.aux.rate}
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.scale2.rate, self.aux.rate = state["scale2_rate"], state["aux_rate"]
-
 
 class FixedScale:
     """A scale held fixed at ``s`` (a point mass), with the same face as :class:`HalfCauchy`."""
@@ -114,12 +108,6 @@ class FixedScale:
 
     def elbo(self) -> torch.Tensor:
         return torch.zeros((), dtype=self.scale2.value.dtype)
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        pass
 
 
 class SharedVariance:
@@ -176,12 +164,6 @@ class RandomSlab:
 
     def elbo(self) -> torch.Tensor:
         return (self.q.expected_log_prior(self.alpha, self.rate0) + self.q.entropy()).sum()
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"rate": self.q.rate}
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.q.rate = state["rate"]
 
 
 def gaussian_prior_terms(E_w2: torch.Tensor, mean_inv_var: torch.Tensor, mean_log_var: torch.Tensor) -> torch.Tensor:

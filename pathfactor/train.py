@@ -24,12 +24,14 @@ import contextlib
 import copy
 import functools
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 import random
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,8 +239,7 @@ def fingerprint(model, *, n_cells: int, n_genes: int, obs_names, var_names, gene
         return hashlib.sha256("\x1f".join(map(str, values)).encode()).hexdigest()[:16]
 
     sums = np.ascontiguousarray(np.asarray(gene_sums, dtype=np.float64).astype(np.float32))
-    params = {k: v for k, v in model.get_params().items()}
-    return {"model": type(model).__name__, "params": json.loads(json.dumps(params, default=str)),
+    return {"model": type(model).__name__, "params": json.loads(json.dumps(model.get_params(), default=str)),
             "shape": [int(n_cells), int(n_genes)], "cells": digest(obs_names), "genes": digest(var_names),
             "gene_sums": hashlib.sha256(sums.tobytes()).hexdigest()[:16], "pathfactor": __version__,
             **json.loads(json.dumps(extra, default=str))}
@@ -291,8 +292,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def save_state(task: Task, path, extra: dict | None = None, fingerprint: dict | None = None) -> None:
     """Write the task's state (and the engine's numbers ``extra``) to the checkpoint directory ``path``."""
-    import io
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {}
@@ -351,9 +350,6 @@ def _read_checkpoint(path: Path, expected: dict | None) -> tuple[dict, dict]:
     blob = array_file.read_bytes()
     if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
         raise _refuse(array_file, "does not match its checksum (corrupted)")
-    import io
-    import zipfile
-
     try:
         with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}

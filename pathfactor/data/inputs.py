@@ -149,7 +149,7 @@ def as_matrix(data, layer: str | None = None, dtype=np.float32, new_cells: bool 
             f"duplicate gene names in var_names (e.g. {dup}); make them unique first, "
             "e.g. adata.var_names_make_unique()"
         )
-    Y = Y.astype(dtype, copy=True)
+    Y = Y.astype(dtype, copy=keep is None)  # the caller's data are never aliased (a gene subset is a copy already)
     vals = _values(Y)
     if not np.isfinite(vals).all():
         bad = int((~np.isfinite(vals)).sum())

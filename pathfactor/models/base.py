@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .. import __version__
 from ..evaluate import ACTIVE_FRACTION, refined_annotations
@@ -98,8 +99,6 @@ class LatentModel:
         caller's kept random state), resolve the device and dtype, read and check the data (``read``:
         :func:`~pathfactor.data.inputs.as_matrix` or a model's wrapper of it), note the inputs. Returns
         ``(matrix, generator, device, dtype)``."""
-        import torch
-
         generator = seed_everything(seed)
         dev, dt = resolve_device(device), getattr(torch, self.dtype)
         matrix = read(data, layer, use_highly_variable=use_highly_variable)
