@@ -135,3 +135,16 @@ def test_backed_data_are_checked_without_loading(tmp_path):
     csc.write_h5ad(tmp_path / "csc.h5ad")
     with pytest.raises(ValueError, match="CSR or dense"):
         pf.models.Spex(n_dense=2, progress=False).fit(ad.read_h5ad(tmp_path / "csc.h5ad", backed="r"))
+
+
+def test_backed_file_with_highly_variable_genes_is_refused_not_silently_fit_whole(sim, tmp_path):
+    """In memory the flag selects the genes; a streamed file cannot be subset on the fly, so it says so."""
+    flagged = sim.copy()
+    flagged.var["highly_variable"] = np.arange(flagged.n_vars) % 2 == 0
+    flagged.write_h5ad(tmp_path / "flagged.h5ad")
+    backed = ad.read_h5ad(tmp_path / "flagged.h5ad", backed="r")
+    with pytest.raises(ValueError, match="streamed with all its genes.*use_highly_variable=False"):
+        pf.models.Spex(n_dense=2, progress=False, batch_size=50).fit(backed)
+    model = pf.models.Spex(n_dense=2, progress=False, batch_size=50, max_epochs=2).fit(backed,
+                                                                                       use_highly_variable=False)
+    assert model.loadings_.shape[0] == flagged.n_vars

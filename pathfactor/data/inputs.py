@@ -14,7 +14,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 __all__ = ["Matrix", "CovariateNames", "as_matrix", "aligned_centred", "check_counts", "check_variance",
-           "covariate_design", "new_covariates", "read_h5ad", "working_dtype", "looks_like_counts"]
+           "covariate_design", "new_covariates", "read_h5ad", "working_dtype", "looks_like_counts",
+           "highly_variable_mask"]
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def as_matrix(data, layer: str | None = None, dtype=np.float32, new_cells: bool 
     if hasattr(Y, "to_memory"):  # backed AnnData datasets
         Y = Y.to_memory()
     left_out = ()
-    keep = _highly_variable(data, use_highly_variable)
+    keep = highly_variable_mask(data, use_highly_variable)
     if keep is not None:
         Y, left_out, var = Y[:, keep], tuple(var[~keep]), var[keep]
     if sp.issparse(Y):
@@ -161,7 +162,7 @@ def as_matrix(data, layer: str | None = None, dtype=np.float32, new_cells: bool 
     return Matrix(Y, obs, var, left_out)
 
 
-def _highly_variable(data, use: bool | None) -> np.ndarray | None:
+def highly_variable_mask(data, use: bool | None) -> np.ndarray | None:
     """The boolean gene mask of ``var["highly_variable"]`` to fit on, or None for every gene."""
     var = getattr(data, "var", None)
     has = isinstance(var, pd.DataFrame) and "highly_variable" in var.columns

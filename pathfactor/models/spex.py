@@ -17,7 +17,8 @@ import torch
 from .. import parallel
 from ..data import stream
 from ..data.genesets import annotation_mask
-from ..data.inputs import Matrix, aligned_centred, as_matrix, check_counts, covariate_design, new_covariates
+from ..data.inputs import (Matrix, aligned_centred, as_matrix, check_counts, covariate_design, highly_variable_mask,
+                           new_covariates)
 from ..evaluate import factor_r2, orient
 from ..train import fingerprint, resolve_device, seed_everything, train
 from ._spex_nb import SpexNB, nb_factor_scores
@@ -179,7 +180,11 @@ class Spex(LatentModel):
         comm = parallel.current()
         reduce = None if comm is None else comm.reduce
         streamed = self.likelihood != "nb" and (comm is not None or stream.is_backed(data, layer))
-        if streamed and stream.is_backed(data, layer):  # every gene of the file (subset it before backing)
+        if streamed and stream.is_backed(data, layer):  # streamed with every gene of the file
+            if highly_variable_mask(data, use_highly_variable) is not None:
+                raise ValueError("a backed AnnData is streamed with all its genes, but var['highly_variable'] selects "
+                                 "fewer: write that subset to its own file (adata[:, adata.var.highly_variable]) "
+                                 "and back it, or pass use_highly_variable=False to fit every gene")
             matrix, self.genes_left_out_, self.seed_ = stream.backed_matrix(data), [], seed
         else:
             matrix = as_matrix(data, layer, use_highly_variable=use_highly_variable)
