@@ -2,7 +2,7 @@
 its results into the AnnData, as ``sc.pp.pca`` / ``sc.tl.umap`` do.
 
 Every model of ``pathfactor fit --model`` has a tool here, generated from :data:`TOOLS` (tool name -> CLI model
-name, whose :data:`pathfactor.cli.MODELS` entry gives the class and whether it takes gene sets)::
+name, whose :data:`pathfactor.catalog.MODELS` entry gives the class and whether it takes gene sets)::
 
     import pathfactor as pf, scanpy as sc
     adata = pf.datasets.mesc()
@@ -32,12 +32,12 @@ import logging
 import numpy as np
 import pandas as pd
 
-from .cli import MODELS
+from .catalog import MODELS
 from .models.anndata_io import Results, read_results
 
 log = logging.getLogger("pathfactor.tl")
 
-#: tool name -> ``pathfactor fit --model`` name (its :data:`pathfactor.cli.MODELS` entry builds the model)
+#: tool name -> ``pathfactor fit --model`` name (its :data:`pathfactor.catalog.MODELS` entry builds the model)
 TOOLS = {"spex": "spex", "supervised": "supervised", "slalom": "slalom", "autoencoder": "autoencoder", "nmf": "nmf",
          "pca": "pca", "ppca": "ppca", "factor_analysis": "fa", "vae": "vae", "gmvae": "gmvae"}
 
