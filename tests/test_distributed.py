@@ -20,7 +20,7 @@ FITS = [
     ("memory", False, dict(n_sparse=1, n_dense=1), None),
     ("backed", True, dict(n_sparse=1, posterior="mean-field"), "batch"),
     ("blocked-covariates", False, dict(n_sparse=1), "batch"),
-    ("minibatch", True, dict(n_sparse=1, batch_size=64, max_epochs=4), None),
+    ("minibatch", True, dict(n_sparse=1, batch_size=64), None),
 ]
 
 WORKER = textwrap.dedent("""
@@ -97,11 +97,17 @@ def test_two_processes_reach_the_one_process_result(sim_path, tmp_path):
         for key in ("W", "X", "elbo", "r2"):
             np.testing.assert_array_equal(ranks[0][f"{name}/{key}"], ranks[1][f"{name}/{key}"])
         assert ranks[0][f"{name}/X"].shape[0] == 201
-        if "batch_size" in params:  # minibatches differ from one process's: only agreement and sense are checked
-            assert np.isfinite(ranks[0][f"{name}/elbo"]).all()
-            continue
         one = pf.models.Spex(**{**PARAMS, **params}).fit(ad.read_h5ad(sim_path), annotations=sets,
                                                          covariates=covariates, seed=2)
+        if "batch_size" in params:
+            # each process deals its own cells into batches, so the path differs from one process's; but memoized
+            # VI's ELBO is exact (monotone) and both reach the full-batch optimum
+            elbo = ranks[0][f"{name}/elbo"]
+            assert np.isfinite(elbo).all() and np.diff(elbo).min() >= -1e-9 * abs(elbo[-1])
+            assert abs(elbo[-1] - one.history_[-1]) <= 1e-5 * abs(one.history_[-1])
+            W = one.loadings_.to_numpy()
+            assert np.abs(ranks[0][f"{name}/W"] - W).max() <= 1e-2 * np.abs(W).max()
+            continue
         for key, value in (("W", one.loadings_), ("X", one.factor_scores_), ("elbo", one.history_),
                            ("r2", one.relevance_)):
             got, want = ranks[0][f"{name}/{key}"], np.asarray(value, dtype=float)

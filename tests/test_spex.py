@@ -197,11 +197,148 @@ def test_accepts_numpy_dataframe_and_sparse(sim):
     assert m3.loadings_.index[0] == "gene_0"
 
 
-def test_minibatch_stochastic_vi_recovers_the_annotation_too(sim):
+def test_minibatch_memoized_vi_recovers_the_annotation_too(sim):
     m = pf.models.Spex(progress=False, min_set_size=5, batch_size=100, max_epochs=15)
     m.fit(sim, annotations=annotation_sets(sim))
     assert mask_f1(sim.varm["mask_true"], m.loadings_.to_numpy()) > 0.9
     assert np.isfinite(m.history_).all() and m.factor_scores_.shape == (300, 8)
+    assert np.diff(m.history_).min() > -1e-6 * abs(m.history_[-1])  # the exact ELBO, monotone (float32)
+
+
+# ------------------------------------------------------------------------- minibatches: memoized VI
+def _memo_problem(covariate: bool = True):
+    """A small float64 problem; the covariate (a group) correlates with the first true factor, so shears move."""
+    sim = noisy_annotations(n_cells=200, n_genes=80, n_factors=3, noise=0.2, seed=5)
+    g = torch.Generator().manual_seed(0)
+    Y = torch.tensor(sim.X, dtype=torch.float64)
+    x = torch.tensor(sim.obsm["X_true"][:, 0])
+    Z = (torch.rand(200, generator=g, dtype=torch.float64) < torch.sigmoid(2 * x)).double()[:, None]
+    Y = Y + Z @ torch.randn(1, 80, generator=g, dtype=torch.float64)
+    Y, Z = Y - Y.mean(0), (Z - Z.mean(0))[:, : int(covariate)]
+    mask = torch.tensor(sim.varm["annotation"], dtype=torch.float64)
+    s = torch.where(mask > 0, 1.0, 0.01) * Y.std()
+    X0 = starting_factors(Y - Z @ torch.linalg.lstsq(Z, Y).solution if covariate else Y, mask, 0)
+    return Y, Z, s, X0
+
+
+def _memo(batch_size, covariate=True, cls=SpexVI, seed=1):
+    Y, Z, s, X0 = _memo_problem(covariate)
+    return cls(Y, Z, s, X0, tau=1.0, batch_size=batch_size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("covariate", [True, False])
+def test_memoized_elbo_rises_monotonically(covariate, torch_one_thread):
+    """Every visit (factors of one batch, then the global updates and the shear from the totals) is a
+    coordinate-ascent step on the full-data ELBO: no drop, unlike stochastic VI's noisy estimates."""
+    vi = _memo(30, covariate)  # 7 batches, the last ones smaller
+    assert vi.n_batches == 7
+    elbos = [vi.epoch() for _ in range(25)]
+    steps = np.diff(elbos)
+    assert (steps >= -1e-9 * np.abs(elbos[1:])).all(), steps
+    assert elbos[-1] > elbos[0]
+
+
+class _Tracked(SpexVI):
+    """SpexVI that also keeps every cell's current factor mean, which the memoized path itself does not hold:
+    each batch's means when it is visited, moved by every shear since."""
+
+    def _memoize_start(self):
+        self.track = self.mu.clone()
+        return super()._memoize_start()
+
+    def _batch_sums(self, cells, mu=None):
+        out = super()._batch_sums(cells, mu)
+        if mu is None:  # a visit: the means just computed under the current global factors
+            Wpsi, QzK = self.M[:, : self.K] * self.psi[:, None], self.second_moment()[self.K:, : self.K]
+            self.track = self.track.index_copy(0, cells, (self.Y[cells] @ Wpsi - self.Z[cells] @ QzK) @ self.Sigma_x)
+        return out
+
+    def _shear_totals(self, A, XtZ):
+        super()._shear_totals(A, XtZ)
+        self.track = self.track - self.Z @ A.T
+
+
+def test_memoized_totals_are_the_statistics_of_all_cells_and_the_elbo_is_exact(torch_one_thread):
+    """After visits and shears the totals equal the statistics of every cell's current means (each batch's from its
+    last visit, moved by the shears since), so the ELBO computed from them is the exact full-data ELBO."""
+    vi = _memo(45, cls=_Tracked)
+    for _ in range(3):
+        vi.epoch()
+    batches = vi._batches()
+    for i in (2, 0):  # a partial epoch: batches visited at different states
+        vi._visit(i, batches[i])
+        stats = vi._memo_stats()
+        vi._update_loadings(stats)
+        vi._update_noise_and_priors(stats)
+        vi._shear(stats["A"][: vi.K, vi.K:])
+    memo, direct = vi._memo_stats(), vi._stats(slice(None), vi.track)
+    for key in ("FtY", "A", "yy", "mu2"):
+        torch.testing.assert_close(memo[key], direct[key], rtol=1e-10, atol=1e-9)
+    M, A = vi.M, direct["A"]
+    resid = direct["yy"] - 2 * (M * direct["FtY"].T).sum(1) + ((M @ A) * M).sum(1) + (vi.S * A).sum((1, 2))
+    torch.testing.assert_close(vi.sq_resid, resid, rtol=1e-9, atol=1e-9)  # so the likelihood term is exact too
+    assert float(vi._mu2) == pytest.approx(float((vi.track**2).sum()), rel=1e-10)
+    # and the stored shares, brought up to date, add up to the totals (nothing drifts)
+    xy = sum(vi._shares.get(i)[0] for i in range(vi.n_batches))
+    assert vi.n_batches == 5 and float((xy - vi._tot_xy).abs().max()) > 1e-6  # stale: shears since their visits
+    for i, cells in enumerate(batches):
+        vi._visit(i, cells)  # (no global updates in between: the factors do not change)
+    torch.testing.assert_close(sum(vi._shares.get(i)[0] for i in range(vi.n_batches)), vi._tot_xy)
+
+
+def test_memoized_optimum_is_the_full_batch_optimum(torch_one_thread):
+    full, memo = _memo(None), _memo(50)
+    e_full = [full.epoch() for _ in range(120)]
+    e_memo = [memo.epoch() for _ in range(120)]
+    assert e_memo[-1] == pytest.approx(e_full[-1], rel=1e-9, abs=1e-5)
+    torch.testing.assert_close(memo.M, full.M, rtol=0, atol=1e-3 * float(full.M.abs().max()))
+    torch.testing.assert_close(memo.S_diag, full.S_diag, rtol=1e-3, atol=1e-8)
+    torch.testing.assert_close(memo.scores(), full.scores(), rtol=0, atol=1e-3)
+    assert e_memo[60] > e_full[60]  # and it gets there in fewer epochs
+
+
+def test_shear_in_minibatch_mode_keeps_the_likelihood_and_raises_the_elbo(torch_one_thread):
+    vi = _memo(50)
+    cells = vi._batches()[0]
+    stats = vi._visit(0, cells)
+    vi._update_loadings(stats)
+    vi._update_noise_and_priors(stats)
+    before_resid, before = vi.sq_resid.clone(), float(vi.elbo())
+    vi._shear(stats["A"][: vi.K, vi.K:])
+    assert float(vi.elbo()) > before + 1.0
+    assert float(vi._acc.abs().max()) > 1e-3  # the shear moved
+    after = vi._memo_stats()  # the sheared totals
+    M, A = vi.M, after["A"]
+    resid = after["yy"] - 2 * (M * after["FtY"].T).sum(1) + ((M @ A) * M).sum(1) + (vi.S * A).sum((1, 2))
+    torch.testing.assert_close(resid, before_resid, rtol=1e-9, atol=1e-9)
+    assert float(vi._mu2) == pytest.approx(float(torch.trace(after["A"][: vi.K, : vi.K]
+                                                              - vi.N * vi.Sigma_x)), rel=1e-10)
+    # at its optimum a second shear is the identity
+    acc = vi._acc.clone()
+    vi._shear(after["A"][: vi.K, vi.K:])
+    torch.testing.assert_close(vi._acc, acc, rtol=1e-7, atol=1e-9)
+
+
+def test_memoized_state_round_trips_through_a_checkpoint(tmp_path, torch_one_thread):
+    """The shares and totals are in the task's state: a fit checkpointed and resumed in a fresh task continues as
+    the uninterrupted one, and an epoch never writes into the state's tensors (the engine's rollback holds
+    references to them)."""
+    from pathfactor.train import train
+
+    vi = _memo(50)
+    names = set(vi.state_dict())
+    assert {"_shares.xy0", "_shares.loc3", "_tot_xy", "_tot_loc", "_acc", "_order"} <= names
+    refs, copies = vi.state_dict(copy=False), vi.state_dict(copy=True)
+    vi.epoch()
+    for name, value in refs.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, copies[name]), name
+
+    whole = train(_memo(50), max_epochs=6, tol=0.0, progress=False).history
+    train(_memo(50), max_epochs=3, tol=0.0, progress=False, checkpoint_dir=tmp_path, checkpoint_every=1)
+    resumed = _memo(50, seed=7)  # another dealing of the cells: the checkpoint's must win
+    history = train(resumed, max_epochs=6, tol=0.0, progress=False, checkpoint_dir=tmp_path).history
+    np.testing.assert_allclose(history, whole, rtol=1e-12)
 
 
 def test_more_factors_than_cells_fit_with_a_monotone_elbo(torch_one_thread):
