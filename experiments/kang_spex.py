@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--likelihood", choices=["normal", "nb"], default="normal")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(__import__('os').environ.get('OMP_NUM_THREADS', 2)))
     load = load_kang_counts if args.likelihood == "nb" else load_kang_log
     adata = load(args.data, args.n_top_genes)
     start = time.perf_counter()
@@ -48,6 +48,8 @@ def main() -> None:
         "epochs": len(model.history_), "auroc_stim_vs_ctrl": scores,
         "top10_relevance": {k: round(float(v), 4) for k, v in top.items()},
         "interferon_rank": {f: int(list(model.relevance().index).index(f)) for f in interferon},
+        "annotated_factors_above_1e-3": int((model.relevance_[model.factor_kinds_ == "annotated"] > 1e-3).sum()),
+        "annotated_factors": int((model.factor_kinds_ == "annotated").sum()),
     }, indent=1))
 
 

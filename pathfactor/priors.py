@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["InverseGamma", "HalfCauchy", "FixedScale", "SharedVariance", "RandomSlab", "gaussian_prior_terms"]
+__all__ = ["InverseGamma", "HalfCauchy", "FixedScale", "SharedVariance", "RandomSlab", "gaussian_prior_terms",
+           "slab_share", "regularised_horseshoe_terms"]
 
 _LOG_2PI = 1.8378770664093453
 
@@ -75,7 +76,11 @@ class HalfCauchy:
     def mean_inv(self) -> torch.Tensor:
         return self.scale2.mean_inv
 
-    def update(self, R: torch.Tensor) -> None:
+    def update(self, R: torch.Tensor, count=None) -> None:
+        """``count``: the weights' effective number per scale (a tensor like ``R``; default: the constructor's)."""
+        if count is not None:
+            self.count = count
+            self.scale2.shape = 0.5 * count + 0.5 + torch.zeros_like(self.scale2.rate)
         a, b = 0.5 * self.count + 0.5, 1.0 / self.s0**2
         R = R.clamp_min(torch.finfo(R.dtype).tiny)
         h = 1.0 + R * b - a
@@ -93,17 +98,17 @@ class HalfCauchy:
 
 
 class FixedScale:
-    """A scale held fixed at ``s`` (a point mass), with the same face as :class:`HalfCauchy`."""
+    """A scale held fixed at ``s`` (a point mass; a number or one per entry), with the same face as :class:`HalfCauchy`."""
 
-    def __init__(self, shape: tuple[int, ...], s: float, dtype=torch.float32, device=None):
-        s2 = torch.full(shape, float(s) ** 2, dtype=dtype, device=device)
+    def __init__(self, shape: tuple[int, ...], s, dtype=torch.float32, device=None):
+        s2 = (torch.as_tensor(s, dtype=dtype, device=device) ** 2).expand(shape).clone()
         self.scale2 = _PointMass(s2)
 
     @property
     def mean_inv(self) -> torch.Tensor:
         return 1.0 / self.scale2.value
 
-    def update(self, R: torch.Tensor) -> None:
+    def update(self, R: torch.Tensor, count=None) -> None:
         pass
 
     def elbo(self) -> torch.Tensor:
@@ -159,7 +164,10 @@ class RandomSlab:
     def mean_inv(self) -> torch.Tensor:
         return self.q.mean_inv
 
-    def update(self, E_w2: torch.Tensor) -> None:
+    def update(self, E_w2: torch.Tensor, weight=None) -> None:
+        """``weight``: each weight's share of its own slab term (1 in the product form; see :func:`slab_share`)."""
+        if weight is not None:
+            self.q.shape = self.alpha + 0.5 * weight
         self.q.rate = self.rate0 + 0.5 * E_w2
 
     def elbo(self) -> torch.Tensor:
@@ -169,3 +177,28 @@ class RandomSlab:
 def gaussian_prior_terms(E_w2: torch.Tensor, mean_inv_var: torch.Tensor, mean_log_var: torch.Tensor) -> torch.Tensor:
     """Sum of E[log N(w; 0, v)] = -1/2 (log 2 pi + E[log v] + E[w^2] E[1/v])."""
     return -0.5 * (_LOG_2PI + mean_log_var + E_w2 * mean_inv_var).sum()
+
+
+def slab_share(mean_log_a: torch.Tensor, mean_log_c: torch.Tensor) -> torch.Tensor:
+    """The optimal ``pi`` of the bound in :func:`regularised_horseshoe_terms`, pi = a / (a + c) at the geometric
+    means exp E[log a], exp E[log c]: the share with which a weight counts for its slab (1 - pi: for its horseshoe
+    scales)."""
+    return torch.sigmoid(mean_log_a - mean_log_c)
+
+
+def regularised_horseshoe_terms(E_w2, mean_inv_a, mean_log_a, mean_inv_c, mean_log_c, pi) -> torch.Tensor:
+    """A lower bound on sum E[log p(w | a, c)] for the *normalised* regularised horseshoe (Piironen & Vehtari 2017)
+    ``p(w | a, c) = N(w; 0, (1/a + 1/c)^-1)``, a = tau^2 lam^2 (horseshoe), c = c^2 (slab; seed 002 eqs. 3-5).
+
+    log p = -1/2 log 2 pi + 1/2 log(a + c) - 1/2 log a - 1/2 log c - w^2 (1/a + 1/c) / 2, and by concavity of log,
+    log(a + c) >= pi log(a / pi) + (1 - pi) log(c / (1 - pi)) for any pi in (0, 1), tight at pi = a / (a + c). So
+
+        E[log p] >= -1/2 log 2 pi - (1 - pi)/2 E[log a] - pi/2 E[log c] + H(pi)/2 - E[w^2] (E[1/a] + E[1/c]) / 2.
+
+    The bound keeps every scale's update conjugate: a weight counts (1 - pi) times for its horseshoe scales and pi
+    times for its slab. A weight pinned by a narrow slab (c << a, pi -> 1) no longer drags the global scale down,
+    which the unnormalised product N(w; 0, a) N(w; 0, c) did (its mass 1 / sqrt(2 pi (a + c)) rewards small a)."""
+    tiny = torch.finfo(pi.dtype).tiny
+    entropy = -(pi * torch.log(pi.clamp_min(tiny)) + (1 - pi) * torch.log((1 - pi).clamp_min(tiny)))
+    return (-0.5 * _LOG_2PI - 0.5 * (1 - pi) * mean_log_a - 0.5 * pi * mean_log_c + 0.5 * entropy
+            - 0.5 * E_w2 * (mean_inv_a + mean_inv_c)).sum()

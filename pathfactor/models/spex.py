@@ -86,8 +86,13 @@ class Spex(LatentModel):
         prior is in the data's units (covariate effects ``b ~ N(0, data sd^2)``), so the factors do not depend on
         the units of the data.
     min_set_size, max_set_size, min_set_fraction : gene-set filters applied against the data's genes.
-    batch_size : None (default) for exact coordinate ascent on all cells; an int for stochastic VI on minibatches
-        of that many cells (natural-gradient steps for the global factors), for data with very many cells.
+    batch_size : None (default) for exact coordinate ascent on all cells; an int for memoized VI on minibatches of
+        at most that many cells (Hughes & Sudderth 2013), for data streamed from disk or with very many cells. The
+        cells are dealt once into fixed batches; a visit to a batch updates its cells' factors, swaps its share of
+        the sufficient statistics in running totals, and makes the exact global updates (and the covariate shear)
+        from the totals. The ELBO is exact and rises monotonically to the full-batch optimum, so ``tol`` works as
+        for full batches; an epoch costs one global update per batch, and fewer epochs are needed. The stored
+        shares take about ``K / batch_size`` times the data's memory (K factors; see ``_spex_vi``).
     posterior : "blocked" (default): one joint Gaussian over each gene's loadings and covariate effects;
         "mean-field": q(W) q(B) apart, as MuVI does (seed 000's comparison: biased B, too-narrow intervals).
     likelihood : "normal" (default; also spelled "gaussian"; log-normalised or scaled data) or "nb": raw counts under a negative binomial
@@ -250,6 +255,7 @@ class Spex(LatentModel):
 
         # results in the data's units, each factor oriented so that its gene set's loadings point up
         M = vi.M.double().cpu().numpy() * unit
+        C = Zt.shape[1]
         sd = vi.loadings_sd().double().cpu().numpy() * unit
         # the ELBO of Y itself: log p(Y) = log p(Y / u) - N G log u, and the product-form prior of each of the G K
         # weights (two unnormalised Gaussian factors, see _spex_vi) shifts by one more log u
@@ -269,14 +275,14 @@ class Spex(LatentModel):
         self._set_results(scores=mu * signs, loadings=M[:, :K] * signs, loadings_sd=sd[:, :K],
                           obs_names=matrix.obs_names, var_names=matrix.var_names, factor_names=names, factor_kinds=kinds,
                           relevance=relevance, annotation=annotation if A else None,
-                          covariate_effects=M[:, K:], covariate_effects_sd=sd[:, K:], covariate_names=covariate_names,
+                          covariate_effects=M[:, K:K + C], covariate_effects_sd=sd[:, K:K + C], covariate_names=covariate_names,
                           history=history)
         self.elbo_ = history[-1]
         self.converged_ = result.converged
         # what transform() needs
         post = {"signs": signs, "M": M, "z_mean": z_mean.cpu().numpy()}
         if self.likelihood == "nb":
-            post.update(T2=vi._theta_second().cpu().numpy(), beta=vi.beta.double().cpu().numpy(),
+            post.update(S=vi.S.double().cpu().numpy(), beta=vi.intercepts().double().cpu().numpy(),
                         dispersion=vi.r.double().cpu().numpy())
         else:
             post.update(psi=vi.psi.double().cpu().numpy() / unit**2, Q=vi.second_moment().double().cpu().numpy(),
@@ -284,6 +290,16 @@ class Spex(LatentModel):
         self._posterior = post
         self._covariates = covariates if isinstance(covariates, (str, list, tuple)) else None
         return self
+
+    @property
+    def dispersion_(self):
+        """The negative binomial's dispersion r_g per gene (``likelihood="nb"`` only): Var = mu + mu^2 / r."""
+        import pandas as pd
+
+        self._check_fitted()
+        if self.likelihood != "nb":
+            raise AttributeError("dispersion_ exists for likelihood='nb' only")
+        return pd.Series(self._posterior["dispersion"], index=self.loadings_.index, name="dispersion")
 
     # ------------------------------------------------------------------ transform
     def transform(self, data, layer: str | None = None, covariates=None):
@@ -296,7 +312,7 @@ class Spex(LatentModel):
 
         self._check_fitted()
         post, K = self._posterior, self.loadings_.shape[1]
-        C = post["M"].shape[1] - K
+        C = post["M"].shape[1] - K - (self.likelihood == "nb")  # an NB model's M ends with the intercepts
         if self.likelihood == "nb":
             Y, obs_names = aligned_centred(data, layer, self.loadings_.index, np.zeros(len(self.loadings_)))
             check_counts(Matrix(Y, obs_names, self.loadings_.index), "negative binomial")
@@ -309,7 +325,7 @@ class Spex(LatentModel):
         else:
             Z = np.zeros((Y.shape[0], 0))
         if self.likelihood == "nb":
-            mu = nb_factor_scores(Y, Z, post["M"], post["T2"], post["beta"], post["dispersion"])
+            mu = nb_factor_scores(Y, Z, post["M"], post["S"], post["beta"], post["dispersion"])
         else:
             Q, psi, M = post["Q"], post["psi"], post["M"]
             Sigma_x = np.linalg.inv(np.eye(K) + Q[:K, :K])
@@ -323,8 +339,8 @@ class Spex(LatentModel):
     def _load_extra_state(self, meta, arrays):
         if arrays:  # Supervised(two_step=True) saves none
             (G, K), C = self.loadings_.shape, len(arrays["z_mean"])
-            D = K + C
-            nb = {"T2": (G, D, D), "beta": (G,), "dispersion": (G,)}
+            D = K + C + (self.likelihood == "nb")  # an NB model's M and S also hold the intercepts
+            nb = {"S": (G, D, D), "beta": (G,), "dispersion": (G,)}
             gaussian = {"psi": (G,), "Q": (D, D), "gene_mean": (G,)}
             expect_shapes(arrays, {"signs": (K,), "M": (G, D), **(nb if self.likelihood == "nb" else gaussian)})
         self._posterior = dict(arrays)
