@@ -6,7 +6,8 @@ import pandas as pd
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import f1_score, roc_auc_score
 
-__all__ = ["active_mask", "mask_f1", "match_factors", "auroc", "refined_annotations", "orient", "factor_r2"]
+__all__ = ["active_mask", "mask_f1", "match_factors", "auroc", "refined_annotations", "orient", "factor_r2",
+           "membership_probability"]
 
 #: A gene is active in a factor when |w_gk| > ACTIVE_FRACTION * max_g |w_gk| (the spex-LVM F1 rule).
 ACTIVE_FRACTION = 0.1
@@ -17,6 +18,22 @@ def active_mask(W, fraction: float = ACTIVE_FRACTION) -> np.ndarray:
     A = np.abs(np.asarray(W, dtype=float))
     top = A.max(axis=0, keepdims=True)
     return (A > fraction * top) & (top > 0)
+
+
+def membership_probability(W, W_sd, fraction: float = ACTIVE_FRACTION):
+    """Posterior probability that each gene is active in each factor: P(|w_gk| > delta_k) under the marginal
+    q(w_gk) = N(m_gk, s_gk^2), with the active-gene threshold delta_k = ``fraction`` * max_g |m_gk| of
+    :func:`active_mask` (the threshold is a point estimate; its own uncertainty is left out). Same type and shape
+    as ``W`` (a DataFrame stays one)."""
+    from scipy.stats import norm
+
+    m, s = np.asarray(W, dtype=float), np.asarray(W_sd, dtype=float)
+    if m.shape != s.shape:
+        raise ValueError(f"loadings have shape {m.shape} but their sds {s.shape}")
+    delta = fraction * np.abs(m).max(axis=0, keepdims=True)
+    s = np.maximum(s, 1e-300)
+    p = norm.sf((delta - m) / s) + norm.cdf((-delta - m) / s)
+    return pd.DataFrame(p, index=W.index, columns=W.columns) if isinstance(W, pd.DataFrame) else p
 
 
 def mask_f1(true_mask, W, fraction: float = ACTIVE_FRACTION) -> float:
@@ -63,16 +80,21 @@ def orient(W, annotation=None) -> np.ndarray:
 
 
 def refined_annotations(loadings: pd.DataFrame, annotation: pd.DataFrame,
-                        fraction: float = ACTIVE_FRACTION) -> pd.DataFrame:
+                        fraction: float = ACTIVE_FRACTION, loadings_sd: pd.DataFrame | None = None) -> pd.DataFrame:
     """Genes the data add to and remove from each annotated term.
 
     Rule: a gene is *active* in a factor when ``|w_gk| > fraction * max_g |w_gk|``; *gained* genes are active
     but not annotated, *lost* genes are annotated but not active. Unannotated factors are skipped.
     Returns one row per term: ``term``, ``n_annotated``, ``n_active``, ``gained`` and ``lost`` (lists of genes,
-    gained sorted by decreasing |loading|).
+    gained sorted by decreasing |loading|). With ``loadings_sd`` (posterior sds), also ``p_gained`` and
+    ``p_lost``: each listed gene's :func:`membership_probability`, in the same order.
     """
     ann = annotation.reindex(index=loadings.index, columns=loadings.columns, fill_value=False).astype(bool)
     active = pd.DataFrame(active_mask(loadings.to_numpy(), fraction), index=loadings.index, columns=loadings.columns)
+    prob = None
+    if loadings_sd is not None:
+        sd = loadings_sd.reindex(index=loadings.index, columns=loadings.columns)
+        prob = membership_probability(loadings, sd, fraction)
     rows = []
     for term in loadings.columns:
         if not ann[term].any():
@@ -80,9 +102,13 @@ def refined_annotations(loadings: pd.DataFrame, annotation: pd.DataFrame,
         strength = loadings[term].abs()
         gained = strength[active[term] & ~ann[term]].sort_values(ascending=False).index.tolist()
         lost = strength[ann[term] & ~active[term]].sort_values().index.tolist()
-        rows.append(dict(term=term, n_annotated=int(ann[term].sum()), n_active=int(active[term].sum()),
-                         gained=gained, lost=lost))
-    return pd.DataFrame(rows, columns=["term", "n_annotated", "n_active", "gained", "lost"])
+        row = dict(term=term, n_annotated=int(ann[term].sum()), n_active=int(active[term].sum()),
+                   gained=gained, lost=lost)
+        if prob is not None:
+            row.update(p_gained=[float(prob.at[g, term]) for g in gained], p_lost=[float(prob.at[g, term]) for g in lost])
+        rows.append(row)
+    columns = ["term", "n_annotated", "n_active", "gained", "lost"]
+    return pd.DataFrame(rows, columns=columns + (["p_gained", "p_lost"] if prob is not None else []))
 
 
 def factor_r2(Y, X, W) -> np.ndarray:

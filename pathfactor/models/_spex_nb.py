@@ -90,7 +90,7 @@ class SpexNB(Task):
     """The variational state and its updates for counts ``Y`` (N x G), centred covariates ``Z`` (N x C), slab
     widths ``s`` (G x K, log units), starting scores ``X0``. ``dispersion``: fixed r_g (learned when None)."""
 
-    state_exclude = ("Y", "Z", "Zf", "count", "nodes", "_lgamma_y1")
+    state_exclude = ("Y", "Z", "Zf", "nodes", "_lgamma_y1", "_const", "_const_of")
     rebinds_state = True  # every update binds new tensors
 
     @property
@@ -183,13 +183,21 @@ class SpexNB(Task):
 
     def _expected_loglik(self, mean, var, cells=slice(None), genes=slice(None), log_r=None, derivatives=False):
         """E_q[l_ng] (and with ``derivatives`` E[l'], E[-l''] with respect to eta) for the given cells x genes."""
-        log_r = self.log_r[genes] if log_r is None else log_r
+        current = log_r is None
+        log_r = self.log_r[genes] if current else log_r
         r = torch.exp(log_r)
         Y = self.Y[cells][:, genes]
         centre = mean + self.beta0[genes][None, :] - log_r[None, :]
         f, s, ss = _softplus_expectations(centre, var.sqrt(), self.nodes, derivatives)
         count = Y + r
-        ell = (torch.lgamma(count) - torch.lgamma(r) - self._lgamma_y1[cells][:, genes] + Y * centre - count * f)
+        if current:  # log Gamma(y + r) - log Gamma(r) - log y!, kept while r stays
+            if getattr(self, "_const_of", None) is not self.log_r:
+                self._const = torch.lgamma(self.Y + self.r) - torch.lgamma(self.r) - self._lgamma_y1
+                self._const_of = self.log_r
+            const = self._const[cells][:, genes]
+        else:
+            const = torch.lgamma(count) - torch.lgamma(r) - self._lgamma_y1[cells][:, genes]
+        ell = const + Y * centre - count * f
         if not derivatives:
             return ell
         return ell, Y - count * s, count * ss, (f, s, ss)
@@ -381,8 +389,7 @@ class SpexNB(Task):
         self.M = self.M @ L.T
         self.S = L @ self.S @ L.T
         self.P = L_inv.T @ self.P @ L_inv
-        self.S_diag = torch.diagonal(self.S, dim1=1, dim2=2).clone()
-        self._mean, self._var = self._moments()  # unchanged up to rounding; recomputed so the cache matches
+        self.S_diag = torch.diagonal(self.S, dim1=1, dim2=2).clone()  # eta's moments (the cache) are unchanged
 
     def epoch(self) -> float:
         """One sweep: q(X), q(delta), q(W, B, beta), the scales, the dispersions, the shear; each step raises the ELBO."""
@@ -393,7 +400,6 @@ class SpexNB(Task):
         if self.learn_dispersion:
             self._dispersion_step()
         self._shear()
-        self._ell = self._expected_loglik(self._mean, self._var)
         return float(self.elbo())
 
     def scores(self) -> torch.Tensor:

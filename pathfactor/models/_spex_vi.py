@@ -3,7 +3,7 @@
 Model (seed 002, eqs. 2-5; covariates as in seed 000)::
 
     y_n = W x_n + B z_n + eps_n,   eps_n ~ N(0, diag(sigma2)),   x_n ~ N(0, I_K),   b_gc ~ N(0, v_c)
-    w_gk ~ N(0, tau_k^2 lam_gk^2) N(0, c_gk^2)          (regularised horseshoe, product form)
+    w_gk ~ N(0, (1 / (tau_k^2 lam_gk^2) + 1 / c_gk^2)^-1)   (regularised horseshoe, normalised; ``_spex_prior``)
     lam_gk ~ C+(0, 1), c_gk^2 ~ IG(alpha, alpha s_gk^2),   sigma2_g ~ IG(a0, b0),   v_c ~ IG(1, u^2)
     tau_k fixed (default) or tau_k ~ C+(0, u)
 
@@ -13,9 +13,11 @@ x 1e-4) give the same factors, with loadings and effects in those units. The var
 effects is learned from all genes (automatic relevance determination): only the priors of X and B decide how
 the likelihood's ridge ``x -> x - A z``, ``b -> b + A^T w`` is split, so B's prior scale must come from the data.
 
-One global scale per factor: learned by mean-field VI it collapses onto the width of the out-of-set slab (most
-of a factor's genes lie outside its gene set), which then prunes real but weak programs (on the mESC data every
-Hallmark factor but G2M). Held fixed at the data's scale, the local scales and slabs alone decide sparsity.
+One global scale per factor. Written as the unnormalised product N(w; 0, tau^2 lam^2) N(w; 0, c^2), the prior's
+missing normaliser rewards small scales, and a learned tau collapsed onto the width of the out-of-set slab (most of
+a factor's genes lie outside its gene set), pruning real but weak programs. The normalised prior (bounded with one
+share per weight, ``priors.regularised_horseshoe_terms``) lets a weight pinned by a narrow slab count for its slab
+only, so tau is learned from the weights the slab leaves free.
 
 Mean-field family q(X) q(W, B) q(sigma2) q(lam) q(tau) q(c) with
 
@@ -71,7 +73,8 @@ import math
 import torch
 
 from ..data.stream import TensorRows
-from ..priors import FixedScale, HalfCauchy, InverseGamma, RandomSlab, SharedVariance, gaussian_prior_terms
+from ..priors import FixedScale, HalfCauchy, InverseGamma, RandomSlab, SharedVariance
+from ._spex_prior import loading_terms, update_scales, weight_precision
 from ..train import Task, one_thread
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -216,8 +219,7 @@ class SpexVI(Task):
 
     def prior_precision(self) -> torch.Tensor:
         """G x D prior precision of (w_g, b_g): E[1/tau^2] E[1/lam^2] + E[1/c^2] (seed 002 eq. 5), then E[1/v_c]."""
-        prec_w = self.tau.mean_inv[None, :] * self.lam.mean_inv + self.slab.mean_inv
-        return torch.cat([prec_w, self.b_prior.mean_inv[None, :].expand(self.G, self.C)], dim=1)
+        return torch.cat([weight_precision(self), self.b_prior.mean_inv[None, :].expand(self.G, self.C)], dim=1)
 
     def _stats(self, cells, mu: torch.Tensor) -> dict[str, torch.Tensor]:
         """Sufficient statistics of a set of cells (all of them: ``slice(None)``): E[F]^T Y (D x G), E[F^T F]
@@ -401,9 +403,7 @@ class SpexVI(Task):
         self.sq_resid = (stats["yy"] - 2 * (M * FtY.T).sum(1) + ((M @ A) * M).sum(1) + tr_AS).clamp_min(0)
         self.sigma2.rate = self.b0 + 0.5 * self.sq_resid
         Ew2 = (M * M + self.S_diag)[:, : self.K]
-        self.lam.update(0.5 * Ew2 * self.tau.mean_inv[None, :])
-        self.tau.update(0.5 * (Ew2 * self.lam.mean_inv).sum(0))
-        self.slab.update(Ew2)
+        update_scales(self, Ew2)
         self.b_prior.update((M[:, self.K:] ** 2 + self.S_diag[:, self.K:]).sum(0))
         self._mu2 = stats["mu2"]
 
@@ -537,22 +537,6 @@ class SpexVI(Task):
     def loadings_sd(self) -> torch.Tensor:
         """Posterior sd of (W, B); B's includes the ridge variance (``covariate_effects_var``)."""
         return torch.cat([self.S_diag[:, : self.K], self.covariate_effects_var()], dim=1).sqrt()
-
-
-def loading_terms(vi) -> torch.Tensor:
-    """The ELBO's terms of the loadings and effects, shared by the Gaussian and NB inference: E[log p(W | tau,
-    lam, c)] + E[log p(B)] + the entropy of the q(w_g, b_g), plus the scale priors' own terms."""
-    K = vi.K
-    Ew2 = vi.M * vi.M + vi.S_diag
-    Ew2_W, Ew2_B = Ew2[:, :K], Ew2[:, K:]
-    w_prior = gaussian_prior_terms(Ew2_W, vi.tau.mean_inv[None, :] * vi.lam.mean_inv,
-                                   vi.tau.scale2.mean_log[None, :] + vi.lam.scale2.mean_log)
-    w_prior = w_prior + gaussian_prior_terms(Ew2_W, vi.slab.mean_inv, vi.slab.q.mean_log)
-    b = vi.b_prior
-    w_prior = w_prior + gaussian_prior_terms(Ew2_B, b.mean_inv[None, :].expand_as(Ew2_B),
-                                             b.scale2.mean_log[None, :].expand_as(Ew2_B))
-    w_entropy = 0.5 * (vi.G * vi.D * (1 + _LOG_2PI) + vi.logdet_S.sum())
-    return w_prior + w_entropy + vi.lam.elbo() + vi.tau.elbo() + vi.slab.elbo() + b.elbo()
 
 
 def _block_diagonal(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from .. import __version__
-from ..evaluate import ACTIVE_FRACTION, refined_annotations
+from ..evaluate import ACTIVE_FRACTION, membership_probability, refined_annotations
 from ..data.inputs import as_matrix, looks_like_counts
 from ..train import keeps_global_random_state, resolve_device, seed_everything
 from . import anndata_io
@@ -147,11 +147,21 @@ class LatentModel:
 
     def refined_annotations(self, fraction: float = ACTIVE_FRACTION) -> pd.DataFrame:
         """Genes the data add to (``gained``) and remove from (``lost``) each annotated term; a gene is active
-        in a factor when ``|w_gk| > fraction * max_g |w_gk|``."""
+        in a factor when ``|w_gk| > fraction * max_g |w_gk|``. Models with posterior sds also report each listed
+        gene's membership probability (``p_gained``, ``p_lost``; :meth:`membership_probability`)."""
         self._check_fitted()
         if self.annotation_ is None:
             raise ValueError(f"this {type(self).__name__} was fitted without gene-set annotations")
-        return refined_annotations(self.loadings_, self.annotation_, fraction)
+        return refined_annotations(self.loadings_, self.annotation_, fraction, loadings_sd=self.loadings_sd_)
+
+    def membership_probability(self, fraction: float = ACTIVE_FRACTION) -> pd.DataFrame:
+        """Genes x factors posterior probability that a gene is active in a factor, P(|w_gk| > fraction * max_g
+        |E w_gk|) under the Gaussian marginal of q(w_gk) (:func:`pathfactor.evaluate.membership_probability`)."""
+        self._check_fitted()
+        if self.loadings_sd_ is None:
+            raise ValueError(f"{type(self).__name__} has no posterior sds of its loadings, so no membership "
+                             "probability; use a Bayesian model (e.g. Spex, Supervised, PPCA(method='vi'))")
+        return membership_probability(self.loadings_, self.loadings_sd_, fraction)
 
     # ------------------------------------------------------------------ AnnData out
     def write(self, adata, key: str | None = None) -> None:

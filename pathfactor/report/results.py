@@ -30,6 +30,7 @@ class Results:
     measure: str = "R^2"  # what relevance measures
     fit: dict = field(default_factory=dict)  # version, seed, converged, n_epochs (None when not recorded)
     urls: dict = field(default_factory=dict)  # gene set name -> URL
+    loadings_sd: pd.DataFrame | None = None  # genes x factors posterior sds, where the model has them
 
     @property
     def is_r2(self) -> bool:
@@ -106,16 +107,19 @@ def load(adata, key: str, gene_set_urls=None) -> Results:
         covariates = _table(effects, genes, cov_names, f"adata.varm['{key}_covariate_effects']")
     params = {str(k): scalar(v) for k, v in dict(meta.get("params", {}) or {}).items()}
     fit = {name: scalar(meta.get(name, None)) for name in ("version", "seed", "converged", "n_epochs")}
+    sd = None
+    if f"{key}_loadings_sd" in adata.varm:
+        sd = _table(adata.varm[f"{key}_loadings_sd"], genes, names, f"adata.varm['{key}_loadings_sd']").astype(float)
     return Results(str(scalar(meta.get("model", key))), info, scores.astype(float), loadings.astype(float),
                    annotation, covariates, params, str(scalar(meta.get("relevance_measure", "R^2"))), fit,
-                   _urls(meta, gene_set_urls))
+                   _urls(meta, gene_set_urls), sd)
 
 
 def refined(res: Results) -> pd.DataFrame:
     """:func:`evaluate.refined_annotations` indexed by term (empty without an annotation)."""
     if res.annotation is None:
         return pd.DataFrame(columns=["n_annotated", "n_active", "gained", "lost"])
-    return refined_annotations(res.loadings, res.annotation).set_index("term")
+    return refined_annotations(res.loadings, res.annotation, loadings_sd=res.loadings_sd).set_index("term")
 
 
 def overview(res: Results, refined_table: pd.DataFrame) -> pd.DataFrame:

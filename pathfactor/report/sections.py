@@ -79,7 +79,12 @@ def _gained_lost(name: str, res: Results, refined: pd.DataFrame, top_genes: int)
     if name in refined.index:
         row = refined.loc[name]
         gained, lost = list(row["gained"]), list(row["lost"])
-        return f"""<table>
+        note = ""
+        if "p_gained" in row.index:  # each gene's posterior probability of membership beside it
+            gained = [f"{g} ({p:.2f})" for g, p in zip(gained, row["p_gained"])]
+            lost = [f"{g} ({p:.2f})" for g, p in zip(lost, row["p_lost"])]
+            note = "<p class=\"note\">In brackets: the posterior probability that the gene is active in the factor.</p>"
+        return f"""{note}<table>
 <tr><th></th><th>genes</th><th>count</th></tr>
 <tr><th>gained (active, not in set; strongest first)</th><td class="gained">{h.genes(gained)}</td>
 <td>{len(gained)}</td></tr>
