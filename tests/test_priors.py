@@ -73,3 +73,25 @@ def test_random_slab_centres_on_its_width():
     assert torch.allclose(slab.mean_inv, (50.5 / 50.0) / s**2)
     slab.update(torch.tensor([4.0, 4.0], dtype=torch.float64))  # a big weight widens the slab
     assert (slab.mean_inv < (50.5 / 50.0) / s**2).all()
+
+
+def test_normalised_horseshoe_bound_is_tight_at_its_share_and_below_elsewhere():
+    """With fixed scales a = tau^2 lam^2 and c (point masses), the bound equals log N(w; 0, (1/a + 1/c)^-1) at
+    pi = a / (a + c) and lies below it for any other pi."""
+    from pathfactor.priors import regularised_horseshoe_terms, slab_share
+
+    rng = np.random.default_rng(0)
+    a = torch.tensor(rng.uniform(1e-4, 3, 40), dtype=torch.float64)
+    c = torch.tensor(rng.uniform(1e-4, 3, 40), dtype=torch.float64)
+    w2 = torch.tensor(rng.uniform(0, 2, 40), dtype=torch.float64)
+    var = 1 / (1 / a + 1 / c)
+    exact = -0.5 * (torch.log(2 * torch.pi * var) + w2 / var)
+    pi = slab_share(torch.log(a), torch.log(c))
+    torch.testing.assert_close(pi, a / (a + c))
+    for i in range(40):
+        tight = regularised_horseshoe_terms(w2[i], 1 / a[i], torch.log(a[i]), 1 / c[i], torch.log(c[i]), pi[i])
+        torch.testing.assert_close(tight, exact[i])
+        for other in (0.01, 0.3, 0.7, 0.99):
+            loose = regularised_horseshoe_terms(w2[i], 1 / a[i], torch.log(a[i]), 1 / c[i], torch.log(c[i]),
+                                                torch.tensor(other, dtype=torch.float64))
+            assert loose <= exact[i] + 1e-12

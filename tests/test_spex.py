@@ -349,3 +349,15 @@ def test_more_factors_than_cells_fit_with_a_monotone_elbo(torch_one_thread):
     assert m.loadings_.shape[1] == 32 > sim.n_obs
     assert np.isfinite(m.loadings_.to_numpy()).all() and np.isfinite(m.factor_scores_.to_numpy()).all()
     assert np.diff(m.history_).min() > -1e-6 * abs(m.history_[-1])
+
+
+def test_learned_global_scale_does_not_collapse_weak_programs():
+    """With the normalised prior a learned tau is learned from the weights the slab leaves free: on weak programs
+    (noise variance 16) its mask F1 stays within 0.03 of the fixed tau's, and the learned scales stay large."""
+    sim = noisy_annotations(n_cells=300, n_genes=400, n_factors=5, noise=0.2, sigma2=16.0, seed=2)
+    sets, truth = annotation_sets(sim), sim.varm["mask_true"]
+    f1 = {}
+    for tau in (1.0, None):
+        model = pf.models.Spex(global_scale=tau, min_set_size=1, progress=False, dtype="float64")
+        f1[tau] = pf.evaluate.mask_f1(truth, model.fit(sim, annotations=sets).loadings_.to_numpy())
+    assert f1[None] > 0.8 and abs(f1[None] - f1[1.0]) < 0.03, f1

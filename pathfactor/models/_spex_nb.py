@@ -77,12 +77,12 @@ def _softplus_expectations(centre, sd, nodes, derivatives: bool):
     s = torch.zeros_like(centre) if derivatives else None
     ss = torch.zeros_like(centre) if derivatives else None
     for x, w in nodes:
-        psi = centre + sd * x
-        f += w * torch.nn.functional.softplus(psi)
-        if derivatives:
-            sig = torch.sigmoid(psi)
-            s += w * sig
-            ss += w * sig * (1 - sig)
+        sp = torch.nn.functional.softplus(centre + sd * x)
+        f.add_(sp, alpha=w)
+        if derivatives:  # 1 - sigmoid(psi) = exp(-softplus(psi))
+            rest = torch.exp(-sp)
+            s.add_(1 - rest, alpha=w)
+            ss.add_((1 - rest) * rest, alpha=w)
     return f, s, ss
 
 

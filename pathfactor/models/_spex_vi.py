@@ -521,7 +521,7 @@ class SpexVI(Task):
     # ----------------------------------------------------------------------------------------- ELBO
     def elbo(self) -> torch.Tensor:
         """ELBO at the current state (seed 002's objective), from the statistics of all cells."""
-        N, K, G = self.N, self.K, self.G
+        N, K = self.N, self.K
         s2 = self.sigma2
         lik = -0.5 * (N * (_LOG_2PI + s2.mean_log) + s2.mean_inv * self.sq_resid).sum()
         logdet_Sx = torch.logdet(self.Sigma_x)

@@ -545,8 +545,8 @@ class Slalom(LatentModel):
         if K + Z.shape[1] >= G:
             raise ValueError(f"{K} factors + {Z.shape[1]} covariate columns need fewer than the data's {G} genes; "
                              "use fewer gene sets (e.g. raise min_set_size) or fewer unannotated factors")
-        if K + Z.shape[1] >= N:
-            raise ValueError(f"{K} factors + {Z.shape[1]} covariate columns need fewer than the data's {N} cells")
+        if Z.shape[1] + 1 >= N:  # the spike-and-slab prior needs no K < N, but the covariates' effects need cells
+            raise ValueError(f"{Z.shape[1]} covariate columns need fewer than the data's {N} cells")
 
         Y, gene_mean = matrix.centred(dev, dt)
         Zt = torch.as_tensor(Z, dtype=torch.float64, device=dev)
