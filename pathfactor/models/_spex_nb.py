@@ -17,15 +17,16 @@ whose curvature ``(y + r) sigmoid(psi) sigmoid(-psi)`` is ``~mu`` for the low co
 quadratic bound replaces it by ``(y + r) tanh(|psi|/2) / (2 |psi|)``: 11x too large at ``|psi| = 4.6``, which shrinks
 every loading to zero.) Here the expected log-likelihood is computed, not bounded:
 
-* q(x_n) = N(mu_n, Sigma_n) and q(delta_n) = N(d_n, t_n) per cell, q(theta_g) = N(m_g, S_g) per gene over
-  theta_g = [w_g, b_g, beta_g] jointly;
-* the linear predictor ``eta_ng = delta_n + f_n^T theta_g`` (f_n = [x_n, z_n, 1]) has the exact moments
-  ``E = d_n + f_n^T m_g`` and ``Var = t_n + f_n^T S_g f_n + tr(Sigma_n E[w_g w_g^T])``; E_q[l] is taken over a Gaussian with those
+* q(x_n, delta_n) = N(mu_n, Sigma_n) jointly per cell (``u_n = [x_n, delta_n]``), q(theta_g) = N(m_g, S_g) per gene
+  over theta_g = [w_g, b_g, beta_g] jointly;
+* the linear predictor ``eta_ng = u_n^T [w_g, 1] + [z_n, 1]^T [b_g, beta_g]`` has the exact moments
+  ``E = E[u_n]^T [m_w, 1] + ...`` and ``Var = f_n^T S_g f_n + tr(Sigma_n E[[w_g, 1] [w_g, 1]^T])``
+  (f_n = [E x_n, z_n, 1]); E_q[l] is taken over a Gaussian with those
   moments by Gauss-Hermite quadrature. **Approximation**: eta is a sum of products of Gaussians, close to but
   not exactly Gaussian; the objective below (called the ELBO) is the ELBO under this approximation.
-* q(x_n) and q(theta_g) take natural-gradient steps (Khan & Nielsen 2018): precision ``(1 - rho) P + rho
+* q(u_n) and q(theta_g) take natural-gradient steps (Khan & Nielsen 2018): precision ``(1 - rho) P + rho
   (prior + sum E[-l''] E[f f^T])``, mean ``m + rho S grad`` -- Newton steps with the expected true curvature
-  (``rho = 1``). Each step is checked on the objective, which is separable over cells (for q(x)) and genes (for
+  (``rho = 1``). Each step is checked on the objective, which is separable over cells (for q(x, delta)) and genes (for
   q(theta), r): a row whose objective would fall halves its ``rho`` until it rises. The ELBO is monotone.
 * the dispersions are point estimates (maximum a posteriori), one Newton step per sweep on ``log r_g`` with the same
   check; ``rho0`` and ``varsigma^2 >= 0.5^2`` are empirical-Bayes estimates pooling all genes (shrinkage: a gene
@@ -121,9 +122,9 @@ class SpexNB(Task):
         if free_start:
             self.slab.q.rate = torch.full_like(self.slab.q.rate, float(self.slab.rate0.max()))
         # a tiny starting spread: the first steps are accepted from any point, then every step is checked
-        eye = torch.eye(self.K, dtype=dt, device=dev)
-        self._set_factors(X0.to(dt), 1e4 * eye.expand(self.N, self.K, self.K).clone())
-        self.size_mean, self.size_var = torch.zeros(self.N, dtype=dt, device=dev), torch.full((self.N,), 1e-4, dtype=dt, device=dev)
+        U0 = torch.cat([X0.to(dt), torch.zeros(self.N, 1, dtype=dt, device=dev)], 1)   # [x_n, delta_n]
+        eye = torch.eye(self.K + 1, dtype=dt, device=dev)
+        self._set_factors(U0, 1e4 * eye.expand(self.N, self.K + 1, self.K + 1).clone())
         eye_d = torch.eye(self.D, dtype=dt, device=dev)
         M = torch.zeros(G, self.D, dtype=dt, device=dev)
         self._set_loadings(M, 1e4 * eye_d.expand(G, self.D, self.D).clone())
@@ -165,7 +166,7 @@ class SpexNB(Task):
         return torch.exp(self.log_r)
 
     def _F(self, cells=slice(None), mu=None) -> torch.Tensor:
-        return torch.cat([self.mu[cells] if mu is None else mu, self.Zf[cells]], 1)
+        return torch.cat([(self.mu[cells] if mu is None else mu)[:, : self.K], self.Zf[cells]], 1)
 
     def _moments(self, cells=slice(None), genes=slice(None), mu=None, Sigma=None, M=None, S=None):
         """Mean and variance of eta_ng = f_n^T theta_g for the given cells x genes (N' x G' each)."""
@@ -174,12 +175,19 @@ class SpexNB(Task):
         M = self.M[genes] if M is None else M
         S = self.S[genes] if S is None else S
         K, n, g = self.K, F.shape[0], M.shape[0]
-        mean = (self.offset_cell[cells] + self.size_mean[cells])[:, None] + F @ M.T
+        size = (self.mu[cells] if mu is None else mu)[:, K]
+        mean = (self.offset_cell[cells] + size)[:, None] + F @ M.T
         F2 = (F[:, :, None] * F[:, None, :]).reshape(n, -1)
-        Mw = M[:, :K]
-        T2w = (Mw[:, :, None] * Mw[:, None, :] + S[:, :K, :K]).reshape(g, -1)
-        var = F2 @ S.reshape(g, -1).T + Sigma.reshape(n, -1) @ T2w.T + self.size_var[cells][:, None]
+        var = F2 @ S.reshape(g, -1).T + Sigma.reshape(n, -1) @ self._factor_second(M, S).reshape(g, -1).T
         return mean, var.clamp_min(0)
+
+    def _factor_second(self, M, S) -> torch.Tensor:
+        """E[[w_g, 1] [w_g, 1]^T]: the second moments of u_n's coefficients (G x (K+1) x (K+1))."""
+        K = self.K
+        Mu = torch.cat([M[:, :K], torch.ones_like(M[:, :1])], 1)
+        T2 = Mu[:, :, None] * Mu[:, None, :]
+        T2[:, :K, :K] += S[:, :K, :K]
+        return T2
 
     def _expected_loglik(self, mean, var, cells=slice(None), genes=slice(None), log_r=None, derivatives=False):
         """E_q[l_ng] (and with ``derivatives`` E[l'], E[-l''] with respect to eta) for the given cells x genes."""
@@ -216,16 +224,15 @@ class SpexNB(Task):
         return ell_cols.double().sum(0) + (0.5 * logdet - 0.5 * (prec * (M * M + S_diag)).sum(1)).double()
 
     def _factor_step(self) -> None:
-        """Natural-gradient (Newton) step for every q(x_n), each checked on its cell's share of the ELBO."""
-        K = self.K
+        """Natural-gradient (Newton) step for every q(x_n, delta_n), each checked on its cell's share of the ELBO."""
+        K, U = self.K, self.K + 1
         ell, d1, w, _ = self._expected_loglik(self._mean, self._var, derivatives=True)
         Mw = self.M[:, :K]
-        T2w = (Mw[:, :, None] * Mw[:, None, :] + self.S[:, :K, :K]).reshape(self.G, -1)
-        eye = torch.eye(K, dtype=Mw.dtype, device=Mw.device)
-        target = eye + (w @ T2w).reshape(self.N, K, K)
+        eye = torch.eye(U, dtype=Mw.dtype, device=Mw.device)
+        target = eye + (w @ self._factor_second(self.M, self.S).reshape(self.G, -1)).reshape(self.N, U, U)
         F = self._F()
         curv = ((w @ self.S[:, :K, :].reshape(self.G, -1)).reshape(self.N, K, self.D) @ F[:, :, None]).squeeze(-1)
-        grad = d1 @ Mw - curv - self.mu
+        grad = torch.cat([d1 @ Mw - curv, d1.sum(1, keepdim=True)], 1) - self.mu
         old = self._cell_objective(ell, self.mu, self.Sigma, self.logdet_Sigma)
         rho = torch.ones(self.N, dtype=Mw.dtype, device=Mw.device)
         todo = torch.arange(self.N, device=Mw.device)
@@ -250,34 +257,6 @@ class SpexNB(Task):
             rho[todo] = rho[todo] / 2
         self.mu, self.Lam_x, self.Sigma, self.logdet_Sigma = mu, Lam, Sigma, logdet
 
-    def _size_step(self) -> None:
-        """Natural-gradient (Newton) step for every q(delta_n) = N(d_n, t_n) (prior N(0, 1)), checked per cell.
-        delta_n only shifts eta_n's mean and variance, so a candidate costs no matrix product."""
-        ell, d1, w, _ = self._expected_loglik(self._mean, self._var, derivatives=True)
-        d, t = self.size_mean, self.size_var
-        target, grad = 1.0 + w.sum(1), d1.sum(1) - d
-        old = ell.double().sum(1) + 0.5 * (torch.log(t) - d * d - t).double()
-        rho = torch.ones_like(d)
-        todo = torch.arange(self.N, device=d.device)
-        d_out, t_out = d.clone(), t.clone()
-        for _ in range(_MAX_HALVINGS):
-            r = rho[todo]
-            t_new = 1.0 / ((1 - r) / t[todo] + r * target[todo])
-            d_new = d[todo] + r * t_new * grad[todo]
-            mean = self._mean[todo] + (d_new - d[todo])[:, None]
-            var = (self._var[todo] + (t_new - t[todo])[:, None]).clamp_min(0)
-            ell_new = self._expected_loglik(mean, var, cells=todo)
-            new = ell_new.double().sum(1) + 0.5 * (torch.log(t_new) - d_new * d_new - t_new).double()
-            ok = (new >= old[todo]) & torch.isfinite(new)
-            idx = todo[ok]
-            d_out[idx], t_out[idx] = d_new[ok], t_new[ok]
-            self._mean[idx], self._var[idx], self._ell[idx] = mean[ok], var[ok], ell_new[ok]
-            todo = todo[~ok]
-            if not len(todo):
-                break
-            rho[todo] = rho[todo] / 2
-        self.size_mean, self.size_var = d_out, t_out
-
     def prior_precision(self) -> torch.Tensor:
         """G x D prior precision of theta_g = [w_g, b_g, beta_g]."""
         return torch.cat([weight_precision(self), self.b_prior.mean_inv[None, :].expand(self.G, self.C + 1)], dim=1)
@@ -289,12 +268,13 @@ class SpexNB(Task):
         F = self._F()
         prec = self.prior_precision()
         F2 = (F[:, :, None] * F[:, None, :]).reshape(self.N, -1)
-        sig = (w.T @ self.Sigma.reshape(self.N, -1)).reshape(G, K, K)
+        sig = (w.T @ self.Sigma[:, :K, :K].reshape(self.N, -1)).reshape(G, K, K)
         target = (w.T @ F2).reshape(G, D, D)
         target[:, :K, :K] += sig
         target.diagonal(dim1=1, dim2=2).add_(prec)
         grad = d1.T @ F - prec * self.M
-        grad[:, :K] -= (sig @ self.M[:, :K, None]).squeeze(-1)
+        # d Var(eta) / d m_w = 2 (Sigma_xx m_w + Sigma_x,delta): the factors' and the size's covariance
+        grad[:, :K] -= (sig @ self.M[:, :K, None]).squeeze(-1) + w.T @ self.Sigma[:, :K, K]
         old = self._gene_objective(ell, self.M, self.S_diag, self.logdet_S, prec)
         rho = torch.ones(G, dtype=F.dtype, device=F.device)
         todo = torch.arange(G, device=F.device)
@@ -378,23 +358,22 @@ class SpexNB(Task):
         Phi = Mw.T @ Mw + Ssum[:K, :K]
         p = self.b_prior.mean_inv.to(f64)
         F0 = self.Zf.to(f64)
-        rhs = self.mu.to(f64).T @ F0 - (Mw.T @ Mb + Ssum[:K, K:]) * p[None, :]
+        rhs = self.mu[:, :K].to(f64).T @ F0 - (Mw.T @ Mb + Ssum[:K, K:]) * p[None, :]
         system = torch.kron(torch.diag(p), Phi) + torch.kron(F0.T @ F0, torch.eye(K, dtype=f64, device=Mw.device))
         A = torch.linalg.solve(system, rhs.T.reshape(-1)).reshape(D - K, K).T      # column-major vec(A)
         A = A.to(self.M.dtype)
         L = torch.eye(D, dtype=A.dtype, device=A.device)
         L[K:, :K] = A.T
         L_inv = torch.linalg.inv(L)
-        self.mu = self.mu - self.Zf @ A.T
+        self.mu = self.mu - torch.cat([self.Zf @ A.T, torch.zeros_like(self.mu[:, K:])], 1)
         self.M = self.M @ L.T
         self.S = L @ self.S @ L.T
         self.P = L_inv.T @ self.P @ L_inv
         self.S_diag = torch.diagonal(self.S, dim1=1, dim2=2).clone()  # eta's moments (the cache) are unchanged
 
     def epoch(self) -> float:
-        """One sweep: q(X), q(delta), q(W, B, beta), the scales, the dispersions, the shear; each step raises the ELBO."""
+        """One sweep: q(X, delta), q(W, B, beta), the scales, the dispersions, the shear; each step raises the ELBO."""
         self._factor_step()
-        self._size_step()
         self._loading_step()
         self._update_priors()
         if self.learn_dispersion:
@@ -403,17 +382,15 @@ class SpexNB(Task):
         return float(self.elbo())
 
     def scores(self) -> torch.Tensor:
-        return self.mu
+        return self.mu[:, : self.K]
 
     # ----------------------------------------------------------------------------------------- ELBO
     def elbo(self) -> torch.Tensor:
         """E_q[log NB] (Gauss-Hermite over eta's Gaussian approximation) + the Gaussian, scale and dispersion terms."""
         K = self.K
         trace = torch.diagonal(self.Sigma, dim1=1, dim2=2).sum(1)
-        x_term = 0.5 * (self.N * K + self.logdet_Sigma.sum() - trace.sum() - (self.mu * self.mu).sum())
-        d, t = self.size_mean, self.size_var
-        size_term = 0.5 * (1 + torch.log(t) - d * d - t).sum()
-        total = self._ell.double().sum() + x_term.double() + size_term.double() + loading_terms(self).double()
+        x_term = 0.5 * (self.N * (K + 1) + self.logdet_Sigma.sum() - trace.sum() - (self.mu * self.mu).sum())
+        total = self._ell.double().sum() + x_term.double() + loading_terms(self).double()
         if self.learn_dispersion:
             total = total + self._dispersion_log_prior(self.log_r).double().sum()
         return total
@@ -430,24 +407,23 @@ class SpexNB(Task):
     @classmethod
     def for_new_cells(cls, Y, Z, M, S, beta, dispersion, n_nodes: int = 8) -> "SpexNB":
         """A state holding fixed global factors (loadings ``M``, covariances ``S``, intercepts ``beta``, dispersions)
-        for new cells ``Y``, ``Z``: only q(x_n) is to be fitted (``_factor_step``)."""
+        for new cells ``Y``, ``Z``: only q(x_n, delta_n) is to be fitted (``_factor_step``)."""
         self = cls.__new__(cls)
         self.K = M.shape[1] - Z.shape[1] - 1
         self._set_cells(Y, Z, None, n_nodes)
         self.log_r = torch.log(dispersion)
         self.beta0 = beta - M[:, -1]
         self.M, self.S = M, S
-        eye = torch.eye(self.K, dtype=Y.dtype, device=Y.device)
-        self._set_factors(torch.zeros(self.N, self.K, dtype=Y.dtype, device=Y.device),
-                          eye.expand(self.N, self.K, self.K).clone())
-        self.size_mean, self.size_var = torch.zeros(self.N, dtype=Y.dtype), torch.ones(self.N, dtype=Y.dtype)
+        eye = torch.eye(self.K + 1, dtype=Y.dtype, device=Y.device)
+        self._set_factors(torch.zeros(self.N, self.K + 1, dtype=Y.dtype, device=Y.device),
+                          eye.expand(self.N, self.K + 1, self.K + 1).clone())
         self._refresh()
         return self
 
 
 def nb_factor_scores(Y, Z, M, S, beta, dispersion, n_iter: int = 200, tol: float = 1e-9):
     """Posterior means of the factors of new cells (counts ``Y``, N x G; centred covariates ``Z``) with the
-    global factors fixed: the checked Newton steps of q(x_n) iterated until the means stop moving."""
+    global factors fixed: the checked Newton steps of q(x_n, delta_n) iterated until the means stop moving."""
     f64 = torch.float64
     Y, Z = torch.as_tensor(Y, dtype=f64), torch.as_tensor(Z, dtype=f64)
     if bool((Y.sum(1) <= 0).any()):
@@ -457,7 +433,6 @@ def nb_factor_scores(Y, Z, M, S, beta, dispersion, n_iter: int = 200, tol: float
     for _ in range(n_iter):
         before = state.mu
         state._factor_step()
-        state._size_step()
         if float((state.mu - before).abs().max()) < tol:
             break
-    return state.mu.numpy()
+    return state.scores().numpy()
