@@ -1,6 +1,6 @@
 """Spex with more factors than cells: mESC (182 cells) with MSigDB Hallmark + Reactome v4.0 from ../shared/data.
 
-    python experiments/mesc_spex_reactome.py [--n-sparse 0 --n-dense 0]
+    python experiments/mesc_spex_reactome.py [--n-sparse 2 --n-dense 0]   (the defaults)
         # prints JSON (factors, seconds, epochs, G2M AUROCs as oriented, relevance, ELBO monotone) and writes
         # experiments/results/mesc_spex_reactome.json
 """
@@ -22,7 +22,7 @@ SETS = Path(__file__).resolve().parents[2] / "shared" / "data" / "genesets"
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--n-sparse", type=int, default=0)
+    p.add_argument("--n-sparse", type=int, default=2)
     p.add_argument("--n-dense", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "mesc_spex_reactome.json")
     args = p.parse_args()

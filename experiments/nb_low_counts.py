@@ -70,7 +70,7 @@ def run(r: float, seed: int, design: str = "droplet") -> dict:
     start = time.perf_counter()
     model = pf.models.Spex(likelihood="nb", min_set_size=5, progress=False).fit(adata, annotations=sets, seed=seed)
     seconds = time.perf_counter() - start
-    L = model.loadings_.to_numpy()
+    L = model.loadings_.to_numpy()[:, : W.shape[1]]  # the annotated factors (the defaults add 2 sparse ones)
     corr = [abs(np.corrcoef(model.factor_scores_.iloc[:, k], X[:, k])[0, 1]) for k in range(W.shape[1])]
     null = ~(W > 0).any(1)
     r_hat = model.dispersion_[null]

@@ -279,7 +279,7 @@ TOO_MANY_MSG = {
     "PPCA": "PPCA with n_factors=10 needs more genes than factors, but the data have 10 genes",
     "FactorAnalysis": "FactorAnalysis with n_factors=10 needs more genes than factors",
     "NMF": "n_factors=11 exceed(s) min(cells, genes) = 10 of the data",
-    "Spex": "12 factors need fewer than the data's 10 genes",
+    "Spex": "14 factors need fewer than the data's 10 genes",  # n_dense=10 + the 2 default sparse factors
     "Supervised": "10 factors need fewer than the data's 10 genes",
     "Slalom": "12 factors + 0 covariate columns need fewer than the data's 10 genes",
     "VAE": "n_latent=10 needs fewer latent dimensions than the data's 10 genes",
@@ -462,6 +462,8 @@ NEURAL_PARAMS = [  # (model, test-id key, parameters, expectation)
      Works(assert_finite)),
     ("GMVAE", "bad-prior-weights", {"prior_weights": "equal"},
      Raises(ValueError, "prior_weights must be 'learned' or 'uniform', got 'equal'")),
+    ("GMVAE", "n-init-zero", {"n_init": 0}, Raises(ValueError, "n_init must be an integer >= 1, got 0")),
+    ("GMVAE", "n-init-float", {"n_init": 2.0}, Raises(ValueError, "n_init must be an integer >= 1, got 2.0")),
     ("VAE", "batch-norm-batch-size-1", {"batch_norm": True, "batch_size": 1},
      Raises(ValueError, "batch_norm=True needs batch_size >= 2 (batch statistics of one cell are undefined)")),
     ("GMVAE", "batch-norm-batch-size-1", {"batch_norm": True, "batch_size": 1},

@@ -62,7 +62,7 @@ def test_fit_with_report_and_saved_model(sim_files, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "R^2" in printed and "term_" in printed
     res = ad.read_h5ad(out)
-    names = GeneSets.read(gmt).names
+    names = GeneSets.read(gmt).names + ["sparse_1", "sparse_2"]  # Spex's default: 2 unannotated sparse factors
     assert list(res.uns["spex"]["factor_names"]) == names
     assert res.obsm["X_spex"].shape == (N_CELLS, len(names))
     assert res.varm["spex_loadings"].shape == (N_GENES, len(names))
@@ -91,7 +91,7 @@ def test_fit_with_covariates(tmp_path, capsys):
     assert res.varm["spex_covariate_effects"].shape == (60, 1)
     # the shift c = 2 per gene is recovered as the stimulated group's effect
     assert np.median(res.varm["spex_covariate_effects"]) == pytest.approx(2.0, abs=0.3)
-    assert list(res.uns["spex"]["factor_names"]) == ["first", "dense_1", "dense_2"]
+    assert list(res.uns["spex"]["factor_names"]) == ["first", "sparse_1", "sparse_2", "dense_1", "dense_2"]
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -194,7 +194,7 @@ def test_memory_check_refuses_in_one_line(tmp_path, capsys, gmt, monkeypatch):
     monkeypatch.setattr(memory, "available_memory", lambda device=None: 2**16)
     rc = main(["fit", write(tmp_path, "ok.h5ad", data()), "--model", "spex", "--gene-sets", gmt,
                "--min-set-size", "2", "--n-dense", "10", "--out", str(tmp_path / "out.h5ad"), "--quiet"])
-    err = one_line_error(capsys, rc, "fitting Spex with 12 factors to 30 cells x 20 genes needs about",
+    err = one_line_error(capsys, rc, "fitting Spex with 14 factors to 30 cells x 20 genes needs about",
                          "64.0 KiB is available", "fewer factors")
     assert not (tmp_path / "out.h5ad").exists(), err
 

@@ -27,7 +27,7 @@ def test_probability_matches_sampling_and_limits():
 @pytest.fixture(scope="module")
 def fitted():
     sim = noisy_annotations(n_cells=300, n_genes=400, n_factors=4, noise=0.25, seed=3)
-    model = pf.models.Spex(min_set_size=1, progress=False).fit(sim, annotations=annotation_sets(sim))
+    model = pf.models.Spex(n_sparse=0, min_set_size=1, progress=False).fit(sim, annotations=annotation_sets(sim))
     return sim, model
 
 

@@ -14,7 +14,7 @@ def sim():
 
 @pytest.mark.parametrize("model", [pf.models.Slalom, pf.models.Spex, pf.models.Autoencoder])
 def test_fits_50_gene_sets_to_40_cells(sim, model):
-    fitted = model(min_set_size=1, progress=False).fit(sim, annotations=annotation_sets(sim))
+    fitted = model(n_sparse=0, min_set_size=1, progress=False).fit(sim, annotations=annotation_sets(sim))
     W = fitted.loadings_.to_numpy()
     assert W.shape == (600, 50) and np.isfinite(W).all()
     assert pf.evaluate.mask_f1(sim.varm["mask_true"], W) > 0.8

@@ -19,7 +19,7 @@ def sim():
 
 @pytest.fixture(scope="module")
 def fitted(sim):
-    return pf.models.Spex(progress=False, min_set_size=5).fit(sim, annotations=annotation_sets(sim))
+    return pf.models.Spex(n_sparse=0, progress=False, min_set_size=5).fit(sim, annotations=annotation_sets(sim))
 
 
 @pytest.mark.parametrize("tau,posterior", [(None, "blocked"), (1.0, "blocked"), (1.0, "mean-field")])
@@ -143,7 +143,7 @@ def test_same_seed_same_result(sim):
 
 def test_unannotated_only_model_fits():
     sim = ppca_interventions(n_cells=200, n_genes=50, n_factors=2, sigma2=0.1, seed=1)
-    m = pf.models.Spex(n_dense=2, progress=False).fit(sim)
+    m = pf.models.Spex(n_sparse=0, n_dense=2, progress=False).fit(sim)
     assert list(m.factor_kinds_) == ["dense", "dense"]
     assert m.relevance_.sum() > 0.5
 
@@ -165,7 +165,7 @@ def test_bad_arguments_get_clear_errors(sim):
     with pytest.raises(ValueError, match="none of the"):
         fit(annotations={"a": ["NOPE1", "NOPE2"] * 10})
     with pytest.raises(ValueError, match="nothing to fit"):
-        fit()
+        fit(model=dict(n_sparse=0))
     with pytest.raises(ValueError, match="fewer than the data.s 400 genes"):
         fit(model=dict(n_dense=400))
     with pytest.raises(ValueError, match="not a column of obs"):
@@ -198,7 +198,7 @@ def test_accepts_numpy_dataframe_and_sparse(sim):
 
 
 def test_minibatch_memoized_vi_recovers_the_annotation_too(sim):
-    m = pf.models.Spex(progress=False, min_set_size=5, batch_size=100, max_epochs=15)
+    m = pf.models.Spex(n_sparse=0, progress=False, min_set_size=5, batch_size=100, max_epochs=15)
     m.fit(sim, annotations=annotation_sets(sim))
     assert mask_f1(sim.varm["mask_true"], m.loadings_.to_numpy()) > 0.9
     assert np.isfinite(m.history_).all() and m.factor_scores_.shape == (300, 8)
@@ -358,6 +358,6 @@ def test_learned_global_scale_does_not_collapse_weak_programs():
     sets, truth = annotation_sets(sim), sim.varm["mask_true"]
     f1 = {}
     for tau in (1.0, None):
-        model = pf.models.Spex(global_scale=tau, min_set_size=1, progress=False, dtype="float64")
+        model = pf.models.Spex(n_sparse=0, global_scale=tau, min_set_size=1, progress=False, dtype="float64")
         f1[tau] = pf.evaluate.mask_f1(truth, model.fit(sim, annotations=sets).loadings_.to_numpy())
     assert f1[None] > 0.8 and abs(f1[None] - f1[1.0]) < 0.03, f1

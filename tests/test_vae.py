@@ -1,6 +1,10 @@
 """VAE and GMVAE (seeds 003, 004): closed-form KL against Monte Carlo, the GMVAE's exact sum over clusters
 against a brute-force enumeration and quadrature, recovery of simulated clusters, the model face (transform,
 elbo, write, save/load, determinism), the decoder's linearisation, extreme counts and bad input."""
+import json
+import re
+from pathlib import Path
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -204,7 +208,10 @@ def test_transform_elbo_write_and_save_load(sim, vae, gmvae, tmp_path):
         pd.testing.assert_frame_equal(back.loadings_, model.loadings_)
         np.testing.assert_allclose(back.transform(sim).to_numpy(), model.transform(sim).to_numpy(), atol=1e-6)
         pd.testing.assert_series_equal(back.elbo(sim), model.elbo(sim))
-    pd.testing.assert_series_equal(pf.load(tmp_path / "gmvae").clusters_, gmvae.clusters_)
+    back = pf.load(tmp_path / "gmvae")
+    pd.testing.assert_series_equal(back.clusters_, gmvae.clusters_)
+    assert back.init_elbos_ == gmvae.init_elbos_ and back.best_init_ == gmvae.best_init_
+    assert back.get_params()["n_init"] == gmvae.n_init == 3
     pd.testing.assert_series_equal(gmvae.predict(sim), gmvae.clusters_)
     adata = sim.copy()
     gmvae.write(adata)
@@ -213,6 +220,21 @@ def test_transform_elbo_write_and_save_load(sim, vae, gmvae, tmp_path):
     assert adata.obsm["gmvae_cluster_probs"].shape == (sim.n_obs, 3)
     assert adata.uns["gmvae"]["relevance_measure"] == "KL (nats)"
     assert "X_vae" not in sim.obsm and "gmvae_cluster" not in sim.obs  # fitting does not write
+
+
+def test_gmvae_loads_saves_without_starts_and_refuses_malformed_ones(gmvae, tmp_path):
+    path = Path(gmvae.save(tmp_path / "gmvae"))
+    meta = json.loads((path / "model.json").read_text())
+    del meta["extra"]["init_elbos"], meta["extra"]["best_init"]  # as saved before n_init
+    (path / "model.json").write_text(json.dumps(meta))
+    old = pf.load(path)
+    assert old.init_elbos_ == [] and old.best_init_ is None
+    pd.testing.assert_series_equal(old.clusters_, gmvae.clusters_)
+    for elbos, best in ((["x"], 0), ([-1.0], 1), ([-1.0], True), ("-1", None)):
+        meta["extra"]["init_elbos"], meta["extra"]["best_init"] = elbos, best
+        (path / "model.json").write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match="malformed init_elbos / best_init"):
+            pf.load(path)
 
 
 def test_same_seed_same_fit_other_seed_other_fit(sim):
@@ -245,6 +267,92 @@ def test_gaussian_likelihood_on_log_data(sim):
         VAE(likelihood="nb").fit(logged)
 
 
+# ----------------------------------------------------------------------------- GMVAE starts (n_init) and q(y | x)
+def small_gmvae(**kw) -> GMVAE:
+    return GMVAE(**{"n_clusters": 3, "n_latent": 2, "hidden": (8,), "pretrain_epochs": 3, "kl_warmup": 1,
+                    "max_epochs": 2, "progress": False, **kw})
+
+
+def snapshot(net) -> dict:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+@pytest.mark.filterwarnings("ignore::pathfactor.train.ConvergenceWarning")
+def test_gmvae_n_init_keeps_the_start_with_the_best_elbo(sim, monkeypatch):
+    """The starts' ELBOs are scripted (-3, -1, -2): the fit must go on from the second start's network (as it
+    was after its placement) and report that start's pre-training history."""
+    import pathfactor.models.gmvae as gm
+
+    histories, placed, kept = [], [], []
+    real_train, real_place, real_fit_qy = gm.train, gm.GMVAE._place_mixture, gm.GMVAE._fit_qy
+
+    def spy_train(task, **kw):
+        result = real_train(task, **kw)
+        if task.net.pretraining:
+            histories.append(list(result.history))
+        return result
+
+    def spy_place(self, task):
+        real_place(self, task)
+        placed.append(snapshot(task.net))
+
+    def spy_fit_qy(self, task):
+        kept.append(snapshot(task.net))
+        real_fit_qy(self, task)
+
+    scores = iter([-3.0, -1.0, -2.0])
+    monkeypatch.setattr(gm, "train", spy_train)
+    monkeypatch.setattr(gm.GMVAE, "_place_mixture", spy_place)
+    monkeypatch.setattr(gm.GMVAE, "_fit_qy", spy_fit_qy)
+    monkeypatch.setattr(gm, "_placement_elbo", lambda net, rows, idx, eps: torch.full((len(idx),), next(scores)))
+    model = small_gmvae(n_init=3).fit(sim[:150, :40].copy(), seed=0)
+    assert model.init_elbos_ == [-3.0, -1.0, -2.0] and model.best_init_ == 1
+    assert len(histories) == len(placed) == 3 and len(kept) == 1
+    assert histories[0] != histories[1] != histories[2]  # fresh networks
+    assert list(model.history_[:3]) == histories[1]
+    for name, value in kept[0].items():
+        torch.testing.assert_close(value, placed[1][name], rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(value, placed[2][name]) for name, value in kept[0].items())
+
+
+@pytest.mark.filterwarnings("ignore::pathfactor.train.ConvergenceWarning")
+def test_gmvae_n_init_scores_every_start_and_keeps_the_best(sim):
+    small = sim[:150, :40].copy()
+    three, one = small_gmvae(n_init=3).fit(small, seed=0), small_gmvae(n_init=1).fit(small, seed=0)
+    assert len(three.init_elbos_) == 3 and np.isfinite(three.init_elbos_).all()
+    assert three.best_init_ == int(np.argmax(three.init_elbos_))
+    assert one.init_elbos_ == three.init_elbos_[:1] and one.best_init_ == 0  # start k does not depend on n_init
+    unplaced = small_gmvae(n_init=3, pretrain_epochs=0).fit(small, seed=0)  # nothing to place: no starts
+    assert unplaced.init_elbos_ == [] and unplaced.best_init_ is None
+
+
+@pytest.mark.filterwarnings("ignore::pathfactor.train.ConvergenceWarning")
+def test_gmvae_q_y_starts_at_the_placed_mixtures_responsibilities(sim, monkeypatch):
+    """After the placement q(y | x) is fitted to q*(y | x) ~ p(y) exp(-KL(q(z | x) || p(z | y)))."""
+    import pathfactor.models.gmvae as gm
+
+    real_fit_qy, seen = gm.GMVAE._fit_qy, {}
+
+    def spy(self, task):
+        net = task.net
+        x, log_lib = task.rows(task.train_idx)
+        with torch.no_grad():
+            before = torch.softmax(net.y_encoder(encoder_input(x, log_lib, True)), -1)
+        real_fit_qy(self, task)
+        with torch.no_grad():
+            net.eval()
+            target = gm._responsibilities(net, x, log_lib).exp()
+            after = torch.softmax(net.y_encoder(encoder_input(x, log_lib, True)), -1)
+            net.train()
+        tv = lambda q: float(0.5 * (q - target).abs().sum(1).mean())  # noqa: E731
+        agree = float((after.argmax(1) == target.argmax(1)).float().mean())
+        seen.update(before=tv(before), after=tv(after), agree=agree)
+
+    monkeypatch.setattr(gm.GMVAE, "_fit_qy", spy)
+    GMVAE(n_clusters=3, n_latent=4, pretrain_epochs=20, n_init=1, max_epochs=1, progress=False).fit(sim, seed=0)
+    assert seen["before"] > 0.3 and seen["after"] < 0.05 and seen["agree"] > 0.97, seen
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("model", [VAE(), GMVAE(n_clusters=2)], ids=["VAE", "GMVAE"])
 def test_bad_data(model, sim):
@@ -274,6 +382,9 @@ def test_gmvae_bad_parameters(sim):
         GMVAE(n_clusters=1).fit(sim)
     with pytest.raises(ValueError, match="prior_weights"):
         GMVAE(prior_weights="dirichlet").fit(sim)
+    for bad in (0, -2, 1.5, "3", True, None):
+        with pytest.raises(ValueError, match=re.escape(f"n_init must be an integer >= 1, got {bad!r}")):
+            GMVAE(n_init=bad).fit(sim)
     with pytest.raises(ValueError, match="n_clusters=20 needs at least as many cells"):
         GMVAE(n_clusters=20).fit(sim[:10])
     with pytest.raises(RuntimeError, match="not fitted"):

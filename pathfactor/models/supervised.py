@@ -46,7 +46,7 @@ class Supervised(Spex):
     def __init__(self, *, n_factors: int = 5, posterior: str = "blocked", two_step: bool = False,
                  global_scale: float | None = None, max_epochs: int = 500, tol: float = 1e-6, progress: bool = True,
                  dtype: str = "float32"):
-        super().__init__(n_dense=n_factors, global_scale=global_scale, max_epochs=max_epochs, tol=tol,
+        super().__init__(n_sparse=0, n_dense=n_factors, global_scale=global_scale, max_epochs=max_epochs, tol=tol,
                          posterior=posterior, progress=progress, dtype=dtype)
         self.n_factors, self.two_step = n_factors, two_step
 
