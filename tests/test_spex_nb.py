@@ -3,7 +3,6 @@ coordinate ascent, recovery on simulated counts, transform, save/load and bad in
 import anndata as ad
 import numpy as np
 import pytest
-import scipy.stats as st
 import torch
 
 import pathfactor as pf
