@@ -45,7 +45,7 @@ import torch
 from ..priors import FixedScale, HalfCauchy, RandomSlab
 from ..train import Task
 from ._spex_prior import loading_terms, update_scales, weight_precision
-from ._spex_vi import natural_gaussian
+from ._spex_vi import best_shear, natural_gaussian, ridge_eigen, sheared_loadings
 
 INTERCEPT_SD = 10.0      # beta_g ~ N(beta0_g, 10^2): flat on the log scale
 DISPERSION_SD_FLOOR = 0.5  # the smallest spread of log r_g across genes the empirical-Bayes prior may take
@@ -350,24 +350,17 @@ class SpexNB(Task):
 
         eta_ng is unchanged for every draw, so E[l] and the entropies are too; only the priors of X and of [b, beta]
         (precision P) move: A solves Phi A P + A F0^T F0 = mu^T F0 - E[sum_g w_g [b_g, beta_g]^T] P, Phi =
-        sum_g E[w_g w_g^T] -- a (K (C + 1))-dimensional linear system, solved exactly."""
-        K, D = self.K, self.D
-        f64 = torch.float64
+        sum_g E[w_g w_g^T] -- the Gaussian model's shear (``_spex_vi.best_shear``) with the intercepts sheared too."""
+        K, f64 = self.K, torch.float64
         Mw, Mb = self.M[:, :K].to(f64), self.M[:, K:].to(f64)
         Ssum = self.S.sum(0).to(f64)
-        Phi = Mw.T @ Mw + Ssum[:K, :K]
-        p = self.b_prior.mean_inv.to(f64)
-        F0 = self.Zf.to(f64)
-        rhs = self.mu[:, :K].to(f64).T @ F0 - (Mw.T @ Mb + Ssum[:K, K:]) * p[None, :]
-        system = torch.kron(torch.diag(p), Phi) + torch.kron(F0.T @ F0, torch.eye(K, dtype=f64, device=Mw.device))
-        A = torch.linalg.solve(system, rhs.T.reshape(-1)).reshape(D - K, K).T      # column-major vec(A)
-        A = A.to(self.M.dtype)
-        L = torch.eye(D, dtype=A.dtype, device=A.device)
-        L[K:, :K] = A.T
-        L_inv = torch.linalg.inv(L)
+        p, F0 = self.b_prior.mean_inv.to(f64), self.Zf.to(f64)
+        ridge = ridge_eigen(Mw.T @ Mw + Ssum[:K, :K], F0.T @ F0, p)
+        A = best_shear(ridge, self.mu[:, :K].to(f64).T @ F0 - (Mw.T @ Mb + Ssum[:K, K:]) * p[None, :]).to(self.M.dtype)
+        L_inv = torch.eye(self.D, dtype=A.dtype, device=A.device)
+        L_inv[K:, :K] = -A.T                                   # the inverse of the shear [[I, 0], [A^T, I]]
         self.mu = self.mu - torch.cat([self.Zf @ A.T, torch.zeros_like(self.mu[:, K:])], 1)
-        self.M = self.M @ L.T
-        self.S = L @ self.S @ L.T
+        self.M, self.S = sheared_loadings(self.M, self.S, A, K)
         self.P = L_inv.T @ self.P @ L_inv
         self.S_diag = torch.diagonal(self.S, dim1=1, dim2=2).clone()  # eta's moments (the cache) are unchanged
 

@@ -120,6 +120,35 @@ def _factorise(P: torch.Tensor, h: torch.Tensor):
     return mean, S, -2.0 * torch.log(torch.diagonal(L, dim1=1, dim2=2)).sum(1)
 
 
+def ridge_eigen(Phi: torch.Tensor, ZtZ: torch.Tensor, p: torch.Tensor):
+    """Eigen-decompositions behind a shear x -> x - A z, theta -> theta + A^T w, in the coordinates A~ = A P^1/2
+    (P = diag p, the prior precisions of the sheared columns): Phi = sum_g E[w_g w_g^T] = U diag(a) U^T (curvature of
+    their prior along A~) and P^-1/2 Z^T Z P^-1/2 = V diag(d) V^T (curvature of the X prior). Returns
+    (a, U, d, V, P^-1/2)."""
+    a, U = torch.linalg.eigh(Phi)
+    p_isqrt = p.rsqrt()
+    d, V = torch.linalg.eigh(p_isqrt[:, None] * ZtZ * p_isqrt[None, :])
+    return a, U, d, V, p_isqrt
+
+
+def best_shear(ridge, rhs: torch.Tensor) -> torch.Tensor:
+    """The A (K x C) solving the Sylvester equation Phi A P + A Z^T Z = rhs, in the eigenbases of ``ridge``
+    (:func:`ridge_eigen`)."""
+    a, U, d, V, p_isqrt = ridge
+    return (U @ ((U.T @ (rhs * p_isqrt[None, :]) @ V) / (a[:, None] + d[None, :])) @ V.T) * p_isqrt[None, :]
+
+
+def sheared_loadings(M: torch.Tensor, S: torch.Tensor, A: torch.Tensor, K: int):
+    """q(theta_g) mapped by the unit-determinant shear L = [[I, 0], [A^T, I]] (theta_g = [w_g, the sheared
+    coefficients]): the means M L^T and covariances L S_g L^T, where only the sheared rows and columns move."""
+    L = torch.eye(M.shape[1], dtype=A.dtype, device=A.device)
+    L[K:, :K] = A.T
+    S_new = S.clone()
+    S_new[:, :, K:] += S[:, :, :K] @ A                     # S_g L^T
+    S_new[:, K:, :] += A.T @ S_new[:, :K, :]               # L (S_g L^T)
+    return M @ L.T, S_new
+
+
 def natural_gaussian(P: torch.Tensor, h: torch.Tensor):
     """A batch of Gaussians given in natural form (precision P, G x D x D; P mean = h, G x D): the means, the
     covariances S = P^-1 and their log determinants, by one Cholesky factorisation each (on all CPU threads)."""
@@ -413,10 +442,7 @@ class SpexVI(Task):
         V diag(d) V^T (curvature of the X prior); also P^-1/2. ``S_sum``: sum_g S_g, when already at hand."""
         K, Mw = self.K, self.M[:, : self.K]
         Phi = Mw.T @ Mw + (self._sum_covariance() if S_sum is None else S_sum)[:K, :K]
-        a, U = torch.linalg.eigh(Phi)
-        p_isqrt = self.b_prior.mean_inv.rsqrt()
-        d, V = torch.linalg.eigh(p_isqrt[:, None] * self._ZtZ * p_isqrt[None, :])
-        return a, U, d, V, p_isqrt
+        return ridge_eigen(Phi, self._ZtZ, self.b_prior.mean_inv)
 
     def _summed(self, **sums) -> dict:
         """Per-cell sums over all cells (over the processes of a data-parallel fit)."""
@@ -438,24 +464,16 @@ class SpexVI(Task):
         ``XtZ``: mu^T Z summed over all cells (computed from ``self.mu`` when not given). With minibatches the means
         are not held; the shear maps the totals of their statistics instead (``_shear_totals``)."""
         K, S_sum = self.K, self._sum_covariance()
-        a, U, d, V, p_isqrt = self._ridge(S_sum)
         Mw, Mb, p = self.M[:, :K], self.M[:, K:], self.b_prior.mean_inv
         if XtZ is None:
             XtZ = self._summed(XtZ=self.mu.T @ self.Z)["XtZ"]
-        rhs = XtZ - (Mw.T @ Mb + S_sum[:K, K:]) * p[None, :]
-        A = (U @ ((U.T @ (rhs * p_isqrt[None, :]) @ V) / (a[:, None] + d[None, :])) @ V.T) * p_isqrt[None, :]
+        A = best_shear(self._ridge(S_sum), XtZ - (Mw.T @ Mb + S_sum[:K, K:]) * p[None, :])
         if self.batch_size is None:
             self.mu = self.mu - self.Z @ A.T
             self._mu2 = self._summed(mu2=(self.mu * self.mu).sum())["mu2"]
         else:
             self._shear_totals(A, XtZ)
-        L = torch.eye(self.D, dtype=A.dtype, device=A.device)
-        L[K:, :K] = A.T
-        self.M = self.M @ L.T
-        S = self.S.clone()                                     # S_g -> L S_g L^T; only the B rows and columns move
-        S[:, :, K:] += self.S[:, :, :K] @ A                    # S_g L^T
-        S[:, K:, :] += A.T @ S[:, :K, :]                       # L (S_g L^T)
-        self.S = S
+        self.M, self.S = sheared_loadings(self.M, self.S, A, K)
         self.S_diag = torch.diagonal(self.S, dim1=1, dim2=2).clone()
 
     def _shear_totals(self, A: torch.Tensor, XtZ: torch.Tensor) -> None:
