@@ -14,8 +14,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 __all__ = ["Matrix", "CovariateNames", "as_matrix", "aligned_centred", "check_counts", "check_variance",
-           "covariate_design", "new_covariates", "read_h5ad", "working_dtype", "looks_like_counts",
-           "highly_variable_mask"]
+           "covariate_design", "new_covariates", "intervention_groups", "ordered_levels", "read_h5ad",
+           "working_dtype", "looks_like_counts", "highly_variable_mask"]
 
 log = logging.getLogger(__name__)
 
@@ -328,11 +328,43 @@ def _as_strings(values: pd.Series) -> np.ndarray:
     return np.asarray(values.astype(str), dtype=object)
 
 
-def covariate_design(obs: pd.DataFrame | None, columns, n_cells: int) -> tuple[np.ndarray, CovariateNames]:
+def _reference_for(col, reference) -> str | None:
+    """The reference level asked for column ``col``: ``reference`` is None, one level (str) or {column: level}."""
+    if reference is None:
+        return None
+    if isinstance(reference, dict):
+        return None if reference.get(col) is None else str(reference[col])
+    return str(reference)
+
+
+def ordered_levels(values: pd.Series, col, reference=None, strict: bool = True) -> list[str]:
+    """A categorical column's levels present in the cells, as strings, the reference first: the level asked
+    for (``reference``: a level, or {column: level}), else the most frequent one (ties: the first in sorted
+    order); the others in sorted order (a pandas categorical: in its own order). A reference that is not a
+    level of the column is refused (``strict=False``: a single level given for several columns applies to the
+    columns that have it)."""
+    strings = pd.Series(_as_strings(values))
+    counts = strings.value_counts()
+    found = sorted(counts.index.tolist())
+    if isinstance(values.dtype, pd.CategoricalDtype):  # a categorical's own order (among the levels present)
+        found = [str(lv) for lv in values.cat.categories if str(lv) in counts.index]
+    asked = _reference_for(col, reference)
+    if isinstance(reference, str) and not strict and asked not in counts.index:
+        asked = None  # one level named for several columns: it applies to those that have it
+    if asked is not None and asked not in counts.index:
+        raise ValueError(f"reference level {asked!r} is not a level of {col!r} (levels: {found[:10]}); "
+                         f"pass one of them")
+    ref = asked if asked is not None else max(found, key=lambda v: (counts[v], -found.index(v)))
+    return [ref] + [lv for lv in found if lv != ref]
+
+
+def covariate_design(obs: pd.DataFrame | None, columns, n_cells: int,
+                     reference=None) -> tuple[np.ndarray, CovariateNames]:
     """One-hot/numeric design matrix Z (cells x levels) for ``columns`` of ``obs``.
 
-    Categorical columns give one column per level except the first (the reference, absorbed in the gene
-    means), named ``COL=level``; numeric columns keep their name. Models centre Z themselves. A covariate that
+    Categorical columns give one column per level except the reference (absorbed in the gene means; the level
+    ``reference`` names — a level, or {column: level} — else the most frequent, :func:`ordered_levels`), named
+    ``COL=level``; numeric columns keep their name. Models centre Z themselves. A covariate that
     is constant (one level, or one numeric value) or listed twice explains nothing and is refused. The names
     come as :class:`CovariateNames`, whose ``levels`` encode new cells the same way (:func:`new_covariates`).
     """
@@ -356,15 +388,44 @@ def covariate_design(obs: pd.DataFrame | None, columns, n_cells: int) -> tuple[n
             blocks.append(v[:, None])
             names.append(str(col))
         else:
-            cat = pd.Categorical(values.astype(str) if not isinstance(values.dtype, pd.CategoricalDtype) else values)
-            found = [lv for lv in cat.categories if (cat == lv).any()]
+            found = ordered_levels(values, col, reference, strict=not isinstance(reference, str))
             if len(found) < 2:
                 raise ValueError(f"covariate {col!r} has a single level {found}; it explains nothing, drop it")
-            levels[str(col)] = [str(lv) for lv in found]
+            levels[str(col)] = found
+            strings = _as_strings(values)
             for lv in found[1:]:
-                blocks.append((np.asarray(cat == lv, dtype=np.float64))[:, None])
+                blocks.append((strings == lv).astype(np.float64)[:, None])
                 names.append(f"{col}={lv}")
+    if isinstance(reference, str) and not any(v[0] == reference for v in levels.values()):
+        raise ValueError(f"reference level {reference!r} is not a level of any categorical covariate "
+                         f"({ {k: v[:5] for k, v in levels.items()} }); pass one of their levels or {{column: level}}")
     return np.hstack(blocks).astype(np.float32), CovariateNames(names, levels)
+
+
+def intervention_groups(obs: pd.DataFrame | None, column, n_cells: int,
+                        reference: str | None = None) -> tuple[np.ndarray, list[str]]:
+    """Each cell's intervention level as a code (0: the reference) and the levels, reference first
+    (:func:`ordered_levels`). ``column``: an obs column name, or one label per cell (array or Series)."""
+    if isinstance(column, str):
+        if obs is None:
+            raise ValueError("interventions given by column name need AnnData input with that column in .obs")
+        if column not in obs.columns:
+            raise ValueError(f"interventions {column!r} is not a column of obs (columns: {list(obs.columns)[:10]}...)")
+        values, name = obs[column], column
+    else:
+        values, name = pd.Series(np.asarray(column).ravel()), "interventions"
+    if isinstance(values, pd.DataFrame):
+        raise ValueError(f"obs has {values.shape[1]} columns named {column!r}; make the column names unique")
+    if len(values) != n_cells:
+        raise ValueError(f"interventions have {len(values)} labels but the data have {n_cells} cells")
+    if values.isna().any():
+        raise ValueError(f"interventions {name!r} have {int(values.isna().sum())} missing labels; label those cells "
+                         "(e.g. as the reference level) or drop them")
+    levels = ordered_levels(values, name, reference)
+    if len(levels) < 2:
+        raise ValueError(f"interventions {name!r} have a single level {levels}; there is nothing to compare")
+    codes = pd.Categorical(_as_strings(values), categories=levels).codes.astype(np.int64)
+    return codes, levels
 
 
 def _encode(obs, columns, n_cells: int, levels: dict) -> tuple[np.ndarray, list[str]]:

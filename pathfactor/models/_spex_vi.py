@@ -197,7 +197,7 @@ class SpexVI(Task):
                  slab_confidence: float = 0.5, noise_prior: tuple[float, float] = (1.0, 0.01),
                  tau: float | None = None, free_start: bool = True, batch_size: int | None = None,
                  generator: torch.Generator | None = None, posterior: str = "blocked",
-                 reduce=None, unit: float = 1.0):
+                 reduce=None, unit: float = 1.0, effects=None):
         self.data = Y if hasattr(Y, "blocks") else TensorRows(Y, Z)
         self.Y, self.Z, self.reduce = getattr(self.data, "Y", None), self.data.Z, reduce
         self.N = self.data.N if reduce is None else int(reduce({"n": self.data.N})["n"])
@@ -210,6 +210,10 @@ class SpexVI(Task):
         if posterior == "mean-field" and self.batch_size is not None:
             raise ValueError("the mean-field posterior q(W) q(B) is only implemented for full batches (batch_size=None)")
         self.mean_field = posterior == "mean-field"
+        if effects is not None and (self.batch_size is not None or self.Y is None or reduce is not None):
+            raise ValueError("interventions are fitted with all cells in memory: leave batch_size=None and pass "
+                             "the data in memory (not backed, not data-parallel)")
+        self.effects = effects  # q(c, beta) of interventions acting on the factors (``_spex_effects``), or None
         self.generator = generator
         dt, dev = self.data.dtype, self.data.device
         self._eye_K = torch.eye(self.K, dtype=dt, device=dev)
@@ -387,10 +391,27 @@ class SpexVI(Task):
         """The factors (``_local_factors``) and statistics (``_stats``) of ``cells`` in one sweep over their rows."""
         Wpsi, QzK = self._factor_maps()
         full, mus, parts = _is_all(cells), [], []
+        if self.effects is not None:
+            return self._local_step_with_effects(Wpsi, QzK)
         for Y, Z in self.data.blocks(cells):
             mus.append((Y @ Wpsi - Z @ QzK) @ self.Sigma_x)
             parts.append(self._block_sums(Y, Z, mus[-1], full))
         return (mus[0] if len(mus) == 1 else torch.cat(mus)), self._added(parts, full)
+
+    def _local_step_with_effects(self, Wpsi, QzK):
+        """q(X, theta) of the interventions (``_spex_effects``), blocked or mean-field, and the statistics of all
+        cells: mu_n = Sigma_x (h_n + E[m_n]); Cov(x_n) adds J V_g J^T to Sigma_x."""
+        eff, Sx = self.effects, self.Sigma_x
+        u = (self.Y @ Wpsi - self.Z @ QzK) @ Sx                     # Sigma_x h_n
+        if eff.blocked:
+            eff.update(eff.group_sums(u), Sx)
+            mu = u + eff.cell_means() @ Sx
+        else:
+            mu = u + eff.cell_means() @ Sx
+            eff.update(eff.group_sums(mu), Sx)
+        stats = self._added([self._block_sums(self.Y, self.Z, mu, True)], True)
+        stats["A"][: self.K, : self.K] += eff.x_covariance_sum()
+        return mu, stats
 
     def _update_loadings(self, stats: dict[str, torch.Tensor], rho: float = 1.0) -> None:
         """q(w_g, b_g) = N(m_g, S_g) with natural parameters S_g^-1 = psi_g E[F^T F] + diag(prior precision) and
@@ -467,6 +488,8 @@ class SpexVI(Task):
         Mw, Mb, p = self.M[:, :K], self.M[:, K:], self.b_prior.mean_inv
         if XtZ is None:
             XtZ = self._summed(XtZ=self.mu.T @ self.Z)["XtZ"]
+        if self.effects is not None:  # the X prior is centred on E[m_n]: sum_n (mu_n - E m_n) z_n^T
+            XtZ = XtZ - self.effects.mean.T @ self.effects.group_sums(self.Z)
         A = best_shear(self._ridge(S_sum), XtZ - (Mw.T @ Mb + S_sum[:K, K:]) * p[None, :])
         if self.batch_size is None:
             self.mu = self.mu - self.Z @ A.T
@@ -543,9 +566,11 @@ class SpexVI(Task):
         s2 = self.sigma2
         lik = -0.5 * (N * (_LOG_2PI + s2.mean_log) + s2.mean_inv * self.sq_resid).sum()
         logdet_Sx = torch.logdet(self.Sigma_x)
-        x_term = 0.5 * (N * K + N * logdet_Sx - N * torch.trace(self.Sigma_x) - self._mu2)
+        misfit = self._mu2 if self.effects is None else self.effects.prior_misfit(self.mu)
+        x_term = 0.5 * (N * K + N * logdet_Sx - N * torch.trace(self.Sigma_x) - misfit)
         noise = (s2.expected_log_prior(self.a0, self.b0) + s2.entropy()).sum()
-        return lik + x_term + noise + loading_terms(self)
+        effects = 0.0 if self.effects is None else self.effects.elbo()
+        return lik + x_term + noise + loading_terms(self) + effects
 
     # ----------------------------------------------------------------------------------------- results
     def covariance(self) -> torch.Tensor:

@@ -34,7 +34,8 @@ SCANPY_KEYS = frozenset({"pca", "umap", "tsne", "diffmap", "draw_graph", "draw_g
                          "rank_genes_groups", "spatial", "PCs"})
 
 #: ``varm["<key>_<suffix>"]`` entries a pathfactor result may hold (base class and subclasses)
-VARM_SUFFIXES = ("loadings", "loadings_sd", "annotation", "covariate_effects", "covariate_effects_sd", "inclusion")
+VARM_SUFFIXES = ("loadings", "loadings_sd", "annotation", "covariate_effects", "covariate_effects_sd", "inclusion",
+                 "gene_effects", "gene_effects_sd")
 
 #: entries a model's own ``write`` adds after the base class's, removed when the result is overwritten
 _MODEL_EXTRAS = {"GMVAE": (("obs", "{key}_cluster"), ("obsm", "{key}_cluster_probs"))}

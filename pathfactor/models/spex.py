@@ -8,6 +8,7 @@ gene over its loadings and covariate effects jointly.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 
@@ -18,9 +19,10 @@ from .. import parallel
 from ..data import stream
 from ..data.genesets import annotation_mask
 from ..data.inputs import (Matrix, aligned_centred, as_matrix, check_counts, covariate_design, highly_variable_mask,
-                           new_covariates)
+                           intervention_groups, new_covariates)
 from ..evaluate import factor_r2, orient
 from ..train import fingerprint, resolve_device, seed_everything, train
+from ._spex_effects import ProgramEffects, group_effects, local_false_sign_rate
 from ._spex_nb import SpexNB, nb_factor_scores
 from ._spex_vi import SpexVI
 from .base import LatentModel, factor_layout
@@ -64,6 +66,19 @@ def starting_factors(Y: torch.Tensor, mask: torch.Tensor, n_free: int, n_iter: i
             parts.append(fill)
     X = torch.cat(parts, dim=1)
     return (X - X.mean(0)) / X.std(0).clamp_min(1e-12) if N > 1 else X
+
+
+def _column_names(columns) -> list:
+    """Covariate column names given as a name or a list of names (arrays have none)."""
+    if isinstance(columns, str):
+        return [columns]
+    if isinstance(columns, (list, tuple)):
+        return [c for c in columns if isinstance(c, str)]
+    return []
+
+
+def _digest(codes: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(codes, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 class Spex(LatentModel):
@@ -172,7 +187,8 @@ class Spex(LatentModel):
 
     # ------------------------------------------------------------------ fit
     def fit(self, data, annotations=None, layer: str | None = None, covariates=None, device="auto",
-            seed: int = 0, checkpoint_dir=None, use_highly_variable: bool | None = None) -> "Spex":
+            seed: int = 0, checkpoint_dir=None, use_highly_variable: bool | None = None, interventions=None,
+            reference=None) -> "Spex":
         """Fit to ``data`` (AnnData, DataFrame or array; cells x genes, log-normalised or scaled).
 
         ``annotations``: GeneSets, ``{name: genes}``, a genes x terms boolean DataFrame or a GMT/JSON path (or a
@@ -181,6 +197,14 @@ class Spex(LatentModel):
         a cells x C array. The caller's data are not modified; call :meth:`write` to store results.
         ``checkpoint_dir``: save the state there every few epochs (atomically) and resume from it if a
         checkpoint of the same fit is already there.
+        ``interventions``: an obs column (or one label per cell) of perturbations that act on the programs:
+        each cell's factors are centred on its level's effects (``_spex_effects``), estimated against the
+        ``reference`` level (default: the most frequent) with a horseshoe prior, as ``intervention_effects_``
+        (factors x levels), ``intervention_effects_sd_``, ``intervention_effects_lfsr_`` (local false sign rates)
+        and per-gene total effects W beta (``gene_effects_``, ``gene_effects_sd_``). Gaussian likelihood, all
+        cells in memory.
+        ``reference``: the reference level of ``interventions`` and, given as ``{column: level}`` (or as one
+        level when there are no interventions), of categorical ``covariates`` (default: the most frequent level).
 
         Out of core: an AnnData opened with ``anndata.read_h5ad(path, backed="r")`` is streamed from disk
         (``data.stream``), ``batch_size`` rows at a time (a few MiB when ``batch_size=None``); memory then holds one
@@ -208,7 +232,20 @@ class Spex(LatentModel):
         N, G = matrix.shape
         mask, term_names = annotation_mask(annotations, matrix.var_names, self.min_set_size, self.max_set_size,
                                            self.min_set_fraction)
-        Z, covariate_names = covariate_design(getattr(data, "obs", None), covariates, N)
+        obs = getattr(data, "obs", None)
+        intervention_ref = reference.get(interventions) if isinstance(reference, dict) and isinstance(
+            interventions, str) else reference
+        covariate_ref = reference if isinstance(reference, dict) or interventions is None else None
+        Z, covariate_names = covariate_design(obs, covariates, N, reference=covariate_ref)
+        groups = None
+        if interventions is not None:
+            if self.likelihood == "nb":
+                raise ValueError("interventions are fitted with the Gaussian likelihood; fit log-normalised data "
+                                 "with likelihood='normal'")
+            if isinstance(interventions, str) and interventions in _column_names(covariates):
+                raise ValueError(f"{interventions!r} is both a covariate and the interventions: its effects on the "
+                                 "genes (B) and on the programs (W beta) cannot be told apart; pass it once")
+            groups, levels = intervention_groups(obs, interventions, N, intervention_ref)
         A, H = mask.shape[1], self.n_sparse + self.n_dense
         K = A + H
         if K == 0:
@@ -247,17 +284,20 @@ class Spex(LatentModel):
             X0 = starting_factors(Y_resid, mask_t, H)
         tau = None if self.global_scale is None else self.global_scale * data_sd
         s_t = torch.as_tensor(s * data_sd, dtype=dt, device=dev)
+        effects = None if groups is None else ProgramEffects(torch.as_tensor(groups), len(levels) - 1, K,
+                                                             blocked=self.posterior == "blocked", dtype=dt, device=dev)
         if self.likelihood == "nb":
             vi = SpexNB(counts, Zt, s_t, X0, slab_confidence=self.slab_confidence, tau=tau)
         else:
             vi = SpexVI(Y, Zt, s_t, X0, slab_confidence=self.slab_confidence, tau=tau, batch_size=self.batch_size,
-                        generator=generator, posterior=self.posterior, reduce=reduce, unit=data_sd)
+                        generator=generator, posterior=self.posterior, reduce=reduce, unit=data_sd, effects=effects)
         owner = None
         if checkpoint_dir is not None:  # what a checkpoint must belong to before the fit resumes from it
             gene_sums = counts.sum(0) if self.likelihood == "nb" else gene_mean * N
             owner = fingerprint(self, n_cells=N, n_genes=G, obs_names=matrix.obs_names, var_names=matrix.var_names,
                                 gene_sums=gene_sums.double().cpu().numpy(), seed=int(seed), factors=names,
-                                covariates=list(covariate_names), processes=1 if comm is None else comm.size)
+                                covariates=list(covariate_names), processes=1 if comm is None else comm.size,
+                                interventions=None if groups is None else [levels, _digest(groups)])
             if comm is not None:  # each process saves its own cells' state
                 checkpoint_dir = f"{checkpoint_dir}/rank{comm.rank}"
         progress = self.progress and (comm is None or comm.rank == 0)
@@ -300,7 +340,48 @@ class Spex(LatentModel):
                         gene_mean=gene_mean.cpu().numpy())
         self._posterior = post
         self._covariates = covariates if isinstance(covariates, (str, list, tuple)) else None
+        self._set_intervention_results(vi, levels if groups is not None else None, signs, unit,
+                                       interventions if isinstance(interventions, str) else None)
         return self
+
+    def _set_intervention_results(self, vi, levels, signs, unit: float, column) -> None:
+        """Effects of the interventions on the factors (oriented as the factors) and on the genes (W beta, in
+        the data's units), their sds and local false sign rates; ``None`` without interventions."""
+        import pandas as pd
+
+        self.intervention_levels_ = None if levels is None else list(levels)
+        self.intervention_reference_ = None if levels is None else levels[0]
+        self._interventions = column
+        if levels is None:
+            self.intervention_effects_ = self.intervention_effects_sd_ = self.intervention_effects_lfsr_ = None
+            self.gene_effects_ = self.gene_effects_sd_ = None
+            return
+        eff, K = vi.effects, self.loadings_.shape[1]
+        beta, beta_sd = (t.double().cpu().numpy() for t in eff.effects())
+        beta_cov = eff.beta_cov.double().cpu().numpy()
+        Mw = vi.M[:, :K].double().cpu().numpy() * unit
+        Sw = vi.S[:, :K, :K].double().cpu().numpy() * unit**2
+        # Var(w_g^T beta_l) for independent q(w_g), q(beta_l): m_w' V_b m_w + m_b' S_w m_b + tr(S_w V_b)
+        var = (np.einsum("gk,lkj,gj->gl", Mw, beta_cov, Mw) + np.einsum("lk,gkj,lj->gl", beta, Sw, beta)
+               + Sw.reshape(len(Sw), -1) @ beta_cov.reshape(len(beta_cov), -1).T)
+        post = {"effects": beta * signs, "effects_sd": beta_sd, "gene_effects": Mw @ beta.T,
+                "gene_effects_sd": np.sqrt(np.clip(var, 0, None)),
+                "level_means": eff.mean.double().cpu().numpy()}  # E[m_g], unoriented (transform orients)
+        self._posterior.update(post)
+        self._intervention_frames()
+
+    def _intervention_frames(self) -> None:
+        """The DataFrames of the intervention results from the posterior's arrays."""
+        import pandas as pd
+
+        post, levels = self._posterior, pd.Index(self.intervention_levels_[1:], name="level")
+        factors, genes = self.loadings_.columns, self.loadings_.index
+        self.intervention_effects_ = pd.DataFrame(post["effects"].T, index=factors, columns=levels)
+        self.intervention_effects_sd_ = pd.DataFrame(post["effects_sd"].T, index=factors, columns=levels)
+        lfsr = local_false_sign_rate(torch.as_tensor(post["effects"]), torch.as_tensor(post["effects_sd"])).numpy()
+        self.intervention_effects_lfsr_ = pd.DataFrame(lfsr.T, index=factors, columns=levels)
+        self.gene_effects_ = pd.DataFrame(post["gene_effects"], index=genes, columns=levels)
+        self.gene_effects_sd_ = pd.DataFrame(post["gene_effects_sd"], index=genes, columns=levels)
 
     @property
     def dispersion_(self):
@@ -313,11 +394,13 @@ class Spex(LatentModel):
         return pd.Series(self._posterior["dispersion"], index=self.loadings_.index, name="dispersion")
 
     # ------------------------------------------------------------------ transform
-    def transform(self, data, layer: str | None = None, covariates=None):
+    def transform(self, data, layer: str | None = None, covariates=None, interventions=None):
         """Factor scores of new cells: the posterior mean of x_n given the learned loadings (closed form).
 
         ``data`` must hold every gene the model was fitted on (extra genes are ignored). If the model was fitted
-        with covariates, pass the same covariates for the new cells (obs columns are found by name).
+        with covariates, pass the same covariates for the new cells (obs columns are found by name); if it was
+        fitted with interventions, each new cell's prior is centred on its level's effects: the levels come from
+        the same obs column, or ``interventions`` (a column name, or one label per cell).
         """
         import pandas as pd
 
@@ -329,22 +412,127 @@ class Spex(LatentModel):
             check_counts(Matrix(Y, obs_names, self.loadings_.index), "negative binomial")
         else:
             Y, obs_names = aligned_centred(data, layer, self.loadings_.index, post["gene_mean"])
-        if C:
-            Z = new_covariates(data, covariates if covariates is not None else self._covariates, Y.shape[0],
-                               self.covariate_effects_.columns, post["z_mean"],
-                               getattr(self, "covariate_levels_", None))
-        else:
-            Z = np.zeros((Y.shape[0], 0))
+        Z = self._new_design(data, covariates, Y.shape[0], C)
         if self.likelihood == "nb":
             mu = nb_factor_scores(Y, Z, post["M"], post["S"], post["beta"], post["dispersion"])
         else:
             Q, psi, M = post["Q"], post["psi"], post["M"]
             Sigma_x = np.linalg.inv(np.eye(K) + Q[:K, :K])
-            mu = (Y @ (M[:, :K] * psi[:, None]) - Z @ Q[K:, :K]) @ Sigma_x
+            h = Y @ (M[:, :K] * psi[:, None]) - Z @ Q[K:, :K]
+            if getattr(self, "intervention_levels_", None) is not None:  # x_n ~ N(E[m_n], I): its level's effects
+                h = h + post["level_means"][self._new_levels(data, interventions, Y.shape[0])]
+            mu = h @ Sigma_x
         return pd.DataFrame(mu * post["signs"], index=obs_names, columns=self.loadings_.columns)
 
+    def compare(self, data, groupby: str, groups=None, reference: str | None = None, layer: str | None = None,
+                covariates=None):
+        """Differential programs: each group's shift of every factor against a reference group, from the posterior.
+
+        The cells of ``data`` (the training cells or new ones, with every gene of the model) in the ``groups`` of
+        obs column ``groupby`` (default: all its levels; the others are left out) get the model
+        ``x_n ~ N(c + delta_group, I)`` under the fitted loadings and noise, with a horseshoe prior on ``delta``
+        (as for interventions, ``_spex_effects``). q(c, delta) is the exact marginal of the joint posterior of
+        the cells' factors and the shifts (X integrated out), so it accounts for how well the data pin down each
+        cell's factors; a t-test on the point estimates of the scores does not. ``reference``: default the most
+        frequent group. Returns a DataFrame (one row per factor and group, sorted by lfsr) with the shift
+        (``effect``, in factor sd units), its posterior ``sd``, ``lfsr`` (local false sign rate) and the groups'
+        cell counts. A model fitted with interventions or covariates needs them for these cells too."""
+        import pandas as pd
+
+        self._check_fitted()
+        if self.likelihood == "nb":
+            raise ValueError("compare() uses the Gaussian model's closed form; fit log-normalised data with "
+                             "likelihood='normal'")
+        if self._posterior is None:
+            raise ValueError("compare() needs the posterior; this model (two_step=True) has none")
+        obs = getattr(data, "obs", None)
+        if obs is None or groupby not in obs.columns:
+            raise ValueError(f"groupby={groupby!r} must be a column of the data's obs")
+        keep = np.ones(len(obs), dtype=bool) if groups is None else obs[groupby].astype(str).isin(
+            [str(g) for g in groups]).to_numpy()
+        if groups is not None and reference is not None and str(reference) not in [str(g) for g in groups]:
+            keep |= (obs[groupby].astype(str) == str(reference)).to_numpy()
+        if keep.sum() < len(obs):
+            data = data[keep]
+        codes, levels = intervention_groups(data.obs, groupby, data.n_obs, reference)
+        post, K = self._posterior, self.loadings_.shape[1]
+        h = self._likelihood_terms(data, layer, covariates)
+        Sigma_x = np.linalg.inv(np.eye(K) + post["Q"][:K, :K])
+        Sigma_x = torch.as_tensor(0.5 * (Sigma_x + Sigma_x.T))
+        eff = group_effects(torch.as_tensor(h) @ Sigma_x, Sigma_x, torch.as_tensor(codes), len(levels) - 1)
+        mean, sd = eff.effects()
+        mean = mean.numpy() * post["signs"]
+        sd = sd.numpy()
+        lfsr = local_false_sign_rate(torch.as_tensor(mean), torch.as_tensor(sd)).numpy()
+        counts = np.bincount(codes, minlength=len(levels))
+        rows = [{"factor": f, "group": levels[l + 1], "reference": levels[0], "effect": mean[l, k], "sd": sd[l, k],
+                 "lfsr": lfsr[l, k], "n_group": int(counts[l + 1]), "n_reference": int(counts[0])}
+                for l in range(len(levels) - 1) for k, f in enumerate(self.loadings_.columns)]
+        return pd.DataFrame(rows).sort_values(["lfsr", "factor"], kind="stable").reset_index(drop=True)
+
+    def _likelihood_terms(self, data, layer, covariates) -> np.ndarray:
+        """h_n = sum_g psi_g (E[w_g] y_ng - E[w_g b_g^T] z_n) (N x K) of the cells of ``data`` (Gaussian model)."""
+        post, K = self._posterior, self.loadings_.shape[1]
+        Y, _ = aligned_centred(data, layer, self.loadings_.index, post["gene_mean"])
+        Z = self._new_design(data, covariates, Y.shape[0], post["M"].shape[1] - K)
+        return Y @ (post["M"][:, :K] * post["psi"][:, None]) - Z @ post["Q"][K:, :K]
+
+    def _new_design(self, data, covariates, n_cells: int, n_columns: int) -> np.ndarray:
+        """The centred covariates of new cells (``n_columns`` of them; none: an empty design)."""
+        if not n_columns:
+            return np.zeros((n_cells, 0))
+        return new_covariates(data, covariates if covariates is not None else self._covariates, n_cells,
+                              self.covariate_effects_.columns, self._posterior["z_mean"],
+                              getattr(self, "covariate_levels_", None))
+
+    def _new_levels(self, data, interventions, n_cells: int) -> np.ndarray:
+        """New cells' intervention level codes against the fitted levels (reference 0)."""
+        import pandas as pd
+
+        spec = interventions if interventions is not None else self._interventions
+        if spec is None:
+            raise ValueError("the model was fitted with interventions; pass interventions= (a column name or one "
+                             "label per cell) for the new cells")
+        obs = getattr(data, "obs", None)
+        if isinstance(spec, str):
+            if obs is None or spec not in obs.columns:
+                raise ValueError(f"the model was fitted with interventions {spec!r}, which the new data's obs lacks; "
+                                 "pass interventions= for the new cells")
+            labels = obs[spec]
+        else:
+            labels = pd.Series(np.asarray(spec).ravel())
+        labels = np.asarray(labels.astype(str), dtype=object)
+        if len(labels) != n_cells:
+            raise ValueError(f"interventions have {len(labels)} labels but the new data have {n_cells} cells")
+        known = self.intervention_levels_
+        unseen = sorted(set(labels) - set(known))
+        if unseen:
+            raise ValueError(f"interventions of the new cells have levels {unseen[:5]} the model was not fitted with "
+                             f"(it knows {known[:10]}); drop those cells or refit with them")
+        return pd.Categorical(labels, categories=known).codes.astype(np.int64)
+
+    def write(self, adata, key: str | None = None) -> None:
+        """As :meth:`LatentModel.write`; with interventions also ``uns[key]["intervention_effects"]``,
+        ``["intervention_effects_sd"]``, ``["intervention_effects_lfsr"]`` (DataFrames, factors x levels, the
+        reference left out), ``["intervention_reference"]``, ``["intervention_levels"]`` and the per-gene total
+        effects ``varm["<key>_gene_effects"]`` / ``varm["<key>_gene_effects_sd"]`` (genes x levels)."""
+        super().write(adata, key)
+        if getattr(self, "intervention_levels_", None) is None:
+            return
+        key = key or self.key
+        uns = adata.uns[key]
+        uns["intervention_effects"] = self.intervention_effects_.copy()
+        uns["intervention_effects_sd"] = self.intervention_effects_sd_.copy()
+        uns["intervention_effects_lfsr"] = self.intervention_effects_lfsr_.copy()
+        uns["intervention_reference"] = str(self.intervention_reference_)
+        uns["intervention_levels"] = [str(v) for v in self.intervention_levels_[1:]]
+        for suffix, frame in (("gene_effects", self.gene_effects_), ("gene_effects_sd", self.gene_effects_sd_)):
+            adata.varm[f"{key}_{suffix}"] = frame.reindex(adata.var_names, fill_value=0.0).to_numpy(np.float32)
+
     def _extra_state(self):
-        meta = {"covariates": self._covariates, "elbo": self.elbo_, "converged": self.converged_}
+        meta = {"covariates": self._covariates, "elbo": self.elbo_, "converged": self.converged_,
+                "interventions": getattr(self, "_interventions", None),
+                "intervention_levels": getattr(self, "intervention_levels_", None)}
         return meta, self._posterior
 
     def _load_extra_state(self, meta, arrays):
@@ -354,5 +542,18 @@ class Spex(LatentModel):
             nb = {"S": (G, D, D), "beta": (G,), "dispersion": (G,)}
             gaussian = {"psi": (G,), "Q": (D, D), "gene_mean": (G,)}
             expect_shapes(arrays, {"signs": (K,), "M": (G, D), **(nb if self.likelihood == "nb" else gaussian)})
+        levels = meta.get("intervention_levels")
+        if arrays and levels is not None:
+            (G, K), L = self.loadings_.shape, len(levels) - 1
+            expect_shapes(arrays, {"effects": (L, K), "effects_sd": (L, K), "gene_effects": (G, L),
+                                   "gene_effects_sd": (G, L), "level_means": (L + 1, K)})
         self._posterior = dict(arrays)
         self._covariates, self.elbo_, self.converged_ = meta["covariates"], meta["elbo"], meta["converged"]
+        self._interventions = meta.get("interventions")
+        self.intervention_levels_ = None if levels is None else [str(v) for v in levels]
+        self.intervention_reference_ = None if levels is None else self.intervention_levels_[0]
+        if levels is None:
+            self.intervention_effects_ = self.intervention_effects_sd_ = self.intervention_effects_lfsr_ = None
+            self.gene_effects_ = self.gene_effects_sd_ = None
+        else:
+            self._intervention_frames()

@@ -51,28 +51,36 @@ class Supervised(Spex):
         self.n_factors, self.two_step = n_factors, two_step
 
     def fit(self, data, covariates=None, layer: str | None = None, device="auto", seed: int = 0,
-            annotations=None, checkpoint_dir=None, use_highly_variable: bool | None = None) -> "Supervised":
-        if covariates is None or (not isinstance(covariates, str) and len(covariates) == 0):
-            raise ValueError("the supervised model needs covariates= (obs column names or a cells x C array); "
-                             "without them use Spex or PPCA")
+            annotations=None, checkpoint_dir=None, use_highly_variable: bool | None = None, interventions=None,
+            reference=None) -> "Supervised":
+        """``covariates`` act on the genes (B); ``interventions`` (an obs column, or one label per cell) act on the
+        factors, against the ``reference`` level (see :meth:`Spex.fit`). At least one of them is needed."""
+        no_covariates = covariates is None or (not isinstance(covariates, str) and len(covariates) == 0)
+        if no_covariates and interventions is None:
+            raise ValueError("the supervised model needs covariates= (obs column names or a cells x C array) or "
+                             "interventions= (an obs column); without them use Spex or PPCA")
+        if self.two_step and interventions is not None:
+            raise ValueError("two_step=True estimates covariate effects on genes only; fit interventions with "
+                             "two_step=False")
         if annotations is not None:
             raise ValueError("the supervised model takes no gene sets; use Spex(covariates=...) for annotated factors")
         if not self.two_step:
             self.n_dense = self.n_factors  # Spex's name for them (n_factors may have changed by set_params)
             super().fit(data, covariates=covariates, layer=layer, device=device, seed=seed,
-                        checkpoint_dir=checkpoint_dir, use_highly_variable=use_highly_variable)
+                        checkpoint_dir=checkpoint_dir, use_highly_variable=use_highly_variable,
+                        interventions=interventions, reference=reference)
             self.factor_kinds_[:] = "latent"
             return self
-        return self._fit_two_step(data, covariates, layer, seed, use_highly_variable)
+        return self._fit_two_step(data, covariates, layer, seed, use_highly_variable, reference)
 
-    def _fit_two_step(self, data, covariates, layer, seed, use_highly_variable) -> "Supervised":
+    def _fit_two_step(self, data, covariates, layer, seed, use_highly_variable, reference=None) -> "Supervised":
         """OLS of the centred Y on the centred Z, then PPCA (closed-form MLE) of the residuals."""
         from .ppca import PPCA
 
         matrix = as_matrix(data, layer, use_highly_variable=use_highly_variable)
         self._note_inputs(matrix, seed=seed)
         check_variance(matrix, "Supervised")
-        Z, names = covariate_design(getattr(data, "obs", None), covariates, matrix.shape[0])
+        Z, names = covariate_design(getattr(data, "obs", None), covariates, matrix.shape[0], reference=reference)
         Y = matrix.dense(np.float64)
         Yc, Zc = Y - Y.mean(0), Z - Z.mean(0)
         rank = np.linalg.matrix_rank(Zc)
@@ -93,6 +101,7 @@ class Supervised(Spex):
                           covariate_names=names)
         self.elbo_, self.converged_ = float("nan"), True
         self._posterior = None
+        self._set_intervention_results(None, None, None, 1.0, None)
         return self
 
     def transform(self, data, layer: str | None = None, covariates=None):
