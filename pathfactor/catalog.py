@@ -77,7 +77,7 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "supervised": ModelSpec(
         load=_model("Supervised"), options=_SAME("n_factors", "posterior", "two_step", "max_epochs"),
-        gene_sets="unused", help="latent factors next to known covariates (seed 000; needs --covariates)",
+        gene_sets="unused", help="latent factors next to known covariates (seed 000; needs --covariates and/or --interventions)",
     ),
     "slalom": ModelSpec(
         load=_model("Slalom"), options=_SAME("n_sparse", "n_dense", "min_set_size", "max_set_size", "max_epochs",

@@ -69,7 +69,7 @@ def _fit_kwargs(model, **given) -> dict:
     params = inspect.signature(model.fit).parameters
     flags = {"annotations": "--gene-sets", "layer": "--layer", "covariates": "--covariates", "device": "--device",
              "seed": "--seed", "weights": "--weights-layer", "checkpoint_dir": "--checkpoint",
-             "use_highly_variable": "--all-genes"}
+             "use_highly_variable": "--all-genes", "interventions": "--interventions", "reference": "--reference"}
     out = {}
     for key, value in given.items():
         if key in params:
@@ -145,6 +145,68 @@ def _check_obs_column(adata, column: str, flag: str) -> None:
         raise ValueError(f"{flag} {column!r} is not a column of adata.obs; available columns: {available}")
 
 
+def _parse_reference(values) -> str | dict | None:
+    """``--reference`` values as fit's ``reference``: one bare ``LEVEL`` -> that string; ``COL=LEVEL`` forms (split
+    at the first ``=``) -> ``{COL: LEVEL}``. Several bare levels, or bare levels mixed with ``COL=LEVEL``, are
+    errors."""
+    if not values:
+        return None
+    keyed = [v for v in values if "=" in v]
+    if keyed and len(keyed) < len(values):
+        raise ValueError(f"--reference takes either one LEVEL or COL=LEVEL forms, not both (got {list(values)}); "
+                         "write each as COL=LEVEL")
+    if not keyed:
+        if len(values) > 1:
+            raise ValueError(f"--reference was given {len(values)} bare levels {list(values)}; give one LEVEL, or "
+                             "COL=LEVEL for each column")
+        if not values[0].strip():
+            raise ValueError("--reference needs a level")
+        return values[0]
+    out: dict[str, str] = {}
+    for value in values:
+        col, _, level = value.partition("=")
+        col = col.strip()
+        if not col or not level:
+            raise ValueError(f"--reference {value!r} is not COL=LEVEL")
+        if col in out and out[col] != level:
+            raise ValueError(f"--reference gives column {col!r} two levels: {out[col]!r} and {level!r}")
+        out[col] = level
+    return out
+
+
+def _check_reference(reference, interventions: str | None, covariates: list[str] | None) -> None:
+    """``--reference`` needs something to apply to, and a ``COL=LEVEL`` its column among the fitted ones."""
+    if reference is None:
+        return
+    if interventions is None and not covariates:
+        raise ValueError("--reference sets the reference level of --interventions or of categorical --covariates; "
+                         "give one of them")
+    if isinstance(reference, dict):
+        known = ([interventions] if interventions is not None else []) + list(covariates or [])
+        unknown = [col for col in reference if col not in known]
+        if unknown:
+            raise ValueError(f"--reference names column(s) {unknown} that are neither --interventions nor "
+                             f"--covariates (those are: {', '.join(known)})")
+
+
+def _reference_lines(model, interventions: str | None, reference) -> list[str]:
+    """``reference level of 'COL': LEVEL (given | most frequent)`` for the interventions and each categorical
+    covariate of the fitted model."""
+    lines = []
+    level = getattr(model, "intervention_reference_", None)
+    if interventions is not None and level is not None:
+        asked = reference.get(interventions) if isinstance(reference, dict) else reference
+        lines.append(f"reference level of {interventions!r}: {level} "
+                     f"({'given' if asked is not None else 'most frequent'})")
+    for col, levels in (getattr(model, "covariate_levels_", None) or {}).items():
+        if isinstance(reference, dict):
+            given = col in reference
+        else:  # one bare level applies to the covariates only without interventions
+            given = reference is not None and interventions is None and str(levels[0]) == str(reference)
+        lines.append(f"reference level of {col!r}: {levels[0]} ({'given' if given else 'most frequent'})")
+    return lines
+
+
 def _format_top(model, n: int = 10) -> str:
     rel = model.relevance()
     kinds = model.factor_kinds_
@@ -204,15 +266,21 @@ def cmd_fit(args) -> int:
         raise ValueError("--color-by only applies with --report DIR")
     start = time.perf_counter()
     model = build_model(args.model, args)  # option errors before any reading
-    adata = _read_h5ad(args.input)
     covariates = _split_columns(args.covariates)
+    interventions = args.interventions
+    reference = _parse_reference(args.reference)
+    _fit_kwargs(model, interventions=interventions, reference=reference)  # a model without them: before reading
+    _check_reference(reference, interventions, covariates)
+    adata = _read_h5ad(args.input)
     _check_obs_column(adata, args.color_by, "--color-by")
+    _check_obs_column(adata, interventions, "--interventions")
     key = args.key or model.key
     check_key(adata, key)  # a key another tool wrote (e.g. scanpy's pca, umap) is refused before the fit
     sets = read_gene_sets(args.gene_sets) if args.gene_sets else None
     fit_kwargs = _fit_kwargs(model, annotations=sets, layer=args.layer, covariates=covariates, device=args.device,
                              seed=args.seed, weights=args.weights_layer, checkpoint_dir=args.checkpoint,
-                             use_highly_variable=False if args.all_genes else None)
+                             use_highly_variable=False if args.all_genes else None, interventions=interventions,
+                             reference=reference)
     need = check_fit_memory(model, adata, annotations=sets, covariates=covariates, layer=args.layer,
                             device=fit_kwargs.get("device"))  # refuses a fit whose memory does not fit
     log.info("fitting %r%s", model, "" if need is None else f" (about {format_bytes(need)} of memory)")
@@ -228,6 +296,8 @@ def cmd_fit(args) -> int:
     n_ann = int((model.factor_kinds_ == "annotated").sum())
     print(f"{type(model).__name__}: {len(model.factor_kinds_)} factors ({n_ann} annotated), "
           f"{int(model.active_.sum())} active; {adata.n_obs} cells x {adata.n_vars} genes")
+    for line in _reference_lines(model, interventions, reference):
+        print(line)
     print(_format_top(model, 10))
     print(f"wrote {args.out}" + (f" and {report}" if report else "")
           + (f"; model saved to {args.save_model}" if args.save_model else ""))
@@ -315,6 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nmf: adata.layers entry of per-entry weights (0 = missing)")
     p.add_argument("--covariates", action="append", metavar="COL[,COL]",
                    help="obs column(s) to regress out (categorical: one effect per non-reference level)")
+    p.add_argument("--interventions", default=None, metavar="COL",
+                   help="spex, supervised: obs column of perturbations (e.g. the guide's target) whose effects on "
+                        "the factors are estimated against the --reference level; written to uns['<key>']"
+                        "['intervention_effects'] (and _sd, _lfsr) and varm['<key>_gene_effects']")
+    p.add_argument("--reference", action="append", default=None, metavar="LEVEL|COL=LEVEL",
+                   help="reference level: one LEVEL for --interventions (without --interventions: for the "
+                        "categorical --covariates that have it), or COL=LEVEL per column (repeat); default the "
+                        "most frequent level")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--max-epochs", type=int, default=None, metavar="E", help=("maximum training epochs") + _defaults_text("max_epochs"))
     p.add_argument("--min-set-size", type=int, default=None, metavar="N",

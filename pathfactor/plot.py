@@ -14,7 +14,7 @@ from matplotlib.patches import Patch
 from .evaluate import ACTIVE_FRACTION, active_mask
 
 __all__ = ["relevance", "top_loadings", "factor_scores", "scores_scatter", "embedding_panels", "group_heatmap",
-           "group_order", "group_colors", "KIND_COLORS"]
+           "intervention_heatmap", "group_order", "group_colors", "KIND_COLORS"]
 
 #: Colour of each factor kind; other kinds get grey.
 KIND_COLORS = {"annotated": "#3b75af", "sparse": "#ef8636", "dense": "#8c8c8c"}
@@ -393,3 +393,38 @@ def _label_blocks(ax, labels: np.ndarray) -> None:
                      fontsize=7.5)
     right.tick_params(length=0)
     right.spines["right"].set_visible(False)
+
+
+def intervention_heatmap(effects: pd.DataFrame, lfsr: pd.DataFrame | None = None, threshold: float = 0.05,
+                         reference: str | None = None, ax=None):
+    """Effects of interventions on factors (``effects``: factors x levels, e.g. a model's
+    ``intervention_effects_``) as a heatmap with a diverging colour map centred at 0, rows and columns in the
+    given order; a dot marks each effect whose local false sign rate (``lfsr``, same shape) is below
+    ``threshold``. ``reference``: the level the effects are measured against, named in the title."""
+    effects = pd.DataFrame(effects).astype(float)
+    values = effects.to_numpy()
+    n_factors, n_levels = values.shape
+    longest = max((len(str(lv)) for lv in effects.columns), default=0)
+    ax = _axes(ax, 2.6 + 0.38 * n_levels, 1.6 + 0.24 * n_factors + 0.06 * min(longest, 30))
+    finite = np.abs(values[np.isfinite(values)])
+    limit = max(float(finite.max()) if finite.size else 0.0, 1e-6)
+    image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
+    rotate = n_levels > 4 or longest > 8
+    ax.set_xticks(np.arange(n_levels), [str(lv) for lv in effects.columns], rotation=45 if rotate else 0,
+                  ha="right" if rotate else "center", fontsize=8)
+    ax.set_yticks(np.arange(n_factors), [str(f) for f in effects.index], fontsize=8)
+    ax.tick_params(length=0)
+    if lfsr is not None:
+        called = pd.DataFrame(lfsr).reindex(index=effects.index, columns=effects.columns).astype(float).to_numpy()
+        rows, cols = np.nonzero(called < threshold)
+        if len(rows):  # white on strong colours, black on pale ones
+            dark = np.abs(values[rows, cols]) > 0.6 * limit
+            ax.scatter(cols, rows, s=14, c=np.where(dark, "white", "black"), marker="o", linewidths=0)
+            ax.scatter([], [], s=14, c="black", marker="o", label=f"lfsr < {threshold:g}")
+            ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False, fontsize=8, handletextpad=0.2,
+                      borderaxespad=0.2)
+    ax.figure.colorbar(image, ax=ax, location="right", shrink=0.9 if n_factors < 8 else 0.6, aspect=20, pad=0.02,
+                       label="effect on the factor")
+    ax.set_xlabel("intervention" + (f" (vs {reference})" if reference is not None else ""), fontsize=9)
+    ax.set_title("Effects of interventions on the factors", fontsize=10, pad=14 if lfsr is not None else 6)
+    return ax

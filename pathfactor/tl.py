@@ -42,7 +42,7 @@ TOOLS = {"spex": "spex", "supervised": "supervised", "slalom": "slalom", "autoen
          "pca": "pca", "ppca": "ppca", "factor_analysis": "fa", "vae": "vae", "gmvae": "gmvae"}
 
 #: ``fit`` arguments a tool sets itself (the rest of ``fit``'s keywords may be passed in ``**params``)
-_OWN = ("self", "data", "annotations", "layer", "covariates", "seed")
+_OWN = ("self", "data", "annotations", "layer", "covariates", "seed", "interventions", "reference")
 
 __all__ = [*TOOLS, "TOOLS", "scores", "top_components", "results"]
 
@@ -58,7 +58,8 @@ def _split_params(cls, tool: str, params: dict) -> tuple[dict, dict]:
     return ({k: v for k, v in params.items() if k in ctor}, {k: v for k, v in params.items() if k not in ctor})
 
 
-def _run(tool: str, adata, gene_sets, key_added, copy, layer, covariates, seed, params):
+def _run(tool: str, adata, gene_sets, key_added, copy, layer, covariates, seed, params, interventions=None,
+         reference=None):
     from anndata import AnnData
 
     from .models.anndata_io import check_key
@@ -71,8 +72,9 @@ def _run(tool: str, adata, gene_sets, key_added, copy, layer, covariates, seed, 
     if gene_sets is not None and spec.gene_sets == "unused":
         raise ValueError(f"pf.tl.{tool} ({cls.__name__}) does not use gene sets; drop gene_sets=")
     fit_params = inspect.signature(cls.fit).parameters
-    if covariates is not None and "covariates" not in fit_params:
-        raise ValueError(f"pf.tl.{tool} ({cls.__name__}) does not take covariates")
+    for name, value in (("covariates", covariates), ("interventions", interventions), ("reference", reference)):
+        if value is not None and name not in fit_params:
+            raise ValueError(f"pf.tl.{tool} ({cls.__name__}) does not take {name}")
     ctor_kwargs, fit_kwargs = _split_params(cls, tool, params)
     key = key_added or cls.key
     check_key(adata, key)  # a key another tool wrote: refused before the fit, not after
@@ -81,6 +83,10 @@ def _run(tool: str, adata, gene_sets, key_added, copy, layer, covariates, seed, 
         fit_kwargs["annotations"] = gene_sets
     if covariates is not None:
         fit_kwargs["covariates"] = covariates
+    if interventions is not None:
+        fit_kwargs["interventions"] = interventions
+    if reference is not None:
+        fit_kwargs["reference"] = reference
     if "seed" in fit_params:
         fit_kwargs["seed"] = seed
     target = adata.copy() if copy else adata
@@ -96,8 +102,9 @@ def _make_tool(tool: str):
     spec = MODELS[cli_name]
 
     def run(adata, gene_sets=None, key_added: str | None = None, copy: bool = False, layer: str | None = None,
-            covariates=None, seed: int = 0, **params):
-        return _run(tool, adata, gene_sets, key_added, copy, layer, covariates, seed, params)
+            covariates=None, seed: int = 0, interventions=None, reference=None, **params):
+        return _run(tool, adata, gene_sets, key_added, copy, layer, covariates, seed, params, interventions,
+                    reference)
 
     takes_sets = {"required": "gene sets (required unless the model is asked for unannotated factors)",
                   "optional": "gene sets (optional)", "unused": "no gene sets (giving gene_sets= is a ValueError)"}
@@ -117,6 +124,10 @@ def _make_tool(tool: str):
     copy : return a modified copy of ``adata`` (``adata`` untouched) instead of modifying it in place
     layer : ``adata.layers`` entry to fit (default ``adata.X``)
     covariates : obs column(s) (or a cells x C array) to regress out, for models whose ``fit`` takes them
+    interventions : obs column (or one label per cell) of perturbations whose effects on the factors are
+        estimated (spex, supervised): ``uns[key]["intervention_effects"]`` (and ``_sd``, ``_lfsr``)
+    reference : reference level of ``interventions`` (a level), or ``{{column: level}}`` for them and categorical
+        covariates (spex, supervised; default: each column's most frequent level)
     seed : random seed of the fit
     **params : the model's constructor arguments (e.g. ``max_epochs=``, ``progress=False``), or further ``fit``
         arguments (e.g. ``device=``)

@@ -8,7 +8,7 @@ import torch
 
 import pathfactor as pf
 from pathfactor.models import Spex, Supervised
-from pathfactor.models._spex_effects import ProgramEffects, local_false_sign_rate
+from pathfactor.models._spex_effects import ProgramEffects, adaptive_shrinkage, local_false_sign_rate
 
 TARGETS = ["NT", "g1", "g2", "g3"]
 BETA = {"NT": [0, 0, 0, 0], "g1": [1.0, 0, 0, 0], "g2": [0, -0.7, 0, 0], "g3": [0, 0, 0, 0]}
@@ -52,7 +52,6 @@ def test_blocked_update_is_the_exact_marginal_posterior():
     W = rng.normal(size=(G, K)) * np.array([1.0, 0.3, 0.05])  # a strong, a weak and a barely determined factor
     Y = rng.normal(size=(N, G))
     eff = ProgramEffects(torch.as_tensor(codes), L, K, blocked=True, dtype=torch.float64)
-    eff.lam.scale2.rate = torch.as_tensor(rng.uniform(0.5, 2.0, size=(L, K)))  # any prior precisions
     D = eff.prior_precision().numpy()
     Sigma_x = np.linalg.inv(np.eye(K) + W.T @ W / s2)
     u = Y @ W / s2 @ Sigma_x
@@ -123,6 +122,23 @@ def test_effects_recovered_with_calibrated_calls(fitted):
     assert ge.iloc[:50].mean() > 0.5 and ge.iloc[50:].abs().median() < 0.05
     assert ge.nlargest(50).index.isin(ge.index[:50]).mean() >= 0.9
     assert (fitted.gene_effects_sd_.to_numpy() > 0).all()
+
+
+def test_adaptive_shrinkage_keeps_signals_and_zeroes_noise():
+    rng = np.random.default_rng(3)
+    truth = np.r_[np.zeros(450), rng.choice([-1, 1], 50) * rng.uniform(0.3, 1.0, 50)]
+    se = rng.uniform(0.05, 0.15, truth.size)
+    bhat = truth + se * rng.normal(size=truth.size)
+    mean, sd, lfsr, pi, sigma = adaptive_shrinkage(torch.as_tensor(bhat), torch.as_tensor(se))
+    mean, sd, lfsr = mean.numpy(), sd.numpy(), lfsr.numpy()
+    assert pi[0] > 0.8 and float(pi.sum()) == pytest.approx(1.0)
+    called = lfsr < 0.05
+    false = called & ((np.sign(mean) != np.sign(truth)) | (truth == 0))
+    assert false.sum() <= 0.05 * max(called.sum(), 1) and called[450:].mean() > 0.8
+    assert np.median(np.abs(mean[:450])) < np.median(np.abs(bhat[:450])) / 5  # noise shrunk towards zero
+    # a lone huge effect is barely shrunk; lfsr equals the Gaussian one when the prior is flat in its region
+    assert mean[np.argmax(np.abs(truth))] == pytest.approx(bhat[np.argmax(np.abs(truth))], rel=0.05)
+    assert ((lfsr >= 0) & (lfsr <= 1)).all() and (sd >= 0).all()
 
 
 def test_lfsr_formula():

@@ -2,16 +2,16 @@
 
 Model (seed 000's interventions on the latent factors; the form of GSFA's ``Z = G beta + Phi``)::
 
-    x_n ~ N(m_n, I_K),   m_n = c + beta^T t_n,   c ~ N(0, I_K),
-    beta_lk ~ N(0, tau_l^2 lam_lk^2),   lam_lk ~ C+(0, 1),   tau_l ~ C+(0, 1)
+    x_n ~ N(m_n, I_K),   m_n = c + beta^T t_n,   c ~ N(0, I_K),   beta_lk ~ N(0, 1)
 
 ``t_n`` is the one-hot code of cell n's level (all zeros at the reference level), ``c`` the reference cells' mean
 factor values and ``beta_l`` (K) level l's effect on every factor against the reference, in units of the factors'
-within-level sd. The horseshoe lets each level move a few programs and a level without effect none.
+within-level sd. Inside the factor model the effects get a weakly informative N(0, 1) prior (an effect of one
+sd is a strong perturbation), so the fit centres each level's cells on what the data say.
 
-Posterior. q(theta), theta = (c, beta_1 .. beta_L), is one joint Gaussian; the scales have the inverse-gamma
-factors of ``pathfactor.priors``. Given q(W, B) and q(sigma2), the likelihood of x_n is Gaussian with precision
-Gamma = sum_g psi_g E[w_g w_g^T]; with Sigma_x = (I + Gamma)^-1 and h_n the likelihood's linear term:
+Posterior. q(theta), theta = (c, beta_1 .. beta_L), is one joint Gaussian. Given q(W, B) and q(sigma2), the
+likelihood of x_n is Gaussian with precision Gamma = sum_g psi_g E[w_g w_g^T]; with Sigma_x = (I + Gamma)^-1 and
+h_n the likelihood's linear term:
 
 * ``blocked=True`` (default): the joint q(X, theta) that is optimal in that block, q(x_n | theta) =
   N(Sigma_x (h_n + m_n), Sigma_x) and q(theta) its exact marginal, found by integrating X out:
@@ -20,12 +20,19 @@ Gamma = sum_g psi_g E[w_g w_g^T]; with Sigma_x = (I + Gamma)^-1 and h_n the like
 * ``blocked=False``: q(X) q(theta) apart, ``R = I`` and ``u_n = E[x_n]``: the factor scores taken as data, as a
   regression of point estimates would, which overstates the effects' precision for weakly determined factors.
 
-The precision of theta is an arrow: every beta_l couples to c only (``n_l R`` off the diagonal, ``n_l R + D_l`` on
-it, D_l = diag E[1/(tau_l^2 lam_lk^2)]), so it is solved through the Schur complement of c, in O(L K^3).
+The precision of theta is an arrow: every beta_l couples to c only (``n_l R`` off the diagonal, ``n_l R + I`` on
+it), so it is solved through the Schur complement of c, in O(L K^3).
 
 For the ELBO, x_n = a_n + J m_n + eps (J = Sigma_x blocked, 0 mean-field; eps ~ N(0, Sigma_x)), so
 E|x_n - m_n|^2 = |E x_n - E m_n|^2 + tr Sigma_x + tr((I - J) V_g (I - J)^T) and Cov(x_n) = Sigma_x + J V_g J^T
 (V_g = Cov(m_g)), with J and Sigma_x those of the last update of q(X, theta).
+
+Reported effects: most levels move few programs, so the estimates are then shrunk by adaptive shrinkage
+(Stephens 2017, :func:`adaptive_shrinkage`): each effect's marginal q(beta_lk) = N(bhat, se^2) is read as its
+likelihood, the prior ``g = pi_0 delta_0 + sum_j pi_j N(0, sigma_j^2)`` (a point mass at zero and a grid of
+normals) is learned from all effects by empirical Bayes, and each effect's posterior under g gives its mean, sd
+and local false sign rate. The per-effect likelihoods ignore the correlations among the effects (through the
+shared reference and overlapping factors), as ``ashr`` does.
 """
 from __future__ import annotations
 
@@ -33,17 +40,63 @@ import math
 
 import torch
 
-from ..priors import HalfCauchy, gaussian_prior_terms
-
 _LOG_2PI = math.log(2 * math.pi)
 
-__all__ = ["ProgramEffects", "local_false_sign_rate", "group_effects"]
+__all__ = ["ProgramEffects", "local_false_sign_rate", "group_effects", "adaptive_shrinkage"]
 
 
 def local_false_sign_rate(mean: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
-    """lfsr = min(P(effect >= 0), P(effect <= 0)) under a Gaussian marginal N(mean, sd^2) (Stephens 2017)."""
+    """lfsr = min(P(effect >= 0), P(effect <= 0)) under a Gaussian marginal N(mean, sd^2)."""
     z = mean.abs() / sd.clamp_min(torch.finfo(sd.dtype).tiny)
     return 0.5 * torch.erfc(z / math.sqrt(2.0))
+
+
+def _normal_cdf(z: torch.Tensor) -> torch.Tensor:
+    return 0.5 * torch.erfc(-z / math.sqrt(2.0))
+
+
+def adaptive_shrinkage(bhat: torch.Tensor, se: torch.Tensor, null_weight: float = 10.0, max_iter: int = 1000,
+                       tol: float = 1e-10):
+    """Empirical-Bayes shrinkage of estimates ``bhat`` with standard errors ``se`` (any shape; Stephens 2017).
+
+    Prior g = pi_0 delta_0 + sum_j pi_j N(0, sigma_j^2) on a grid sigma_j = sigma_min sqrt(2)^j up to
+    2 sqrt(max(bhat^2 - se^2)) (as ``ashr``); pi by EM on the marginal likelihood N(bhat; 0, se^2 + sigma_j^2) with a
+    null-biased Dirichlet prior (``null_weight`` on pi_0). Returns (posterior mean, posterior sd, lfsr, pi, sigma):
+    the lfsr is min(P(beta >= 0), P(beta <= 0)), the point mass at zero counting on both sides."""
+    b, s = bhat.reshape(-1).double(), se.reshape(-1).double().clamp_min(1e-300)
+    s_min = float(s.min()) / 10.0
+    s_max = 2.0 * math.sqrt(max(float((b * b - s * s).max()), 0.0) + s_min**2)
+    n_grid = max(int(math.ceil(math.log(s_max / s_min) / math.log(math.sqrt(2.0)))) + 1, 2)
+    sigma = torch.cat([torch.zeros(1, dtype=b.dtype), s_min * math.sqrt(2.0) ** torch.arange(n_grid, dtype=b.dtype)])
+    var = s[:, None] ** 2 + sigma[None, :] ** 2                               # n x (J + 1)
+    log_lik = -0.5 * (_LOG_2PI + torch.log(var) + b[:, None] ** 2 / var)
+    log_lik = log_lik - log_lik.max(1, keepdim=True).values
+    lik = torch.exp(log_lik)
+    alpha = torch.ones_like(sigma)
+    alpha[0] = null_weight
+    pi = torch.full_like(sigma, 1.0 / sigma.numel())
+    for _ in range(max_iter):
+        w = lik * pi
+        w = w / w.sum(1, keepdim=True)
+        new = (w.sum(0) + alpha - 1).clamp_min(0)
+        new = new / new.sum()
+        done = float((new - pi).abs().max()) < tol
+        pi = new
+        if done:
+            break
+    w = lik * pi
+    w = w / w.sum(1, keepdim=True)
+    shrink = sigma[None, :] ** 2 / var                                         # sigma_j^2 / (s^2 + sigma_j^2)
+    m_j, v_j = shrink * b[:, None], shrink * s[:, None] ** 2
+    mean = (w * m_j).sum(1)
+    sd = ((w * (v_j + m_j**2)).sum(1) - mean**2).clamp_min(0).sqrt()
+    sd_j = v_j.sqrt().clamp_min(1e-300)
+    above = w[:, 0] + (w[:, 1:] * _normal_cdf(m_j[:, 1:] / sd_j[:, 1:])).sum(1)   # P(beta >= 0)
+    below = w[:, 0] + (w[:, 1:] * _normal_cdf(-m_j[:, 1:] / sd_j[:, 1:])).sum(1)  # P(beta <= 0)
+    lfsr = torch.minimum(above, below).clamp(0, 1)
+    shape = bhat.shape
+    return (mean.reshape(shape).to(bhat.dtype), sd.reshape(shape).to(bhat.dtype), lfsr.reshape(shape).to(bhat.dtype),
+            pi, sigma)
 
 
 class ProgramEffects:
@@ -63,8 +116,6 @@ class ProgramEffects:
             raise ValueError("every intervention level, the reference included, needs cells")
         self.n = counts.to(dtype)
         kw = dict(dtype=dtype, device=device)
-        self.lam = HalfCauchy((L, K), **kw)
-        self.tau = HalfCauchy((L,), count=K, **kw)
         self.mean = torch.zeros(L + 1, K, **kw)                  # E[m_g]: the reference (g = 0), then each level
         self.cov = torch.zeros(L + 1, K, K, **kw)                # Cov(m_g)
         self.beta = torch.zeros(L, K, **kw)                      # E[beta]
@@ -81,8 +132,8 @@ class ProgramEffects:
         return out.index_add(0, self.groups, rows)
 
     def prior_precision(self) -> torch.Tensor:
-        """L x K: E[1 / (tau_l^2 lam_lk^2)]."""
-        return self.tau.mean_inv[:, None] * self.lam.mean_inv
+        """L x K: the prior precision of each effect (1: beta_lk ~ N(0, 1))."""
+        return torch.ones(self.L, self.K, dtype=self.n.dtype, device=self.n.device)
 
     def cell_means(self) -> torch.Tensor:
         """N x K: E[m_n] of every cell."""
@@ -90,8 +141,7 @@ class ProgramEffects:
 
     # ------------------------------------------------------------------ updates
     def update(self, u_sums: torch.Tensor, Sigma_x: torch.Tensor) -> None:
-        """q(theta) from each level's sums of u_n ((L+1) x K; ``Sigma_x h_n`` blocked, ``E[x_n]`` mean-field), then
-        q(lam), q(tau). Sets the coupling J of q(X, theta) (the factors' means then follow as
+        """q(theta) from each level's sums of u_n ((L+1) x K; ``Sigma_x h_n`` blocked, ``E[x_n]`` mean-field). Sets the coupling J of q(X, theta) (the factors' means then follow as
         ``u_n + J E[m_n]`` blocked)."""
         K, L, dt = self.K, self.L, Sigma_x.dtype
         eye = torch.eye(K, dtype=dt, device=Sigma_x.device)
@@ -119,9 +169,6 @@ class ProgramEffects:
         self.logdet_P = logdet_blocks.sum() + logdet_c
         self.J = Sigma_x if self.blocked else torch.zeros_like(Sigma_x)
         self.Sigma_x = Sigma_x
-        Eb2 = beta * beta + torch.diagonal(self.beta_cov, dim1=1, dim2=2)
-        self.lam.update(0.5 * Eb2 * self.tau.mean_inv[:, None])
-        self.tau.update(0.5 * (Eb2 * self.lam.mean_inv).sum(1))
 
     # ------------------------------------------------------------------ what the factor model needs
     def x_covariance_sum(self) -> torch.Tensor:
@@ -136,32 +183,28 @@ class ProgramEffects:
         return ((mu - self.cell_means()) ** 2).sum() + (self.n * spread).sum()
 
     def elbo(self) -> torch.Tensor:
-        """E[log p(c)] + E[log p(beta | tau, lam)] + H[q(theta)] + the scales' own terms."""
+        """E[log p(c)] + E[log p(beta)] + H[q(theta)]."""
         K, L = self.K, self.L
         Eb2 = self.beta * self.beta + torch.diagonal(self.beta_cov, dim1=1, dim2=2)
-        log_scale = self.tau.scale2.mean_log[:, None] + self.lam.scale2.mean_log
-        beta_prior = gaussian_prior_terms(Eb2, self.prior_precision(), log_scale)
-        c_prior = -0.5 * (K * _LOG_2PI + self.c2)
+        priors = -0.5 * ((L + 1) * K * _LOG_2PI + self.c2 + Eb2.sum())
         entropy = 0.5 * ((L + 1) * K * (1 + _LOG_2PI) - self.logdet_P)
-        return beta_prior + c_prior + entropy + self.lam.elbo() + self.tau.elbo()
+        return priors + entropy
 
     # ------------------------------------------------------------------ results
     def effects(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(E[beta], sd[beta]), each L x K."""
+        """(E[beta], sd[beta]) under q, each L x K: the effects' likelihood summaries for the shrinkage."""
         return self.beta, torch.diagonal(self.beta_cov, dim1=1, dim2=2).clamp_min(0).sqrt()
 
+    def shrunk(self):
+        """The effects after adaptive shrinkage (:func:`adaptive_shrinkage`): (mean, sd, lfsr), each L x K."""
+        mean, sd, lfsr, _, _ = adaptive_shrinkage(*self.effects())
+        return mean, sd, lfsr
 
-def group_effects(u: torch.Tensor, Sigma_x: torch.Tensor, codes: torch.Tensor, n_levels: int,
-                  max_iter: int = 1000, tol: float = 1e-7) -> ProgramEffects:
-    """q(c, beta) of groups of cells with the global factors held fixed (blocked; ``u``: N x K rows Sigma_x h_n),
-    iterated with the horseshoe scales until the effects change by less than ``tol`` (factor sd units)."""
+
+def group_effects(u: torch.Tensor, Sigma_x: torch.Tensor, codes: torch.Tensor, n_levels: int) -> ProgramEffects:
+    """q(c, beta) of groups of cells with the global factors held fixed (blocked; ``u``: N x K rows Sigma_x h_n)."""
     effects = ProgramEffects(codes, n_levels, u.shape[1], blocked=True, dtype=u.dtype, device=u.device)
-    sums = effects.group_sums(u)
-    for _ in range(max_iter):
-        before = effects.beta
-        effects.update(sums, Sigma_x)
-        if float((effects.beta - before).abs().max()) < tol:
-            break
+    effects.update(effects.group_sums(u), Sigma_x)
     return effects
 
 

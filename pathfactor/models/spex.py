@@ -22,7 +22,7 @@ from ..data.inputs import (Matrix, aligned_centred, as_matrix, check_counts, cov
                            intervention_groups, new_covariates)
 from ..evaluate import factor_r2, orient
 from ..train import fingerprint, resolve_device, seed_everything, train
-from ._spex_effects import ProgramEffects, group_effects, local_false_sign_rate
+from ._spex_effects import ProgramEffects, group_effects
 from ._spex_nb import SpexNB, nb_factor_scores
 from ._spex_vi import SpexVI
 from .base import LatentModel, factor_layout
@@ -199,10 +199,11 @@ class Spex(LatentModel):
         checkpoint of the same fit is already there.
         ``interventions``: an obs column (or one label per cell) of perturbations that act on the programs:
         each cell's factors are centred on its level's effects (``_spex_effects``), estimated against the
-        ``reference`` level (default: the most frequent) with a horseshoe prior, as ``intervention_effects_``
-        (factors x levels), ``intervention_effects_sd_``, ``intervention_effects_lfsr_`` (local false sign rates)
-        and per-gene total effects W beta (``gene_effects_``, ``gene_effects_sd_``). Gaussian likelihood, all
-        cells in memory.
+        ``reference`` level (default: the most frequent) and shrunk by adaptive shrinkage (a sparse prior learned
+        from all the effects), as ``intervention_effects_`` (factors x levels), ``intervention_effects_sd_``,
+        ``intervention_effects_lfsr_`` (local false sign rates) and per-gene total effects W beta
+        (``gene_effects_``, ``gene_effects_sd_``); ``intervention_estimates_`` / ``_sd_``: the estimates before
+        shrinkage (the posterior under the model's weak N(0, 1) prior). Gaussian likelihood, all cells in memory.
         ``reference``: the reference level of ``interventions`` and, given as ``{column: level}`` (or as one
         level when there are no interventions), of categorical ``covariates`` (default: the most frequent level).
 
@@ -353,22 +354,27 @@ class Spex(LatentModel):
         self.intervention_reference_ = None if levels is None else levels[0]
         self._interventions = column
         if levels is None:
-            self.intervention_effects_ = self.intervention_effects_sd_ = self.intervention_effects_lfsr_ = None
-            self.gene_effects_ = self.gene_effects_sd_ = None
+            self._no_intervention_results()
             return
         eff, K = vi.effects, self.loadings_.shape[1]
-        beta, beta_sd = (t.double().cpu().numpy() for t in eff.effects())
-        beta_cov = eff.beta_cov.double().cpu().numpy()
+        beta, beta_sd, lfsr = (t.double().cpu().numpy() for t in eff.shrunk())
+        raw, raw_sd = (t.double().cpu().numpy() for t in eff.effects())
         Mw = vi.M[:, :K].double().cpu().numpy() * unit
-        Sw = vi.S[:, :K, :K].double().cpu().numpy() * unit**2
-        # Var(w_g^T beta_l) for independent q(w_g), q(beta_l): m_w' V_b m_w + m_b' S_w m_b + tr(S_w V_b)
-        var = (np.einsum("gk,lkj,gj->gl", Mw, beta_cov, Mw) + np.einsum("lk,gkj,lj->gl", beta, Sw, beta)
-               + Sw.reshape(len(Sw), -1) @ beta_cov.reshape(len(beta_cov), -1).T)
-        post = {"effects": beta * signs, "effects_sd": beta_sd, "gene_effects": Mw @ beta.T,
+        Sw = np.diagonal(vi.S[:, :K, :K].double().cpu().numpy(), axis1=1, axis2=2) * unit**2    # G x K
+        # Var(w_g^T beta_l) for independent q(w_g) and shrunk effects (diagonal): sum_k m_w^2 v_b + m_b^2 s_w + s_w v_b
+        v_b = beta_sd**2
+        var = (Mw**2) @ v_b.T + Sw @ (beta**2).T + Sw @ v_b.T
+        post = {"effects": beta * signs, "effects_sd": beta_sd, "effects_lfsr": lfsr, "estimates": raw * signs,
+                "estimates_sd": raw_sd, "gene_effects": Mw @ beta.T,
                 "gene_effects_sd": np.sqrt(np.clip(var, 0, None)),
                 "level_means": eff.mean.double().cpu().numpy()}  # E[m_g], unoriented (transform orients)
         self._posterior.update(post)
         self._intervention_frames()
+
+    def _no_intervention_results(self) -> None:
+        for name in ("effects", "effects_sd", "effects_lfsr", "estimates", "estimates_sd"):
+            setattr(self, f"intervention_{name}_", None)
+        self.gene_effects_ = self.gene_effects_sd_ = None
 
     def _intervention_frames(self) -> None:
         """The DataFrames of the intervention results from the posterior's arrays."""
@@ -378,8 +384,9 @@ class Spex(LatentModel):
         factors, genes = self.loadings_.columns, self.loadings_.index
         self.intervention_effects_ = pd.DataFrame(post["effects"].T, index=factors, columns=levels)
         self.intervention_effects_sd_ = pd.DataFrame(post["effects_sd"].T, index=factors, columns=levels)
-        lfsr = local_false_sign_rate(torch.as_tensor(post["effects"]), torch.as_tensor(post["effects_sd"])).numpy()
-        self.intervention_effects_lfsr_ = pd.DataFrame(lfsr.T, index=factors, columns=levels)
+        self.intervention_effects_lfsr_ = pd.DataFrame(post["effects_lfsr"].T, index=factors, columns=levels)
+        self.intervention_estimates_ = pd.DataFrame(post["estimates"].T, index=factors, columns=levels)
+        self.intervention_estimates_sd_ = pd.DataFrame(post["estimates_sd"].T, index=factors, columns=levels)
         self.gene_effects_ = pd.DataFrame(post["gene_effects"], index=genes, columns=levels)
         self.gene_effects_sd_ = pd.DataFrame(post["gene_effects_sd"], index=genes, columns=levels)
 
@@ -430,8 +437,9 @@ class Spex(LatentModel):
 
         The cells of ``data`` (the training cells or new ones, with every gene of the model) in the ``groups`` of
         obs column ``groupby`` (default: all its levels; the others are left out) get the model
-        ``x_n ~ N(c + delta_group, I)`` under the fitted loadings and noise, with a horseshoe prior on ``delta``
-        (as for interventions, ``_spex_effects``). q(c, delta) is the exact marginal of the joint posterior of
+        ``x_n ~ N(c + delta_group, I)`` under the fitted loadings and noise (as for interventions,
+        ``_spex_effects``), the shifts then shrunk by adaptive shrinkage (a point mass at zero and a mixture of
+        normals, learned from all the shifts). q(c, delta) is the exact marginal of the joint posterior of
         the cells' factors and the shifts (X integrated out), so it accounts for how well the data pin down each
         cell's factors; a t-test on the point estimates of the scores does not. ``reference``: default the most
         frequent group. Returns a DataFrame (one row per factor and group, sorted by lfsr) with the shift
@@ -460,10 +468,8 @@ class Spex(LatentModel):
         Sigma_x = np.linalg.inv(np.eye(K) + post["Q"][:K, :K])
         Sigma_x = torch.as_tensor(0.5 * (Sigma_x + Sigma_x.T))
         eff = group_effects(torch.as_tensor(h) @ Sigma_x, Sigma_x, torch.as_tensor(codes), len(levels) - 1)
-        mean, sd = eff.effects()
-        mean = mean.numpy() * post["signs"]
-        sd = sd.numpy()
-        lfsr = local_false_sign_rate(torch.as_tensor(mean), torch.as_tensor(sd)).numpy()
+        mean, sd, lfsr = (t.numpy() for t in eff.shrunk())
+        mean = mean * post["signs"]
         counts = np.bincount(codes, minlength=len(levels))
         rows = [{"factor": f, "group": levels[l + 1], "reference": levels[0], "effect": mean[l, k], "sd": sd[l, k],
                  "lfsr": lfsr[l, k], "n_group": int(counts[l + 1]), "n_reference": int(counts[0])}
@@ -545,7 +551,8 @@ class Spex(LatentModel):
         levels = meta.get("intervention_levels")
         if arrays and levels is not None:
             (G, K), L = self.loadings_.shape, len(levels) - 1
-            expect_shapes(arrays, {"effects": (L, K), "effects_sd": (L, K), "gene_effects": (G, L),
+            expect_shapes(arrays, {"effects": (L, K), "effects_sd": (L, K), "effects_lfsr": (L, K), "estimates": (L, K),
+                                   "estimates_sd": (L, K), "gene_effects": (G, L),
                                    "gene_effects_sd": (G, L), "level_means": (L + 1, K)})
         self._posterior = dict(arrays)
         self._covariates, self.elbo_, self.converged_ = meta["covariates"], meta["elbo"], meta["converged"]
@@ -553,7 +560,6 @@ class Spex(LatentModel):
         self.intervention_levels_ = None if levels is None else [str(v) for v in levels]
         self.intervention_reference_ = None if levels is None else self.intervention_levels_[0]
         if levels is None:
-            self.intervention_effects_ = self.intervention_effects_sd_ = self.intervention_effects_lfsr_ = None
-            self.gene_effects_ = self.gene_effects_sd_ = None
+            self._no_intervention_results()
         else:
             self._intervention_frames()

@@ -3,7 +3,8 @@
 :func:`write_report` reads the results a model's ``write(adata)`` (or ``pathfactor fit``) leaves in an AnnData
 (see :mod:`.results`) and writes ``report.html``: an overview table of every factor, a UMAP coloured by the top
 factors (when ``obsm["X_umap"]`` exists), a heatmap of their top genes by group, a section per active factor,
-covariate effects and a methods paragraph. Figures are embedded as PNG data URIs, so the file stands alone.
+the interventions' effects on the factors (when the model had interventions), covariate effects and a methods
+paragraph. Figures are embedded as PNG data URIs, so the file stands alone.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def _nav(adata, res, names, has_heatmap: bool, has_scatter: bool) -> list[tuple[
     if has_scatter:
         links.append(("scatter", "Top two factors"))
     links.append(("factors", "Factors"))
+    if res.interventions is not None:
+        links.append(("interventions", "Interventions"))
     if res.covariates is not None and res.covariates.shape[1]:
         links.append(("covariates", "Covariates"))
     return links + [("methods", "Methods")]
@@ -80,6 +83,8 @@ def write_report(adata, out_dir, key: str = "spex", color_by: str | None = None,
     if len(pair) == 2:
         parts.append(sections.scatter(res, pair, adata.obs[color_by] if color_by else None, order))
     parts.append(sections.factors(chosen, table, res, refined_table, groups, order, colors, top_genes, open_factors))
+    if res.interventions is not None:
+        parts.append(sections.interventions(res.interventions, set(chosen)))
     if res.covariates is not None and res.covariates.shape[1]:
         parts.append(sections.covariates(res.covariates, min(top_genes, 10)))
     parts.append(sections.methods(res, adata))

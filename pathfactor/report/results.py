@@ -3,7 +3,8 @@
 Reads the convention a model's ``write(adata)`` (or ``pathfactor fit``) leaves: ``obsm["X_<key>"]``,
 ``varm["<key>_loadings"]``, optional ``varm["<key>_annotation"]`` and ``varm["<key>_covariate_effects"]``, and
 ``uns[<key>]`` (factor names, kinds, relevance, active, params; optionally version, seed, converged, n_epochs,
-gene_set_urls). h5ad round trips turn lists into arrays and scalars into 0-d arrays: everything is unwrapped here.
+gene_set_urls, and the intervention effects of Spex / Supervised: intervention_effects, _sd, _lfsr,
+intervention_reference, intervention_levels). h5ad round trips turn lists into arrays and scalars into 0-d arrays: everything is unwrapped here.
 """
 from __future__ import annotations
 
@@ -19,6 +20,16 @@ from ..models.anndata_io import scalar
 
 
 @dataclass
+class Interventions:
+    """Effects of the interventions on the factors, each factors x levels (the reference level left out)."""
+
+    effects: pd.DataFrame
+    sd: pd.DataFrame
+    lfsr: pd.DataFrame
+    reference: str
+
+
+@dataclass
 class Results:
     model: str
     info: pd.DataFrame  # index: factor names; columns: kind, relevance, active
@@ -31,6 +42,7 @@ class Results:
     fit: dict = field(default_factory=dict)  # version, seed, converged, n_epochs (None when not recorded)
     urls: dict = field(default_factory=dict)  # gene set name -> URL
     loadings_sd: pd.DataFrame | None = None  # genes x factors posterior sds, where the model has them
+    interventions: Interventions | None = None  # effects of interventions on the factors (Spex, Supervised)
 
     @property
     def is_r2(self) -> bool:
@@ -88,6 +100,47 @@ def _urls(meta, given) -> dict:
     return out
 
 
+def _effect_table(value, factors: list[str], levels: list[str] | None, what: str) -> pd.DataFrame:
+    """A factors x levels table from ``uns``: a DataFrame (labels kept, as an h5ad round trip gives it back) or
+    an array labelled by the factor names and ``levels``."""
+    if isinstance(value, pd.DataFrame):
+        table = value.copy()
+        table.index, table.columns = table.index.astype(str), table.columns.astype(str)
+    else:
+        values = np.asarray(value, dtype=float)
+        if values.ndim != 2 or levels is None:
+            raise ValueError(f"{what} is not a factors x levels table")
+        table = _table(values, factors, levels, what)
+    table.index.name = table.columns.name = None
+    return table.astype(float)
+
+
+def interventions(meta, key: str, factors: list[str]) -> Interventions | None:
+    """The intervention effects in ``uns[key]`` (None when the model had no interventions). A missing lfsr is
+    computed from the effects and sds (Gaussian marginals)."""
+    if "intervention_effects" not in meta:
+        return None
+    stored = meta.get("intervention_levels", None)
+    levels = None if stored is None else [str(v) for v in np.ravel(stored)]
+    what = f"adata.uns[{key!r}]"
+    effects = _effect_table(meta["intervention_effects"], factors, levels, f"{what}['intervention_effects']")
+    if "intervention_effects_sd" in meta:
+        sd = _effect_table(meta["intervention_effects_sd"], factors, levels, f"{what}['intervention_effects_sd']")
+        sd = sd.reindex(index=effects.index, columns=effects.columns)
+    else:
+        sd = pd.DataFrame(np.nan, index=effects.index, columns=effects.columns)
+    if "intervention_effects_lfsr" in meta:
+        lfsr = _effect_table(meta["intervention_effects_lfsr"], factors, levels,
+                             f"{what}['intervention_effects_lfsr']").reindex(index=effects.index,
+                                                                            columns=effects.columns)
+    else:
+        from scipy.special import erfc
+
+        lfsr = 0.5 * erfc(effects.abs() / sd / np.sqrt(2.0))
+    reference = scalar(meta.get("intervention_reference", None))
+    return Interventions(effects, sd, lfsr, "the reference level" if reference is None else str(reference))
+
+
 def load(adata, key: str, gene_set_urls=None) -> Results:
     """The results under ``key``, checked, as pandas objects."""
     meta = _check_present(adata, key)
@@ -112,7 +165,7 @@ def load(adata, key: str, gene_set_urls=None) -> Results:
         sd = _table(adata.varm[f"{key}_loadings_sd"], genes, names, f"adata.varm['{key}_loadings_sd']").astype(float)
     return Results(str(scalar(meta.get("model", key))), info, scores.astype(float), loadings.astype(float),
                    annotation, covariates, params, str(scalar(meta.get("relevance_measure", "R^2"))), fit,
-                   _urls(meta, gene_set_urls), sd)
+                   _urls(meta, gene_set_urls), sd, interventions(meta, key, names))
 
 
 def refined(res: Results) -> pd.DataFrame:

@@ -9,7 +9,12 @@ import pandas as pd
 from .. import __version__, plot
 from ..evaluate import ACTIVE_FRACTION, active_mask
 from . import html as h
-from .results import Results, expression
+from .results import Interventions, Results, expression
+
+#: an intervention's effect on a factor is a call when its local false sign rate is below this
+LFSR_CALL = 0.05
+#: at most this many factors (rows) and levels (columns) in the interventions heatmap, and calls in its table
+MAX_EFFECT_FACTORS, MAX_EFFECT_LEVELS, MAX_EFFECT_CALLS = 30, 40, 25
 
 
 def header(res: Results, adata, title: str, groups: pd.Series | None, links: list[tuple[str, str]]) -> str:
@@ -20,6 +25,10 @@ def header(res: Results, adata, title: str, groups: pd.Series | None, links: lis
              f"<b>Factors:</b> {len(res.info)} ({kinds}); <b>active:</b> {int(res.info['active'].sum())}"]
     if res.covariates is not None:
         lines.append(f"<b>Covariates:</b> {h.genes(res.covariates.columns, 50)}")
+    if res.interventions is not None:
+        eff = res.interventions
+        lines.append(f"<b>Interventions:</b> {eff.effects.shape[1]} levels against the reference "
+                     f"<b>{escape(eff.reference)}</b>: {h.genes(eff.effects.columns, 8)}")
     if groups is not None:
         lines.append(f"<b>Cells grouped by:</b> {escape(str(groups.name))}")
     nav = " ".join(f'<a href="#{target}">{escape(text)}</a>' for target, text in links)
@@ -196,6 +205,89 @@ not by the factors.</p>
 <table><tr><th>covariate</th><th>up</th><th>down</th></tr>{''.join(rows)}</table>"""
 
 
+def _signed(value: float) -> str:
+    """An effect with its sign: two decimals, or two significant digits when it is smaller than 0.1."""
+    return f"{value:+.2f}" if not np.isfinite(value) or abs(value) >= 0.095 else f"{value:+.2g}"
+
+
+def _lfsr_text(value: float) -> str:
+    return "≈ 0" if value == 0 else h.significant(value)
+
+
+def _effect_rows(eff: Interventions) -> pd.DataFrame:
+    """One row per (factor, level): effect, sd, lfsr; most confident first (smallest lfsr, then largest |effect|)."""
+    rows = pd.DataFrame({"effect": eff.effects.stack(), "sd": eff.sd.stack(), "lfsr": eff.lfsr.stack()})
+    rows.index.names = ["factor", "level"]
+    rows = rows.reset_index()
+    rows["size"] = rows["effect"].abs()
+    rows = rows.sort_values(["lfsr", "size"], ascending=[True, False], kind="stable", na_position="last")
+    return rows.drop(columns="size").reset_index(drop=True)
+
+
+def _effects_shown(eff: Interventions) -> tuple[list, list, bool]:
+    """The heatmap's factors and levels, and whether any effect is a call: the factors with a call (lfsr <
+    LFSR_CALL), most confident first, at most MAX_EFFECT_FACTORS (without any call the 10 most confident); every
+    level, or beyond MAX_EFFECT_LEVELS those with calls, most confident first."""
+    lfsr = eff.lfsr.fillna(1.0)
+    best = lfsr.min(axis=1)
+    size = eff.effects.abs().max(axis=1)
+    ranked = pd.DataFrame({"lfsr": best, "size": -size}).sort_values(["lfsr", "size"], kind="stable").index
+    called = bool((lfsr < LFSR_CALL).to_numpy().any())
+    factors = [f for f in ranked if best[f] < LFSR_CALL][:MAX_EFFECT_FACTORS] if called else list(ranked[:10])
+    levels = list(eff.effects.columns)
+    if len(levels) > MAX_EFFECT_LEVELS:
+        sub = lfsr.loc[factors]
+        level_best = sub.min(axis=0).sort_values(kind="stable")
+        levels = [lv for lv in level_best.index if level_best[lv] < LFSR_CALL][:MAX_EFFECT_LEVELS]
+        levels = levels or list(level_best.index[:MAX_EFFECT_LEVELS])
+    return factors, levels, called
+
+
+def interventions(eff: Interventions, sectioned: set) -> str:
+    """Heatmap of the interventions' effects on the factors with their calls, and a table of the strongest calls."""
+    n_factors, n_levels = eff.effects.shape
+    factors, levels, called = _effects_shown(eff)
+    ref = escape(eff.reference)
+    img = h.figure(plot.intervention_heatmap, eff.effects.loc[factors, levels], eff.lfsr.loc[factors, levels],
+                   threshold=LFSR_CALL, reference=eff.reference, alt="effects of the interventions on the factors")
+    rows = _effect_rows(eff)
+    calls = rows[rows["lfsr"] < LFSR_CALL]
+    n_calls = len(calls)
+    shown = (calls if called else rows).head(MAX_EFFECT_CALLS if called else 10)
+    if called:
+        picked = (f"the {len(factors)} factors that some intervention moves with lfsr &lt; {LFSR_CALL:g}"
+                  + (f" (the {MAX_EFFECT_FACTORS} most confident of {int((eff.lfsr.min(axis=1) < LFSR_CALL).sum())})"
+                     if len(factors) == MAX_EFFECT_FACTORS else "") + ", most confident first")
+    else:
+        picked = (f"no intervention moves any factor with lfsr &lt; {LFSR_CALL:g}; shown are the "
+                  f"{len(factors)} factors with the smallest lfsr")
+    if len(levels) < n_levels:
+        picked += (f"; {len(levels)} of the {n_levels} levels, "
+                   + ("those with calls" if called else "those with the smallest lfsr") + ", most confident first")
+
+    def label(name: str) -> str:
+        return f'<a href="#{h.anchor(name)}">{escape(name)}</a>' if name in sectioned else escape(name)
+
+    body = "\n".join(
+        f'<tr><td class="name">{label(str(r.factor))}</td><td>{escape(str(r.level))}</td>'
+        f'<td class="num">{_signed(r.effect)}</td><td class="num">{h.significant(r.sd)}</td>'
+        f'<td class="num">{_lfsr_text(r.lfsr)}</td></tr>' for r in shown.itertuples())
+    caption = (f"The {len(shown)} strongest of {n_calls} calls (lfsr &lt; {LFSR_CALL:g}), most confident first:"
+               if called else "The 10 effects with the smallest lfsr (none is a call):")
+    return f"""<h2 id="interventions">Interventions</h2>
+<p>How each intervention level moves the factors, against the reference level <b>{ref}</b>
+({n_levels} levels × {n_factors} factors). An effect is the shift of a factor's mean in the level's cells, in units
+of the factor's spread within a level (posterior mean; a horseshoe prior keeps effects without support near 0), in
+the factor's own orientation: positive means the level raises the factor's score. The <b>lfsr</b> (local false sign
+rate) is the posterior probability that the effect's sign is wrong; a dot marks the effects with
+lfsr &lt; {LFSR_CALL:g} (<i>calls</i>). Shown: {picked}.</p>
+<div class="figs">{img}</div>
+<p>{caption}</p>
+<table><tr><th>factor</th><th>level</th><th>effect</th><th>sd</th><th>lfsr</th></tr>
+{body}
+</table>"""
+
+
 # ---------------------------------------------------------------------------------------------- methods
 def _param(name: str, value) -> str:
     return f"<code>{escape(name)}={escape(repr(value) if isinstance(value, str) else str(value))}</code>"
@@ -237,4 +329,12 @@ def methods(res: Results, adata) -> str:
 ({params}). {_training(res.fit)} Data: {data}. {_relevance_method(res)}; a factor is flagged active by the model
 (for pathfactor's models: R² above 10<sup>−4</sup>). A gene is active in a factor when
 |w| &gt; {ACTIVE_FRACTION:g} × the factor's largest |w|; gained and lost genes compare the active genes with the
-gene set. Report written by pathfactor {escape(__version__)}.</p></div>"""
+gene set.{_interventions_method(res)} Report written by pathfactor {escape(__version__)}.</p></div>"""
+
+
+def _interventions_method(res: Results) -> str:
+    if res.interventions is None:
+        return ""
+    return (" Interventions act on the factors: each cell's factors are centred on its intervention level's effect "
+            f"against the reference level {escape(res.interventions.reference)}, with a horseshoe prior on the "
+            "effects; local false sign rates (lfsr, Stephens 2017) come from their Gaussian posterior marginals.")
