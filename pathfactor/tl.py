@@ -58,8 +58,7 @@ def _split_params(cls, tool: str, params: dict) -> tuple[dict, dict]:
     return ({k: v for k, v in params.items() if k in ctor}, {k: v for k, v in params.items() if k not in ctor})
 
 
-def _run(tool: str, adata, gene_sets, key_added, copy, layer, covariates, seed, params, interventions=None,
-         reference=None):
+def _run(tool: str, adata, gene_sets, key_added, copy, layer, covariates, seed, params):
     from anndata import AnnData
 
     from .models.anndata_io import check_key
@@ -72,6 +71,8 @@ def _run(tool: str, adata, gene_sets, key_added, copy, layer, covariates, seed, 
     if gene_sets is not None and spec.gene_sets == "unused":
         raise ValueError(f"pf.tl.{tool} ({cls.__name__}) does not use gene sets; drop gene_sets=")
     fit_params = inspect.signature(cls.fit).parameters
+    params = dict(params)  # interventions= / reference= come in **params (the tools' signature is fixed)
+    interventions, reference = params.pop("interventions", None), params.pop("reference", None)
     for name, value in (("covariates", covariates), ("interventions", interventions), ("reference", reference)):
         if value is not None and name not in fit_params:
             raise ValueError(f"pf.tl.{tool} ({cls.__name__}) does not take {name}")
@@ -102,9 +103,8 @@ def _make_tool(tool: str):
     spec = MODELS[cli_name]
 
     def run(adata, gene_sets=None, key_added: str | None = None, copy: bool = False, layer: str | None = None,
-            covariates=None, seed: int = 0, interventions=None, reference=None, **params):
-        return _run(tool, adata, gene_sets, key_added, copy, layer, covariates, seed, params, interventions,
-                    reference)
+            covariates=None, seed: int = 0, **params):
+        return _run(tool, adata, gene_sets, key_added, copy, layer, covariates, seed, params)
 
     takes_sets = {"required": "gene sets (required unless the model is asked for unannotated factors)",
                   "optional": "gene sets (optional)", "unused": "no gene sets (giving gene_sets= is a ValueError)"}
@@ -124,11 +124,12 @@ def _make_tool(tool: str):
     copy : return a modified copy of ``adata`` (``adata`` untouched) instead of modifying it in place
     layer : ``adata.layers`` entry to fit (default ``adata.X``)
     covariates : obs column(s) (or a cells x C array) to regress out, for models whose ``fit`` takes them
-    interventions : obs column (or one label per cell) of perturbations whose effects on the factors are
-        estimated (spex, supervised): ``uns[key]["intervention_effects"]`` (and ``_sd``, ``_lfsr``)
-    reference : reference level of ``interventions`` (a level), or ``{{column: level}}`` for them and categorical
-        covariates (spex, supervised; default: each column's most frequent level)
     seed : random seed of the fit
+    interventions : (keyword) obs column (or one label per cell) of perturbations whose effects on the factors are
+        estimated, for models whose ``fit`` takes them (spex, supervised): ``uns[key]["intervention_effects"]``
+        (and ``_sd``, ``_lfsr``)
+    reference : (keyword) reference level of ``interventions``, or ``{{column: level}}`` for them and categorical
+        covariates (spex, supervised; default: each column's most frequent level)
     **params : the model's constructor arguments (e.g. ``max_epochs=``, ``progress=False``), or further ``fit``
         arguments (e.g. ``device=``)
 

@@ -243,7 +243,6 @@ def noisy_annotations(
     K = n_ann + n_sparse + n_dense            # all columns
     annotated = slice(0, n_factors)
     redundant = slice(n_factors, n_ann)
-    dense = slice(n_ann + n_sparse, K)
     # columns whose support is additionally thinned: annotated, redundant (phantom), sparse
     thinned = np.zeros(K, dtype=bool)
     thinned[: n_ann + n_sparse] = True

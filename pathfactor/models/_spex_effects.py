@@ -141,9 +141,9 @@ class ProgramEffects:
 
     # ------------------------------------------------------------------ updates
     def update(self, u_sums: torch.Tensor, Sigma_x: torch.Tensor) -> None:
-        """q(theta) from each level's sums of u_n ((L+1) x K; ``Sigma_x h_n`` blocked, ``E[x_n]`` mean-field). Sets the coupling J of q(X, theta) (the factors' means then follow as
-        ``u_n + J E[m_n]`` blocked)."""
-        K, L, dt = self.K, self.L, Sigma_x.dtype
+        """q(theta) from each level's sums of u_n ((L+1) x K; ``Sigma_x h_n`` blocked, ``E[x_n]`` mean-field).
+        Sets the coupling J of q(X, theta) (the factors' means then follow as ``u_n + J E[m_n]`` blocked)."""
+        K, dt = self.K, Sigma_x.dtype
         eye = torch.eye(K, dtype=dt, device=Sigma_x.device)
         Sigma_x = 0.5 * (Sigma_x + Sigma_x.T)
         R = eye - Sigma_x if self.blocked else eye

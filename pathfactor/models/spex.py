@@ -348,8 +348,6 @@ class Spex(LatentModel):
     def _set_intervention_results(self, vi, levels, signs, unit: float, column) -> None:
         """Effects of the interventions on the factors (oriented as the factors) and on the genes (W beta, in
         the data's units), their sds and local false sign rates; ``None`` without interventions."""
-        import pandas as pd
-
         self.intervention_levels_ = None if levels is None else list(levels)
         self.intervention_reference_ = None if levels is None else levels[0]
         self._interventions = column

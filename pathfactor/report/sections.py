@@ -27,7 +27,8 @@ def header(res: Results, adata, title: str, groups: pd.Series | None, links: lis
         lines.append(f"<b>Covariates:</b> {h.genes(res.covariates.columns, 50)}")
     if res.interventions is not None:
         eff = res.interventions
-        lines.append(f"<b>Interventions:</b> {eff.effects.shape[1]} levels against the reference "
+        n = eff.effects.shape[1]
+        lines.append(f"<b>Interventions:</b> {n} level{'s' * (n != 1)} against the reference "
                      f"<b>{escape(eff.reference)}</b>: {h.genes(eff.effects.columns, 8)}")
     if groups is not None:
         lines.append(f"<b>Cells grouped by:</b> {escape(str(groups.name))}")
@@ -276,9 +277,9 @@ def interventions(eff: Interventions, sectioned: set) -> str:
                if called else "The 10 effects with the smallest lfsr (none is a call):")
     return f"""<h2 id="interventions">Interventions</h2>
 <p>How each intervention level moves the factors, against the reference level <b>{ref}</b>
-({n_levels} levels × {n_factors} factors). An effect is the shift of a factor's mean in the level's cells, in units
-of the factor's spread within a level (posterior mean; a horseshoe prior keeps effects without support near 0), in
-the factor's own orientation: positive means the level raises the factor's score. The <b>lfsr</b> (local false sign
+({n_levels} level{'s' * (n_levels != 1)} × {n_factors} factors). An effect is the shift of a factor's mean in the level's cells, in units
+of the factor's spread within a level (posterior mean after adaptive shrinkage, which keeps effects the data do
+not support at 0), in the factor's own orientation: positive means the level raises the factor's score. The <b>lfsr</b> (local false sign
 rate) is the posterior probability that the effect's sign is wrong; a dot marks the effects with
 lfsr &lt; {LFSR_CALL:g} (<i>calls</i>). Shown: {picked}.</p>
 <div class="figs">{img}</div>
@@ -336,5 +337,6 @@ def _interventions_method(res: Results) -> str:
     if res.interventions is None:
         return ""
     return (" Interventions act on the factors: each cell's factors are centred on its intervention level's effect "
-            f"against the reference level {escape(res.interventions.reference)}, with a horseshoe prior on the "
-            "effects; local false sign rates (lfsr, Stephens 2017) come from their Gaussian posterior marginals.")
+            f"against the reference level {escape(res.interventions.reference)}; the effects' estimates are shrunk "
+            "by adaptive shrinkage (a point mass at zero and a mixture of normals learned from all the effects, "
+            "Stephens 2017), which also gives their local false sign rates (lfsr).")
