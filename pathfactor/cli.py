@@ -207,6 +207,21 @@ def _reference_lines(model, interventions: str | None, reference) -> list[str]:
     return lines
 
 
+def _intervention_lines(model, n: int = 5, alpha: float = 0.05) -> list[str]:
+    """Per intervention level: how many factors it moves (lfsr < ``alpha``) and the ``n`` largest of them."""
+    lfsr = getattr(model, "intervention_effects_lfsr_", None)
+    if lfsr is None:
+        return []
+    effects, lines = model.intervention_effects_, []
+    for level in lfsr.columns:
+        called = lfsr.index[lfsr[level] < alpha]
+        top = effects.loc[called, level].abs().sort_values(ascending=False).index[:n]
+        shown = ", ".join(f"{f} {effects.at[f, level]:+.2f}" for f in top)
+        lines.append(f"{level} vs {model.intervention_reference_}: {len(called)} factor(s) moved at lfsr < {alpha:g}"
+                     + (f" (largest: {shown})" if len(top) else ""))
+    return lines
+
+
 def _format_top(model, n: int = 10) -> str:
     rel = model.relevance()
     kinds = model.factor_kinds_
@@ -296,7 +311,7 @@ def cmd_fit(args) -> int:
     n_ann = int((model.factor_kinds_ == "annotated").sum())
     print(f"{type(model).__name__}: {len(model.factor_kinds_)} factors ({n_ann} annotated), "
           f"{int(model.active_.sum())} active; {adata.n_obs} cells x {adata.n_vars} genes")
-    for line in _reference_lines(model, interventions, reference):
+    for line in _reference_lines(model, interventions, reference) + _intervention_lines(model):
         print(line)
     print(_format_top(model, 10))
     print(f"wrote {args.out}" + (f" and {report}" if report else "")

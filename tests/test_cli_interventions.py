@@ -156,3 +156,17 @@ def test_tools_pass_interventions_and_reference():
     assert list(adata.uns["supervised"]["covariate_names"]) == ["stim=STIM"]
     with pytest.raises(ValueError, match="does not take interventions"):
         pf.tl.pca(adata, n_factors=2, interventions="target")
+
+
+def test_fit_prints_what_each_level_moves(tmp_path, capsys):
+    """stdout names, per level, how many factors it moves and the largest of them."""
+    from pathfactor.cli import _intervention_lines
+
+    class Fitted:
+        intervention_reference_ = "NT"
+        intervention_effects_ = pd.DataFrame({"g1": [1.5, 0.01], "g2": [0.0, -0.02]}, index=["P0", "P1"])
+        intervention_effects_lfsr_ = pd.DataFrame({"g1": [1e-9, 0.6], "g2": [0.9, 0.7]}, index=["P0", "P1"])
+
+    lines = _intervention_lines(Fitted())
+    assert lines == ["g1 vs NT: 1 factor(s) moved at lfsr < 0.05 (largest: P0 +1.50)",
+                     "g2 vs NT: 0 factor(s) moved at lfsr < 0.05"]
