@@ -169,6 +169,8 @@ class Task:
 
     state_exclude: tuple[str, ...] = ()
     rebinds_state: bool = False
+    #: state tensors whose shape may change from epoch to epoch (restored at their saved shape)
+    resizable_state: tuple[str, ...] = ()
     objective_scale: float | None = None
 
     def epoch(self) -> float:  # pragma: no cover - every task defines it
@@ -199,6 +201,9 @@ class Task:
                 live.load_state_dict(copy.deepcopy(saved))
             elif isinstance(live, torch.Tensor) and isinstance(saved, (torch.Tensor, np.ndarray)):
                 saved = torch.as_tensor(saved)
+                if name in self.resizable_state and tuple(saved.shape) != tuple(live.shape):
+                    setattr(owner, attr, saved.to(dtype=live.dtype, device=live.device).clone())
+                    continue
                 if tuple(saved.shape) != tuple(live.shape):
                     raise ValueError(f"the state belongs to a different task ({name} has shape "
                                      f"{tuple(saved.shape)}, not {tuple(live.shape)})")

@@ -108,8 +108,8 @@ def test_one_pass_gives_the_in_memory_means_and_sd(files):
 
 @pytest.mark.parametrize("n_cells", [60, 200])  # fewer and more cells than genes: svd_lowrank's two branches
 def test_streamed_start_is_the_in_memory_start(n_cells):
-    """initial_factors reproduces starting_factors, torch.svd_lowrank's random draws included; a failure after a
-    torch upgrade means svd_lowrank changed and the streamed twin must follow it."""
+    """The start streamed from a backed file in blocks of 13 rows is the in-memory start (starting_factors), the
+    random draws of the range finder included."""
     g = torch.Generator().manual_seed(0)
     raw = torch.randn(n_cells, 100, generator=g) @ torch.randn(100, 100, generator=g)  # float32: read exactly
     mean = raw.double().mean(0)

@@ -20,6 +20,10 @@ __all__ = ["Matrix", "CovariateNames", "as_matrix", "aligned_centred", "check_co
 log = logging.getLogger(__name__)
 
 
+#: values per block (32 MiB in float64) when data are centred or summed block by block
+BLOCK_VALUES = 2**22
+
+
 @dataclass(frozen=True)
 class Matrix:
     """A cells x genes matrix with its names. ``Y`` is a float numpy array or a scipy CSR matrix."""
@@ -38,13 +42,36 @@ class Matrix:
         Y = self.Y.toarray() if sp.issparse(self.Y) else self.Y
         return np.asarray(Y, dtype=dtype)
 
-    def centred(self, device, dtype):
-        """(Y - gene means, gene means) as torch tensors on ``device``; the means in float64, Y in ``dtype``."""
+    def row_blocks(self, rows: int | None = None):
+        """The rows ``rows`` at a time (default: about :data:`BLOCK_VALUES` values), dense float64 (a sparse
+        matrix is densified one block at a time)."""
+        rows = rows or max(1, BLOCK_VALUES // max(self.Y.shape[1], 1))
+        for start in range(0, self.Y.shape[0], rows):
+            block = self.Y[start:start + rows]
+            yield np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float64)
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each gene's mean and (unbiased) variance, float64, in two passes over blocks of rows (no float64 copy)."""
+        n = self.Y.shape[0]
+        if n == 0:
+            return np.zeros(self.Y.shape[1]), np.zeros(self.Y.shape[1])
+        mean = sum(b.sum(0) for b in self.row_blocks()) / n
+        var = sum(((b - mean) ** 2).sum(0) for b in self.row_blocks()) / max(n - 1, 1)
+        return mean, var
+
+    def centred(self, device, dtype, mean=None, scale: float = 1.0):
+        """((Y - gene means) / scale, gene means) as torch tensors on ``device``: the means in float64, Y in
+        ``dtype``, built block by block (the data are never held in float64 whole)."""
         import torch
 
-        Y = torch.as_tensor(self.dense(np.float64), device=device)
-        mean = Y.mean(0)
-        return (Y - mean).to(dtype), mean
+        if mean is None:
+            mean = self.moments()[0]
+        out = torch.empty(self.Y.shape, dtype=dtype, device=device)
+        start = 0
+        for block in self.row_blocks():
+            out[start:start + len(block)] = torch.as_tensor((block - mean) / scale, device=device).to(dtype)
+            start += len(block)
+        return out, torch.as_tensor(np.asarray(mean, dtype=np.float64), device=device)
 
     def astype(self, dtype) -> "Matrix":
         """The same matrix with values of ``dtype`` (itself when they already are)."""
@@ -86,8 +113,23 @@ def _values(Y):
     return Y.data if sp.issparse(Y) else np.asarray(Y)
 
 
+def _flat_blocks(vals: np.ndarray):
+    """``vals`` flattened, in blocks of :data:`BLOCK_VALUES` (views where the array is contiguous)."""
+    flat = vals.reshape(-1)
+    for start in range(0, flat.size, BLOCK_VALUES):
+        yield flat[start:start + BLOCK_VALUES]
+
+
+def _all_finite(vals: np.ndarray) -> bool:
+    return all(np.isfinite(block).all() for block in _flat_blocks(vals))
+
+
+def _max_abs(vals: np.ndarray) -> float:
+    return max((float(np.abs(block).max()) for block in _flat_blocks(vals) if block.size), default=0.0)
+
+
 def as_matrix(data, layer: str | None = None, dtype=np.float32, new_cells: bool = False,
-              use_highly_variable: bool | None = False) -> Matrix:
+              use_highly_variable: bool | None = False, copy: bool = True) -> Matrix:
     """Extract and validate the expression matrix of ``data``.
 
     ``data`` is an AnnData (``layer=None`` takes ``.X``), a pandas DataFrame (cells x genes), a numpy
@@ -95,6 +137,8 @@ def as_matrix(data, layer: str | None = None, dtype=np.float32, new_cells: bool 
     fitted model's ``transform``, where a single cell is enough (a fit needs 2). ``use_highly_variable``: keep only
     the genes of an AnnData's boolean ``var["highly_variable"]`` (as ``sc.pp.pca``): ``None`` when the column
     exists, ``True`` requires it, ``False`` keeps every gene; the others are named in ``genes_left_out``.
+    ``copy=False``: the matrix may share the caller's memory (when it already has ``dtype``), for a model that
+    only reads it; the default copies, so that nothing a model does reaches the caller's data.
     """
     if hasattr(data, "obs_names") and hasattr(data, "var_names"):
         if layer is None:
@@ -150,9 +194,9 @@ def as_matrix(data, layer: str | None = None, dtype=np.float32, new_cells: bool 
             f"duplicate gene names in var_names (e.g. {dup}); make them unique first, "
             "e.g. adata.var_names_make_unique()"
         )
-    Y = Y.astype(dtype, copy=keep is None)  # the caller's data are never aliased (a gene subset is a copy already)
+    Y = Y.astype(dtype, copy=copy and keep is None)  # not aliased unless asked (a gene subset is a copy already)
     vals = _values(Y)
-    if not np.isfinite(vals).all():
+    if not _all_finite(vals):
         bad = int((~np.isfinite(vals)).sum())
         raise ValueError(
             f"expression data contains {bad} NaN or infinite values; remove or impute them "
@@ -197,7 +241,7 @@ def check_magnitude(vals: np.ndarray, n: int, g: int, dtype) -> None:
     matrices, residual norms, NMF's ``X W^T W``), which would overflow to Inf/NaN mid-way."""
     if not vals.size:
         return
-    top = float(np.abs(vals).max())
+    top = _max_abs(vals)
     limit = float(np.sqrt(np.finfo(dtype).max / SQUARES_HEADROOM / (float(n) * float(g))))
     if top > limit:
         raise ValueError(

@@ -264,7 +264,10 @@ def noisy_annotations(
 
     X = rng.standard_normal((N, K))
     X[:, redundant] = 0.0
-    Y = X @ W.T + rng.standard_normal((N, G)) * np.sqrt(sigma2)
+    Y = np.empty((N, G), dtype=np.float32)  # row blocks: the same draws as one (N, G) call, no float64 copy
+    for start in range(0, N, 2048):
+        rows = slice(start, min(start + 2048, N))
+        Y[rows] = X[rows] @ W.T + rng.standard_normal((rows.stop - rows.start, G)) * np.sqrt(sigma2)
 
     # annotation noise: swap round(f * n_active) active genes for as many inactive ones
     true_ann = mask[:, annotated]
@@ -277,7 +280,7 @@ def noisy_annotations(
     factor_names = (_names("term", n_factors) + _names("redundant", n_redundant)
                     + _names("sparse", n_sparse) + _names("dense", n_dense))
     adata = ad.AnnData(
-        X=Y.astype(np.float32),
+        X=Y,
         obs=pd.DataFrame(index=pd.Index(_names("cell", N))),
         var=pd.DataFrame(index=pd.Index(_names("gene", G))),
     )

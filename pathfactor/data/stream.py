@@ -26,7 +26,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .inputs import check_magnitude
+from .inputs import BLOCK_VALUES, check_magnitude
 
 __all__ = ["TensorRows", "BackedRows", "BackedMatrix", "is_backed", "backed_matrix", "prepare", "initial_factors",
            "factor_r2", "DEFAULT_BLOCK_ELEMENTS"]
@@ -72,10 +72,22 @@ class TensorRows:
         self.dtype, self.device = Y.dtype, Y.device
 
     def blocks(self, cells):
+        """The rows ``cells``; all rows (``slice(None)``) come as views of about ``BLOCK_VALUES`` values each, so
+        that a pass over them makes no N x G temporary."""
+        if isinstance(cells, slice) and cells == slice(None):
+            rows = max(256, BLOCK_VALUES // max(self.G, 1))
+            for start in range(0, self.N, rows):
+                yield self.Y[start:start + rows], self.Z[start:start + rows]
+            return
         yield self.Y[cells], self.Z[cells]
 
-    def sum_squares(self) -> torch.Tensor:
-        return (self.Y * self.Y).sum(0)
+    def sum_squares(self, rows: int = 4096) -> torch.Tensor:
+        """sum_n y_ng^2 (in blocks of rows: no N x G temporary)."""
+        total = torch.zeros(self.G, dtype=self.dtype, device=self.device)
+        for start in range(0, self.N, rows):
+            block = self.Y[start:start + rows]
+            total += (block * block).sum(0)
+        return total
 
 
 class BackedRows:
@@ -337,7 +349,9 @@ class _Residual:
         """Add the least-squares fit of the current residual on L (this process's rows) to the terms."""
         RtL = self.tmm(L)
         LtL = self.reduce({"g": L.double().T @ L.double()})["g"]
-        self.terms.append((L, torch.linalg.solve(LtL, RtL.double().T).to(L.dtype)))
+        # least squares on the small Gram system: a rank-deficient L (e.g. constant data) keeps its minimum-norm fit
+        C = torch.linalg.lstsq(LtL.cpu(), RtL.double().T.cpu(), driver="gelsd").solution
+        self.terms.append((L, C.to(dtype=L.dtype, device=L.device)))
 
 
 def _orth_rows(X: torch.Tensor, reduce) -> torch.Tensor:
@@ -416,6 +430,10 @@ def initial_factors(source, mask: torch.Tensor, n_free: int, N: int | None = Non
             R.regress_out(parts[0])
     if n_free:
         parts.append(_free_factors(R, n_free, N, source.G, reduce))
+        if parts[-1].shape[1] < n_free:  # more free factors than the data's rank (e.g. more factors than cells)
+            fill = torch.randn(source.N, n_free - parts[-1].shape[1], generator=torch.Generator().manual_seed(0),
+                               dtype=torch.float64).to(parts[-1])
+            parts.append(fill)
     X = torch.cat(parts, dim=1)
     if N < 2:
         return X

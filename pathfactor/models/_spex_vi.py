@@ -74,6 +74,7 @@ import torch
 
 from ..data.stream import TensorRows
 from ..priors import FixedScale, HalfCauchy, InverseGamma, RandomSlab, SharedVariance
+from ._spex_blocks import GeneCovariances, batched_inverse, conjugate_gradient_means, coupled_weights, factorise
 from ._spex_prior import loading_terms, update_scales, weight_precision
 from ..train import Task, one_thread
 
@@ -106,18 +107,17 @@ def in_threads(fn, *batches: torch.Tensor):
 
 
 def _factorise(P: torch.Tensor, h: torch.Tensor):
-    L, info = torch.linalg.cholesky_ex(P)
-    if int(info.max()) > 0:  # numerically indefinite: add jitter and retry once
-        eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
-        L = torch.linalg.cholesky(P + 1e-6 * P.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * eye)
-    S = torch.cholesky_inverse(L)
+    S, logdet = batched_inverse(P)
     mean = (S @ h.unsqueeze(-1)).squeeze(-1)  # a batched product: cholesky_solve costs ~30 us a matrix here
-    # a weight the prior pins to zero gets a mean ~1e-20 and covariances ~1e-40: subnormal numbers, or products
-    # of two such means, which CPUs compute 10-100x slower (a fit went from 2 to 16 s an epoch). Covariances are
-    # flushed by the threads' FPU flags (``in_threads``, ``train._flush_denormal``); means below sqrt(tiny) are
-    # rounded to zero so that no product of two is subnormal in later matrix products on other threads.
-    mean = mean.masked_fill(mean.abs() < torch.finfo(S.dtype).tiny ** 0.5, 0.0)
-    return mean, S, -2.0 * torch.log(torch.diagonal(L, dim1=1, dim2=2)).sum(1)
+    return _flush_tiny(mean), S, logdet
+
+
+def _flush_tiny(mean: torch.Tensor) -> torch.Tensor:
+    """A weight the prior pins to zero gets a mean ~1e-20 and covariances ~1e-40: subnormal numbers, or products
+    of two such means, which CPUs compute 10-100x slower (a fit went from 2 to 16 s an epoch). Covariances are
+    flushed by the threads' FPU flags (``in_threads``, ``train._flush_denormal``); means below sqrt(tiny) are
+    rounded to zero so that no product of two is subnormal in later matrix products on other threads."""
+    return mean.masked_fill(mean.abs() < torch.finfo(mean.dtype).tiny ** 0.5, 0.0)
 
 
 def ridge_eigen(Phi: torch.Tensor, ZtZ: torch.Tensor, p: torch.Tensor):
@@ -187,6 +187,7 @@ class SpexVI(Task):
 
     state_exclude = ("Y", "Z", "data")  # the data: not part of the state
     rebinds_state = True  # every update binds new tensors
+    resizable_state = ("cov.cols", "cov.S")  # the block family's flat storage (``_spex_blocks``)
 
     @property
     def objective_scale(self) -> float:
@@ -197,7 +198,7 @@ class SpexVI(Task):
                  slab_confidence: float = 0.5, noise_prior: tuple[float, float] = (1.0, 0.01),
                  tau: float | None = None, free_start: bool = True, batch_size: int | None = None,
                  generator: torch.Generator | None = None, posterior: str = "blocked",
-                 reduce=None, unit: float = 1.0, effects=None):
+                 reduce=None, unit: float = 1.0, effects=None, coupling: float | None = None):
         self.data = Y if hasattr(Y, "blocks") else TensorRows(Y, Z)
         self.Y, self.Z, self.reduce = getattr(self.data, "Y", None), self.data.Z, reduce
         self.N = self.data.N if reduce is None else int(reduce({"n": self.data.N})["n"])
@@ -214,6 +215,9 @@ class SpexVI(Task):
             raise ValueError("interventions are fitted with all cells in memory: leave batch_size=None and pass "
                              "the data in memory (not backed, not data-parallel)")
         self.effects = effects  # q(c, beta) of interventions acting on the factors (``_spex_effects``), or None
+        # the block family of q(w_g) (``_spex_blocks``); the full covariance with covariates (the shear maps it) and
+        # for the mean-field posterior
+        self.coupling = None if (coupling is None or self.Z.shape[1] or self.mean_field) else float(coupling)
         self.generator = generator
         dt, dev = self.data.dtype, self.data.device
         self._eye_K = torch.eye(self.K, dtype=dt, device=dev)
@@ -415,16 +419,25 @@ class SpexVI(Task):
 
     def _update_loadings(self, stats: dict[str, torch.Tensor], rho: float = 1.0) -> None:
         """q(w_g, b_g) = N(m_g, S_g) with natural parameters S_g^-1 = psi_g E[F^T F] + diag(prior precision) and
-        S_g^-1 m_g = psi_g E[F]^T y_g. ``rho``: 1, the exact step (the only one: stochastic steps are gone)."""
+        S_g^-1 m_g = psi_g E[F]^T y_g: exact (full S_g), or in the block family of ``_spex_blocks`` when
+        ``coupling`` is set (means by conjugate gradients). ``rho``: 1, the exact step (the only one)."""
         _exact(rho)
         if self.mean_field and self.C:
             return self._update_loadings_mean_field(stats)
         psi, prec, A = self.psi, self.prior_precision(), stats["A"]
-        P = psi[:, None, None] * A
-        P.diagonal(dim1=1, dim2=2).add_(prec)
         h = psi[:, None] * stats["FtY"].T
-        self.M, S, logdet = natural_gaussian(P, h)
-        self._set_covariance(S, logdet)
+        if self.coupling is None:
+            P = psi[:, None, None] * A
+            P.diagonal(dim1=1, dim2=2).add_(prec)
+            self.M, S, logdet = natural_gaussian(P, h)
+            return self._set_covariance(GeneCovariances.full(S, logdet))
+        # the very first update (from the starting factors, before any sweep) takes the diagonal family: a start
+        # needs no full blocks, and under the first, wide slabs every weight would look coupled
+        score = coupled_weights(A, psi, prec) if hasattr(self, "M") else torch.zeros_like(prec)
+        cov = factorise(A, psi, prec, score, self.coupling, inverse=lambda P: in_threads(batched_inverse, P))
+        start = self.M if hasattr(self, "M") else torch.zeros_like(h)
+        self.M = _flush_tiny(conjugate_gradient_means(A, psi, prec, h, start, cov))
+        self._set_covariance(cov)
 
     def _update_loadings_mean_field(self, stats: dict[str, torch.Tensor]) -> None:
         """The factorised alternative q(w_g) q(b_g) (MuVI's): q(w_g) given E[b_g], then q(b_g) given E[w_g]."""
@@ -437,19 +450,22 @@ class SpexVI(Task):
             M[:, own], S, logdet = natural_gaussian(P, h)
             blocks.append((S, logdet))
         self.M = M
-        self._set_covariance(_block_diagonal(blocks[0][0], blocks[1][0]), blocks[0][1] + blocks[1][1])
+        self._set_covariance(GeneCovariances.full(_block_diagonal(blocks[0][0], blocks[1][0]),
+                                                  blocks[0][1] + blocks[1][1]))
 
-    def _set_covariance(self, S: torch.Tensor, logdet: torch.Tensor) -> None:
-        self.S, self.logdet_S = S, logdet
-        self.S_diag = torch.diagonal(S, dim1=1, dim2=2).clone()
+    def _set_covariance(self, cov: GeneCovariances) -> None:
+        self.cov, self.logdet_S, self.S_diag = cov, cov.logdet(), cov.diag()
+
+    @property
+    def S(self) -> torch.Tensor:
+        """The covariances S_g as G x D x D (dense)."""
+        return self.cov.dense()
 
     def _update_noise_and_priors(self, stats: dict[str, torch.Tensor], rho: float = 1.0) -> None:
         """q(sigma2_g), then q(lam), q(tau), q(c) given q(W) (``rho``: 1, as in ``_update_loadings``)."""
         _exact(rho)
         M, A, FtY = self.M, stats["A"], stats["FtY"]
-        # tr(A S_g) = (D - sum_k prec_gk S_g,kk) / psi_g, because psi_g A = S_g^-1 - diag(prec_g) (blockwise for
-        # the mean-field posterior, whose off-diagonal blocks of S_g are zero)
-        tr_AS = (self.D - (self.prior_precision() * self.S_diag).sum(1)) / self.psi
+        tr_AS = self.cov.trace_with(A)
         self.sq_resid = (stats["yy"] - 2 * (M * FtY.T).sum(1) + ((M @ A) * M).sum(1) + tr_AS).clamp_min(0)
         self.sigma2.rate = self.b0 + 0.5 * self.sq_resid
         Ew2 = (M * M + self.S_diag)[:, : self.K]
@@ -471,7 +487,7 @@ class SpexVI(Task):
 
     def _sum_covariance(self) -> torch.Tensor:
         """sum_g S_g (D x D)."""
-        return self.S.sum(0)
+        return self.cov.weighted_sum(torch.ones_like(self.psi))
 
     def _shear(self, XtZ: torch.Tensor | None = None) -> None:
         """Parameter-expansion step along the likelihood's symmetry x_n -> x_n - A z_n, b_g -> b_g + A^T w_g.
@@ -496,8 +512,8 @@ class SpexVI(Task):
             self._mu2 = self._summed(mu2=(self.mu * self.mu).sum())["mu2"]
         else:
             self._shear_totals(A, XtZ)
-        self.M, self.S = sheared_loadings(self.M, self.S, A, K)
-        self.S_diag = torch.diagonal(self.S, dim1=1, dim2=2).clone()
+        self.M, S = sheared_loadings(self.M, self.cov.dense(), A, K)
+        self._set_covariance(GeneCovariances.full(S, self.cov.block_logdet))  # a unit-determinant map
 
     def _shear_totals(self, A: torch.Tensor, XtZ: torch.Tensor) -> None:
         """The shift mu_n -> mu_n - A z_n of every cell's factor mean, applied to the memoized totals of this
@@ -529,7 +545,7 @@ class SpexVI(Task):
     def second_moment(self) -> torch.Tensor:
         """Q = sum_g psi_g E[(w_g, b_g)(w_g, b_g)^T] (D x D)."""
         psi, M = self.psi, self.M
-        return (M * psi[:, None]).T @ M + (psi @ self.S.reshape(self.G, -1)).reshape(self.D, self.D)
+        return (M * psi[:, None]).T @ M + self.cov.weighted_sum(psi)
 
     def epoch(self) -> float:
         """One pass: the factors X, then (W, B), sigma2, lam, tau, c, then the shear (with covariates). With
@@ -575,7 +591,7 @@ class SpexVI(Task):
     # ----------------------------------------------------------------------------------------- results
     def covariance(self) -> torch.Tensor:
         """Full posterior covariances S_g of (w_g, b_g), G x D x D."""
-        return self.S
+        return self.cov.dense()
 
     def loadings_sd(self) -> torch.Tensor:
         """Posterior sd of (W, B); B's includes the ridge variance (``covariate_effects_var``)."""
