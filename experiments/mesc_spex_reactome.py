@@ -24,6 +24,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n-sparse", type=int, default=2)
     p.add_argument("--n-dense", type=int, default=0)
+    p.add_argument("--min-set-size", type=int, default=15)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "mesc_spex_reactome.json")
     args = p.parse_args()
     warnings.simplefilter("ignore")
@@ -31,13 +32,14 @@ def main() -> None:
     sets = (pf.GeneSets.read(SETS / "msigdb_h.all.v7.5.1.symbols.gmt")
             + pf.GeneSets.read(SETS / "msigdb_c2.cp.reactome.v4.0.symbols.gmt.gz"))
     start = time.perf_counter()
-    model = pf.models.Spex(n_sparse=args.n_sparse, n_dense=args.n_dense, progress=False).fit(adata, annotations=sets)
+    model = pf.models.Spex(n_sparse=args.n_sparse, n_dense=args.n_dense, min_set_size=args.min_set_size,
+                           progress=False).fit(adata, annotations=sets)
     out = {"cells": adata.n_obs, "factors": model.loadings_.shape[1], "seconds": round(time.perf_counter() - start, 1),
-           "epochs": len(model.history_), "converged": bool(model.converged_),
+           "epochs": len(model.history_), "converged": bool(model.converged_), "elbo": round(float(model.elbo_), 1),
            "elbo_monotone": bool(np.diff(model.history_).min() >= 0),
            "auroc_g2m": {t: round(evaluate.auroc(model.factor_scores_[t], adata.obs["cell_cycle_stage"], "G2M"), 4)
                          for t in ("HALLMARK_G2M_CHECKPOINT", "REACTOME_CELL_CYCLE") if t in model.factor_scores_},
-           "n_sparse": args.n_sparse, "n_dense": args.n_dense,
+           "n_sparse": args.n_sparse, "n_dense": args.n_dense, "min_set_size": args.min_set_size,
            "top10_relevance": {k: round(float(v), 4) for k, v in model.relevance().head(10).items()}}
     print(json.dumps(out, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)

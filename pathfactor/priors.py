@@ -31,19 +31,37 @@ class InverseGamma:
     shape: torch.Tensor
     rate: torch.Tensor
 
+    def _of_shape(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(digamma(shape), lgamma(shape)), computed once per shape tensor (shapes change far less often than
+        rates, and these special functions dominate the ELBO's cost for large G x K)."""
+        cached = getattr(self, "_special", None)
+        if cached is None or cached[0] is not self.shape:
+            cached = (self.shape, torch.digamma(self.shape), torch.lgamma(self.shape))
+            self._special = cached
+        return cached[1], cached[2]
+
     @property
     def mean_inv(self) -> torch.Tensor:
         """E[1/v] = shape / rate."""
         return self.shape / self.rate
 
+    def _log_rate(self) -> torch.Tensor:
+        """log(rate), computed once per rate tensor (read by several terms of a sweep)."""
+        cached = getattr(self, "_log", None)
+        if cached is None or cached[0] is not self.rate:
+            cached = (self.rate, torch.log(self.rate))
+            self._log = cached
+        return cached[1]
+
     @property
     def mean_log(self) -> torch.Tensor:
         """E[log v] = log rate - digamma(shape)."""
-        return torch.log(self.rate) - torch.digamma(self.shape)
+        return self._log_rate() - self._of_shape()[0]
 
     def entropy(self) -> torch.Tensor:
-        a, b = self.shape, self.rate
-        return a + torch.log(b) + torch.lgamma(a) - (1 + a) * torch.digamma(a)
+        a = self.shape
+        digamma, lgamma = self._of_shape()
+        return a + self._log_rate() + lgamma - (1 + a) * digamma
 
     def expected_log_prior(self, shape0, rate0, mean_log_rate0=None) -> torch.Tensor:
         """E_q[log IG(v; shape0, rate0)], with ``rate0`` itself random when ``mean_log_rate0`` is given

@@ -69,21 +69,15 @@ class GeneCovariances:
 
     def buckets(self):
         """(genes, cols G_b x s, S G_b x s x s) for each block size s > 0."""
-        sizes = self.sizes.tolist()
+        sizes, counts = torch.unique_consecutive(self.sizes, return_counts=True)
         start_gene = start_col = start_cov = 0
-        G = len(sizes)
-        while start_gene < G:
-            s = sizes[start_gene]
-            end = start_gene
-            while end < G and sizes[end] == s:
-                end += 1
-            n = end - start_gene
+        for s, n in zip(sizes.tolist(), counts.tolist()):
             if s > 0:
-                genes = self.order[start_gene:end]
+                genes = self.order[start_gene:start_gene + n]
                 cols = self.cols[start_col:start_col + n * s].view(n, s)
                 S = self.S[start_cov:start_cov + n * s * s].view(n, s, s)
                 yield genes, cols, S
-            start_gene, start_col, start_cov = end, start_col + n * s, start_cov + n * s * s
+            start_gene, start_col, start_cov = start_gene + n, start_col + n * s, start_cov + n * s * s
 
     def is_full(self) -> bool:
         return bool((self.sizes == self.var.shape[1]).all())
@@ -164,7 +158,6 @@ def factorise(A: torch.Tensor, psi: torch.Tensor, prec: torch.Tensor, score: tor
     size = torch.where(members < 2, torch.zeros_like(size), size)       # one weight alone is independent
     order = torch.argsort(size, stable=True)
     sizes = size[order]
-    ranked = torch.argsort(score, dim=1, descending=True)              # most coupled first
     diag_P = psi[:, None] * torch.diagonal(A)[None, :] + prec
     var = 1.0 / diag_P
     block_logdet = torch.zeros(G, dtype=dt, device=dev)
@@ -173,7 +166,7 @@ def factorise(A: torch.Tensor, psi: torch.Tensor, prec: torch.Tensor, score: tor
         if s == 0:
             continue
         genes = order[sizes == s]
-        cols = ranked[genes, :s].sort(1).values
+        cols = torch.topk(score[genes], s, dim=1).indices.sort(1).values  # the most coupled weights
         A_block = A.expand(len(genes), D, D) if s == D else A[cols[:, :, None], cols[:, None, :]]
         P = psi[genes, None, None] * A_block + torch.diag_embed(prec[genes[:, None], cols])
         S, logdet = inverse(P)
@@ -191,28 +184,29 @@ def conjugate_gradient_means(A: torch.Tensor, psi: torch.Tensor, prec: torch.Ten
                              max_iter: int = 200) -> torch.Tensor:
     """m_g = P_g^-1 h_g for all genes by conjugate gradients preconditioned with S_g, from ``start``. Each iterate
     lowers 1/2 m^T P m - h^T m for every gene (so the ELBO rises even when stopped early); stops when every gene's
-    residual is below ``rtol`` times its |h_g|."""
+    preconditioned residual sqrt(r^T S r) is below ``rtol`` times sqrt(h^T S h)."""
     def product(V):
         return psi[:, None] * (V @ A) + prec * V
 
+    tiny = torch.finfo(h.dtype).tiny
     x = start.clone()
     r = h - product(x)
     z = cov.apply(r)
     p = z.clone()
     rz = (r * z).sum(1)
-    target = rtol * h.norm(dim=1).clamp_min(torch.finfo(h.dtype).tiny)
+    # stop on the preconditioned residual r^T S r (free: CG needs it anyway), relative to h^T S h
+    target = rtol**2 * (h * cov.apply(h)).sum(1).clamp_min(tiny)
     for _ in range(max_iter):
-        if bool((r.norm(dim=1) <= target).all()):
+        if bool((rz <= target).all()):
             break
         Pp = product(p)
         curvature = (p * Pp).sum(1)
-        alpha = torch.where(curvature > 0, rz / curvature.clamp_min(torch.finfo(h.dtype).tiny), torch.zeros_like(rz))
+        alpha = torch.where(curvature > 0, rz / curvature.clamp_min(tiny), torch.zeros_like(rz))
         x = x + alpha[:, None] * p
         r = r - alpha[:, None] * Pp
         z = cov.apply(r)
         rz_new = (r * z).sum(1)
-        beta = torch.where(rz > 0, rz_new / rz.clamp_min(torch.finfo(h.dtype).tiny), torch.zeros_like(rz))
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
         p = z + beta[:, None] * p
         rz = rz_new
     return x
-

@@ -90,7 +90,8 @@ def in_threads(fn, *batches: torch.Tensor):
     even stall (measured: a batched cholesky_inverse of 4000 100 x 100 matrices took 2 s on one thread, 16 s
     on two). Chunks on Python threads, each op on one thread, use all cores instead."""
     n = torch.get_num_threads()
-    if n == 1 or batches[0].device.type != "cpu" or batches[0].shape[0] < 2 * n:
+    small = batches[0][0].numel() ** 1.5 * batches[0].shape[0] < 2e6  # ~ the flops of the batch's factorisations
+    if n == 1 or batches[0].device.type != "cpu" or batches[0].shape[0] < 2 * n or small:
         return fn(*batches)
     from concurrent.futures import ThreadPoolExecutor
 
@@ -218,6 +219,7 @@ class SpexVI(Task):
         # the block family of q(w_g) (``_spex_blocks``); the full covariance with covariates (the shear maps it) and
         # for the mean-field posterior
         self.coupling = None if (coupling is None or self.Z.shape[1] or self.mean_field) else float(coupling)
+        self.cg_rtol = 1e-5  # each sweep's conjugate gradients start from the last means: accuracy accumulates
         self.generator = generator
         dt, dev = self.data.dtype, self.data.device
         self._eye_K = torch.eye(self.K, dtype=dt, device=dev)
@@ -435,8 +437,11 @@ class SpexVI(Task):
         # needs no full blocks, and under the first, wide slabs every weight would look coupled
         score = coupled_weights(A, psi, prec) if hasattr(self, "M") else torch.zeros_like(prec)
         cov = factorise(A, psi, prec, score, self.coupling, inverse=lambda P: in_threads(batched_inverse, P))
-        start = self.M if hasattr(self, "M") else torch.zeros_like(h)
-        self.M = _flush_tiny(conjugate_gradient_means(A, psi, prec, h, start, cov))
+        if hasattr(self, "M"):
+            M = conjugate_gradient_means(A, psi, prec, h, self.M, cov, rtol=self.cg_rtol, max_iter=3)
+        else:  # the start: a few iterations from zero are plenty
+            M = conjugate_gradient_means(A, psi, prec, h, torch.zeros_like(h), cov, rtol=self.cg_rtol, max_iter=20)
+        self.M = _flush_tiny(M)
         self._set_covariance(cov)
 
     def _update_loadings_mean_field(self, stats: dict[str, torch.Tensor]) -> None:
