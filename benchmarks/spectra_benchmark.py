@@ -1,0 +1,160 @@
+"""Spex on the design of Spectra's runtime benchmark (Kunes et al. 2023): cell types, global and cell-type-specific
+gene programs with gene sets of 20 genes that overlap, 2,000 genes; 10k, 100k and 200k cells. One JSON line per
+size, appended to ``benchmarks/results/spectra_benchmark.jsonl``, and the figure ``spectra_benchmark.png``.
+
+Simulation (``simulate``): ``n_types`` cell types of equal size, each with its own mean expression (the base
+factors, given to Spex as the covariate ``cell_type``); ``n_global`` programs active in every cell and
+``n_specific`` programs per cell type active only in its cells; program k's genes are a set of 20 genes that
+shares ``overlap`` genes with the next set; its loadings are Gamma(2, 0.5) on those genes; cell scores are
+Gamma(1, 1) where the program is active (0 elsewhere); Gaussian noise of sd 1. Spex gets the gene sets with a
+fraction ``--noise`` of each set's genes swapped for random others (as in spex-LVM's benchmark).
+
+Accuracy against the truth: mask F1 of the annotated factors' loadings (``evaluate.mask_f1``) and the mean
+|correlation| of each program's factor scores with its true scores (over all cells, and over the cells where the
+program is active). Spectra's published times (its paper's
+runtime benchmark, same design and sizes; GPU / CPU) are printed beside.
+
+    python benchmarks/spectra_benchmark.py                       # 10k and 100k in memory, 200k streamed
+    python benchmarks/spectra_benchmark.py --cells 10000 --out ''
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+import pathfactor as pf
+from pathfactor.evaluate import mask_f1
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import column_correlation, limit_threads, peak_rss_mb, reset_peak_rss  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: Spectra's published runtimes (seconds) on this design, 2,000 genes: cells -> (GPU, CPU)
+SPECTRA_PUBLISHED = {10_000: (49, 237), 100_000: (1147, 794), 200_000: (822, 1572)}
+
+
+def simulate(n_cells: int, n_genes: int = 2000, n_types: int = 5, n_global: int = 10, n_specific: int = 4,
+             set_size: int = 20, overlap: int = 5, noise: float = 0.2, seed: int = 0):
+    """(AnnData with obs['cell_type'], gene sets given to the model, true mask G x P, true scores N x P)."""
+    rng = np.random.default_rng(seed)
+    P = n_global + n_types * n_specific
+    step = set_size - overlap
+    if step * (P - 1) + set_size > n_genes:
+        raise ValueError("the gene sets do not fit in the genes; use fewer programs or more genes")
+    genes = np.array([f"g{i}" for i in range(n_genes)])
+    members = [np.arange(k * step, k * step + set_size) for k in range(P)]
+    W = np.zeros((n_genes, P), dtype=np.float32)
+    for k, m in enumerate(members):
+        W[m, k] = rng.gamma(2.0, 0.5, size=set_size)
+    cell_type = rng.integers(0, n_types, size=n_cells)
+    active = np.ones((n_cells, P), dtype=bool)                          # global programs: every cell
+    for t in range(n_types):
+        cols = slice(n_global + t * n_specific, n_global + (t + 1) * n_specific)
+        active[:, cols] = (cell_type == t)[:, None]
+    X = (rng.gamma(1.0, 1.0, size=(n_cells, P)) * active).astype(np.float32)
+    type_means = rng.normal(0.0, 1.0, size=(n_types, n_genes)).astype(np.float32)
+    Y = np.empty((n_cells, n_genes), dtype=np.float32)
+    for start in range(0, n_cells, 8192):                               # row blocks: no float64 copy
+        rows = slice(start, min(start + 8192, n_cells))
+        Y[rows] = (type_means[cell_type[rows]] + X[rows] @ W.T
+                   + rng.standard_normal((rows.stop - rows.start, n_genes)).astype(np.float32))
+    names = [f"global_{k}" for k in range(n_global)] + [f"type{t}_{j}" for t in range(n_types)
+                                                        for j in range(n_specific)]
+    sets = {}
+    for name, m in zip(names, members):
+        given = m.copy()
+        n_swap = int(round(noise * set_size))
+        swap = rng.choice(set_size, size=n_swap, replace=False)
+        given[swap] = rng.choice(np.setdiff1d(np.arange(n_genes), m), size=n_swap, replace=False)
+        sets[name] = list(genes[given])
+    obs = pd.DataFrame({"cell_type": pd.Categorical([f"type{t}" for t in cell_type])},
+                       index=[f"c{i}" for i in range(n_cells)])
+    adata = ad.AnnData(Y, obs=obs, var=pd.DataFrame(index=genes))
+    return adata, sets, W != 0, X, names, active
+
+
+def run(n_cells: int, streamed: bool, batch_size: int, seed: int) -> dict:
+    adata, sets, mask, X_true, names, active = simulate(n_cells, seed=seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = adata
+        if streamed:
+            path = Path(tmp) / "sim.h5ad"
+            adata.write_h5ad(path)
+            data = ad.read_h5ad(path, backed="r")
+        reset_peak_rss()
+        start = time.perf_counter()
+        model = pf.models.Spex(progress=False, min_set_size=5, batch_size=batch_size if streamed else None)
+        model.fit(data, annotations=sets, covariates="cell_type", seed=seed)
+        seconds = time.perf_counter() - start
+        peak = peak_rss_mb()
+    W = model.loadings_[names].to_numpy()
+    scores = model.factor_scores_[names].to_numpy()
+    gpu, cpu = SPECTRA_PUBLISHED.get(n_cells, (None, None))
+    return {"method": "pathfactor.Spex", "n_cells": n_cells, "n_genes": adata.n_vars, "programs": len(names),
+            "factors": model.loadings_.shape[1], "streamed": streamed, "batch_size": batch_size if streamed else None,
+            "seconds": round(seconds, 1), "epochs": len(model.history_), "converged": bool(model.converged_),
+            "mask_f1": round(mask_f1(mask, W), 4),
+            "mask_f1_annotation": round(mask_f1(mask, np.column_stack([model.annotation_[n] for n in names])), 4),
+            "factor_correlation": round(float(column_correlation(X_true, scores).mean()), 4),
+            # a cell-type-specific program's scores are 0 outside its type, where the covariate takes the type's
+            # mean: correlation in the cells where each program is active
+            "factor_correlation_active_cells": round(float(np.mean([column_correlation(
+                X_true[active[:, k], k:k + 1], scores[active[:, k], k:k + 1])[0] for k in range(len(names))])), 4),
+            "peak_rss_mb": round(peak, 1), "data_mb": round(adata.X.nbytes / 2**20, 1),
+            "spectra_published_gpu_s": gpu, "spectra_published_cpu_s": cpu,
+            "speedup_vs_spectra_cpu": None if cpu is None else round(cpu / seconds, 1)}
+
+
+def figure(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [r["n_cells"] for r in rows]
+    x = np.arange(len(cells))
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.bar(x - 0.27, [r["seconds"] for r in rows], 0.27, label="pathfactor Spex (2 CPU cores, measured)")
+    ax.bar(x, [r["spectra_published_cpu_s"] or np.nan for r in rows], 0.27, label="Spectra, CPU (published)")
+    ax.bar(x + 0.27, [r["spectra_published_gpu_s"] or np.nan for r in rows], 0.27, label="Spectra, GPU (published)")
+    ax.set_xticks(x, [f"{c // 1000}k" + (" (streamed)" if r["streamed"] else "") for c, r in zip(cells, rows)])
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds")
+    ax.set_xlabel("cells (2,000 genes)")
+    ax.set_title("Spectra's runtime benchmark design")
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cells", type=int, nargs="+", default=[10_000, 100_000, 200_000])
+    p.add_argument("--stream-above", type=int, default=150_000, help="stream sizes above this from a backed file")
+    p.add_argument("--batch-size", type=int, default=25_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(RESULTS / "spectra_benchmark.jsonl"))
+    args = p.parse_args()
+    limit_threads(args.threads)
+    rows = []
+    for n in args.cells:
+        rows.append(run(n, n > args.stream_above, args.batch_size, args.seed))
+        print(json.dumps(rows[-1]), flush=True)
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.write(json.dumps(rows[-1]) + "\n")
+    if args.out:
+        figure(rows, Path(args.out).with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
