@@ -20,16 +20,6 @@ from pathfactor.data.genesets import GeneSets  # noqa: E402
 N_CELLS, N_GENES, N_FACTORS = 200, 300, 5
 
 
-def one_line_error(capsys, *words) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("pathfactor: error: "), err
-    assert "\n" not in err, err
-    assert "Traceback" not in err
-    for word in words:
-        assert word.lower() in err.lower(), err
-    return err
-
-
 @pytest.fixture(scope="module")
 def sim_files(tmp_path_factory):
     """A simulated `annotations` data set and its annotation as a GMT file."""
@@ -72,7 +62,7 @@ def test_fit_with_report_and_saved_model(sim_files, tmp_path, capsys):
     assert (saved / "model.json").is_file() and (saved / "arrays.npz").is_file()
 
 
-def test_fit_with_covariates(tmp_path, capsys):
+def test_fit_with_covariates(tmp_path, capsys, one_line_error):
     data, out = tmp_path / "ppca.h5ad", tmp_path / "fit.h5ad"
     assert main(["simulate", "ppca", "--out", str(data), "--n-cells", "120", "--n-genes", "60", "--n-factors", "2",
                  "--sigma2", "0.3", "--quiet"]) == 0
@@ -80,7 +70,7 @@ def test_fit_with_covariates(tmp_path, capsys):
                "--max-epochs", "20", "--out", str(out), "--quiet"])
     # the bundled human Hallmark sets match none of the simulated gene names
     assert rc == 2
-    one_line_error(capsys, "none of the")
+    one_line_error("none of the")
     gmt = tmp_path / "sets.gmt"
     GeneSets({"first": [f"gene_{i}" for i in range(20)]}).write_gmt(gmt)
     rc = main(["fit", str(data), "--gene-sets", str(gmt), "--n-dense", "2", "--covariates", "group",
@@ -95,43 +85,43 @@ def test_fit_with_covariates(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- bad input
-def test_missing_input_file(tmp_path, capsys):
+def test_missing_input_file(tmp_path, capsys, one_line_error):
     rc = main(["fit", str(tmp_path / "nope.h5ad"), "--gene-sets", "hallmark", "--out", str(tmp_path / "o.h5ad")])
     assert rc == 2
-    one_line_error(capsys, "nope.h5ad", "does not exist")
+    one_line_error("nope.h5ad", "does not exist")
 
 
-def test_missing_gene_set_file(sim_files, tmp_path, capsys):
+def test_missing_gene_set_file(sim_files, tmp_path, capsys, one_line_error):
     h5ad, _ = sim_files
     rc = main(["fit", str(h5ad), "--gene-sets", str(tmp_path / "sets.gmt"), "--out", str(tmp_path / "o.h5ad"),
                "--quiet"])
     assert rc == 2
-    one_line_error(capsys, "sets.gmt", "does not exist")
+    one_line_error("sets.gmt", "does not exist")
 
 
-def test_gene_sets_matching_nothing(sim_files, tmp_path, capsys):
+def test_gene_sets_matching_nothing(sim_files, tmp_path, capsys, one_line_error):
     h5ad, _ = sim_files
     gmt = tmp_path / "human.gmt"
     GeneSets({"CELL_CYCLE": ["CCNB1", "CDK1", "MKI67", "TOP2A", "BUB1", "PLK1"]}).write_gmt(gmt)
     rc = main(["fit", str(h5ad), "--gene-sets", str(gmt), "--min-set-size", "5", "--out", str(tmp_path / "o.h5ad"),
                "--quiet"])
     assert rc == 2
-    one_line_error(capsys, "none of the 1 gene sets", "best match: 0 genes")
+    one_line_error("none of the 1 gene sets", "best match: 0 genes")
     assert not (tmp_path / "o.h5ad").exists()
 
 
-def test_unknown_covariate_and_color_by(sim_files, tmp_path, capsys):
+def test_unknown_covariate_and_color_by(sim_files, tmp_path, capsys, one_line_error):
     h5ad, gmt = sim_files
     base = ["fit", str(h5ad), "--gene-sets", str(gmt), "--min-set-size", "5", "--out", str(tmp_path / "o.h5ad"),
             "--quiet"]
     assert main(base + ["--covariates", "batch"]) == 2
-    one_line_error(capsys, "'batch'", "not a column of obs")
+    one_line_error("'batch'", "not a column of obs")
     assert main(base + ["--report", str(tmp_path / "r"), "--color-by", "celltype"]) == 2
-    one_line_error(capsys, "'celltype'", "not a column")
+    one_line_error("'celltype'", "not a column")
     assert not (tmp_path / "o.h5ad").exists()
 
 
-def test_nan_in_data(sim_files, tmp_path, capsys):
+def test_nan_in_data(sim_files, tmp_path, capsys, one_line_error):
     h5ad, gmt = sim_files
     adata = ad.read_h5ad(h5ad)
     adata.X[3, 7] = np.nan
@@ -140,25 +130,25 @@ def test_nan_in_data(sim_files, tmp_path, capsys):
     rc = main(["fit", str(bad), "--gene-sets", str(gmt), "--min-set-size", "5", "--out", str(tmp_path / "o.h5ad"),
                "--quiet"])
     assert rc == 2
-    one_line_error(capsys, "NaN")
+    one_line_error("NaN")
 
 
-def test_not_an_h5ad_file(tmp_path, capsys):
+def test_not_an_h5ad_file(tmp_path, capsys, one_line_error):
     bad = tmp_path / "text.h5ad"
     bad.write_text("not hdf5\n")
     assert main(["report", str(bad), "--out", str(tmp_path / "r"), "--quiet"]) == 2
-    one_line_error(capsys, "cannot read")
+    one_line_error("cannot read")
 
 
-def test_report_without_results(sim_files, tmp_path, capsys):
+def test_report_without_results(sim_files, tmp_path, capsys, one_line_error):
     h5ad, _ = sim_files
     assert main(["report", str(h5ad), "--out", str(tmp_path / "r"), "--quiet"]) == 2
-    one_line_error(capsys, "uns['spex']")
+    one_line_error("uns['spex']")
 
 
-def test_simulate_rejects_options_the_simulator_lacks(tmp_path, capsys):
+def test_simulate_rejects_options_the_simulator_lacks(tmp_path, capsys, one_line_error):
     assert main(["simulate", "ppca", "--noise", "0.2", "--out", str(tmp_path / "p.h5ad"), "--quiet"]) == 2
-    one_line_error(capsys, "--noise")
+    one_line_error("--noise")
     assert not (tmp_path / "p.h5ad").exists()
 
 

@@ -20,16 +20,6 @@ N_CELLS, N_GENES, N_SETS, SET_SIZE = 200, 60, 3, 20
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # small fits: two threads stall on busy cores
 
 
-def one_line_error(capsys, *words) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("pathfactor: error: "), err
-    assert "\n" not in err, err
-    assert "Traceback" not in err
-    for word in words:
-        assert word.lower() in err.lower(), err
-    return err
-
-
 def perturbed(seed: int = 0) -> tuple[ad.AnnData, dict]:
     """Cells with a guide target (NT the most frequent; g1 raises program P0) and a stimulation (STIM the most
     frequent), and the programs' gene sets."""
@@ -119,19 +109,19 @@ def test_column_references_and_defaults(files, tmp_path, capsys):
     (["--interventions", "target", "--reference", "batch=NT"], ["'batch'", "neither"]),
     (["--reference", "NT"], ["--reference", "--interventions"]),
 ])
-def test_bad_interventions_input_is_one_line(files, tmp_path, capsys, extra, words):
+def test_bad_interventions_input_is_one_line(files, tmp_path, capsys, extra, words, one_line_error):
     assert main(spex_args(files, tmp_path / "fit.h5ad", *extra)) == 2
-    one_line_error(capsys, *words)
+    one_line_error(*words)
     assert not (tmp_path / "fit.h5ad").exists()
 
 
 @pytest.mark.parametrize("model, flag", [("pca", "--interventions"), ("slalom", "--reference")])
-def test_model_without_interventions_is_refused(files, tmp_path, capsys, model, flag):
+def test_model_without_interventions_is_refused(files, tmp_path, capsys, model, flag, one_line_error):
     h5ad, sets = files
     extra = (["--interventions", "target"] if flag == "--interventions" else
              ["--gene-sets", sets, "--covariates", "stim", "--reference", "CTRL"])
     assert main(["fit", h5ad, "--model", model, *extra, "--out", str(tmp_path / "fit.h5ad"), "--quiet"]) == 2
-    one_line_error(capsys, "does not take", flag)
+    one_line_error("does not take", flag)
 
 
 def test_parse_reference():

@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from pathfactor import GeneSets
-from pathfactor.data.inputs import as_matrix, covariate_design
+from pathfactor.data.inputs import as_matrix
 from pathfactor.models import GMVAE, NMF, PCA, PPCA, VAE, FactorAnalysis, Slalom, Spex, Supervised
 
 RANDOM = os.environ.get("PATHFACTOR_FUZZ_RANDOM", "") not in ("", "0")

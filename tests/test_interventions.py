@@ -199,7 +199,7 @@ def test_transform_refuses_unknown_levels(fitted, screen):
     ({"interventions": "target", "reference": "zz"}, "not a level"),
     ({"interventions": "target", "covariates": "target"}, "both a covariate"),
     ({"interventions": "one"}, "single level"),
-    ({"interventions": "gap"}, "missing labels"),
+    ({"interventions": "gap"}, "missing values"),
 ])
 def test_bad_interventions_are_refused(screen, kwargs, match):
     adata, sets = screen

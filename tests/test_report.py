@@ -96,19 +96,6 @@ def rendered(tmp_path_factory):
     return path, out, set(plt.get_fignums()) - before
 
 
-@pytest.fixture
-def figures(monkeypatch):
-    """Replace drawing by a stub that records each figure's plot function and arguments (fast structure tests)."""
-    calls = []
-
-    def fake(draw, *args, alt, **kwargs):
-        calls.append((draw.__name__, args, kwargs))
-        return f'<img src="data:image/png;base64,AAAA" alt="{alt}">'
-
-    monkeypatch.setattr(report_html, "figure", fake)
-    return calls
-
-
 def simulated_results(n_factors: int = 12, seed: int = 0) -> ad.AnnData:
     """Results of a pretend fit on tiny simulated data: the true loadings and scores under pathfactor's keys,
     MSigDB-style names, every factor active, relevance decreasing from 20 % to 0.001 %."""

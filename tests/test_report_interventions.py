@@ -15,7 +15,6 @@ import pytest  # noqa: E402
 
 from pathfactor import plot  # noqa: E402
 from pathfactor.models import Spex  # noqa: E402
-from pathfactor.report import html as report_html  # noqa: E402
 from pathfactor.report import sections, write_report  # noqa: E402
 
 KEY = "spex"
@@ -58,19 +57,6 @@ def table_rows(text: str) -> list[list[str]]:
     rows = re.findall(r"<tr>(.*?)</tr>", text, flags=re.S)
     return [[re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", r, flags=re.S)]
             for r in rows if "<td" in r]
-
-
-@pytest.fixture
-def figures(monkeypatch):
-    """Drawing replaced by a stub recording each figure's plot function and arguments."""
-    calls = []
-
-    def fake(draw, *args, alt, **kwargs):
-        calls.append((draw.__name__, args, kwargs))
-        return f'<img src="data:image/png;base64,AAAA" alt="{alt}">'
-
-    monkeypatch.setattr(report_html, "figure", fake)
-    return calls
 
 
 def test_section_of_a_fitted_model_after_an_h5ad_round_trip(tmp_path):

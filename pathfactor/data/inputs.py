@@ -322,16 +322,21 @@ def _covariate_frame(obs, columns, n_cells) -> tuple[pd.DataFrame | None, list]:
     return obs, list(columns)
 
 
-def _covariate_values(obs: pd.DataFrame, col, n_cells: int) -> pd.Series:
+def _covariate_values(obs: pd.DataFrame, col, n_cells: int, what: str = "covariate") -> pd.Series:
+    """The obs column ``col`` (a ``what``: covariate, interventions), refused when absent, repeated, of the wrong
+    length or with missing values."""
     if col not in obs.columns:
-        raise ValueError(f"covariate {col!r} is not a column of obs (columns: {list(obs.columns)[:10]}...)")
-    values = obs[col]
+        raise ValueError(f"{what} {col!r} is not a column of obs (columns: {list(obs.columns)[:10]}...)")
+    return _checked_values(obs[col], col, n_cells, what)
+
+
+def _checked_values(values, col, n_cells: int, what: str) -> pd.Series:
     if isinstance(values, pd.DataFrame):
         raise ValueError(f"obs has {values.shape[1]} columns named {col!r}; make the column names unique")
     if len(values) != n_cells:
-        raise ValueError(f"covariate {col!r} has {len(values)} values but the data have {n_cells} cells")
+        raise ValueError(f"{what} {col!r} has {len(values)} values but the data have {n_cells} cells")
     if values.isna().any():
-        raise ValueError(f"covariate {col!r} has {int(values.isna().sum())} missing values; "
+        raise ValueError(f"{what} {col!r} has {int(values.isna().sum())} missing values; "
                          "fill them or drop those cells first")
     return values
 
@@ -453,18 +458,10 @@ def intervention_groups(obs: pd.DataFrame | None, column, n_cells: int,
     if isinstance(column, str):
         if obs is None:
             raise ValueError("interventions given by column name need AnnData input with that column in .obs")
-        if column not in obs.columns:
-            raise ValueError(f"interventions {column!r} is not a column of obs (columns: {list(obs.columns)[:10]}...)")
-        values, name = obs[column], column
+        values, name = _covariate_values(obs, column, n_cells, "interventions"), column
     else:
-        values, name = pd.Series(np.asarray(column).ravel()), "interventions"
-    if isinstance(values, pd.DataFrame):
-        raise ValueError(f"obs has {values.shape[1]} columns named {column!r}; make the column names unique")
-    if len(values) != n_cells:
-        raise ValueError(f"interventions have {len(values)} labels but the data have {n_cells} cells")
-    if values.isna().any():
-        raise ValueError(f"interventions {name!r} have {int(values.isna().sum())} missing labels; label those cells "
-                         "(e.g. as the reference level) or drop them")
+        name = "interventions"
+        values = _checked_values(pd.Series(np.asarray(column).ravel()), name, n_cells, "interventions")
     levels = ordered_levels(values, name, reference)
     if len(levels) < 2:
         raise ValueError(f"interventions {name!r} have a single level {levels}; there is nothing to compare")
