@@ -270,7 +270,6 @@ def cmd_demo(args) -> int:
 def cmd_fit(args) -> int:
     from .memory import check_fit_memory, format_bytes
     from .models.anndata_io import check_key
-    from .report import write_report  # noqa: F401  (fail early if the report module is broken)
 
     spec = MODELS[args.model]
     if spec.gene_sets == "required" and not args.gene_sets:
@@ -306,6 +305,8 @@ def cmd_fit(args) -> int:
         log.info("saved the model to %s", model.save(args.save_model))
     report = None
     if args.report:
+        from .report import write_report  # imported when asked for: matplotlib takes ~0.5 s to import
+
         report = write_report(adata, args.report, key=key, color_by=args.color_by, gene_set_urls=sets)
         log.info("wrote %s", report)
     n_ann = int((model.factor_kinds_ == "annotated").sum())

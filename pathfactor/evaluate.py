@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import linear_sum_assignment
-from sklearn.metrics import f1_score, roc_auc_score
 
 __all__ = ["active_mask", "mask_f1", "match_factors", "auroc", "refined_annotations", "orient", "factor_r2",
            "membership_probability"]
@@ -43,6 +41,8 @@ def mask_f1(true_mask, W, fraction: float = ACTIVE_FRACTION) -> float:
     learned = active_mask(W, fraction)
     if true_mask.shape != learned.shape:
         raise ValueError(f"true mask has shape {true_mask.shape} but loadings have {learned.shape}")
+    from sklearn.metrics import f1_score  # imported when used: scikit-learn takes ~1 s to import
+
     return float(f1_score(true_mask.ravel(), learned.ravel(), zero_division=0.0))
 
 
@@ -55,6 +55,8 @@ def match_factors(A, B) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     A = (A - A.mean(0)) / (A.std(0) + 1e-12)
     B = (B - B.mean(0)) / (B.std(0) + 1e-12)
     corr = np.abs(A.T @ B) / A.shape[0]
+    from scipy.optimize import linear_sum_assignment
+
     rows, cols = linear_sum_assignment(-corr)
     return rows, cols, corr[rows, cols]
 
@@ -64,6 +66,8 @@ def auroc(scores, labels, positive) -> float:
     y = np.asarray(pd.Series(labels).astype(str) == str(positive))
     if y.all() or not y.any():
         raise ValueError(f"labels must contain {positive!r} and at least one other value")
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(y, np.asarray(scores, dtype=float)))
 
 
