@@ -15,6 +15,7 @@ Methods (``--methods``; peers missing from the environment give a line with ``"s
 NMF needs non-negative data: it gets the data minus each gene's minimum (that shift is added back for R^2).
 
 Each line: method, n_cells, n_genes, n_factors, noise, seconds (wall clock of building and fitting the model),
+process_seconds (wall clock of the method's whole fresh process: interpreter start, imports, reading the data, fit),
 peak_rss_mb (``ru_maxrss`` of a fresh process that read the data and ran this one method), rss_before_fit_mb,
 f1 (``evaluate.mask_f1``, as in ``spex_simulation.py``), factor_correlation (mean |corr| of the factor scores
 with the true factors), r2 (``1 - ||Y - Yhat||^2 / ||Y - mean||^2``), and for reference f1_truth (the true W),
@@ -259,14 +260,16 @@ def run_isolated(method: str, path: Path, opts) -> dict:
         cmd += ["--muvi-epochs", str(opts.muvi_epochs)]
     for name, value in opts.spex_params.items():
         cmd += ["--spex-param", f"{name}={value!r}"]
+    start = time.perf_counter()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=thread_env(opts.threads),
                               timeout=opts.timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"no result within --timeout {opts.timeout} s"}
+    process_seconds = round(time.perf_counter() - start, 2)  # the whole process: start-up, imports, reading, fit
     for line in reversed(done.stdout.splitlines()):
         if line.startswith("{"):
-            return json.loads(line)
+            return {**json.loads(line), "process_seconds": process_seconds}
     tail = " | ".join(done.stderr.strip().splitlines()[-3:])
     return {"error": f"worker exited with status {done.returncode}: {tail}"}
 
