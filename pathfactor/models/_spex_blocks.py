@@ -63,10 +63,6 @@ class GeneCovariances:
         return cls(order, torch.full((G,), D, device=dev), cols, S.reshape(-1), logdet,
                    torch.zeros(G, D, dtype=S.dtype, device=dev))
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.var.shape)
-
     def buckets(self):
         """(genes, cols G_b x s, S G_b x s x s) for each block size s > 0."""
         sizes, counts = torch.unique_consecutive(self.sizes, return_counts=True)

@@ -40,6 +40,8 @@ import math
 
 import torch
 
+from ._spex_blocks import batched_inverse
+
 _LOG_2PI = math.log(2 * math.pi)
 
 __all__ = ["ProgramEffects", "local_false_sign_rate", "group_effects", "adaptive_shrinkage"]
@@ -150,12 +152,11 @@ class ProgramEffects:
         n = self.n
         # beta_l's own block n_l R + D_l, and the Schur complement of c
         P = n[1:, None, None] * R + torch.diag_embed(self.prior_precision())
-        Lc, logdet_blocks = _cholesky(P)
-        H = torch.cholesky_inverse(Lc)                                   # (n_l R + D_l)^-1
+        H, logdet_H = batched_inverse(P)                                 # (n_l R + D_l)^-1
         X = H @ (n[1:, None, None] * R)                                  # H_l n_l R
         Sc = n.sum() * R + eye - ((n[1:, None, None] * R) @ X).sum(0)    # N R + I - sum_l n_l^2 R H_l R
-        Lsc, logdet_c = _cholesky(0.5 * (Sc + Sc.T))
-        Cc = torch.cholesky_inverse(Lsc)
+        Cc, logdet_Cc = batched_inverse(0.5 * (Sc + Sc.T)[None])
+        Cc = Cc[0]
         s = u_sums
         rhs_c = s.sum(0) - (X.transpose(1, 2) @ s[1:, :, None]).squeeze(-1).sum(0)
         m_c = Cc @ rhs_c
@@ -166,7 +167,7 @@ class ProgramEffects:
         self.mean = torch.cat([m_c[None, :], m_c[None, :] + beta], 0)
         self.cov = torch.cat([Cc[None], H + IX @ Cc @ IX.transpose(1, 2)], 0)
         self.c2 = (m_c * m_c).sum() + torch.trace(Cc)
-        self.logdet_P = logdet_blocks.sum() + logdet_c
+        self.logdet_P = -(logdet_H.sum() + logdet_Cc[0])
         self.J = Sigma_x if self.blocked else torch.zeros_like(Sigma_x)
         self.Sigma_x = Sigma_x
 
@@ -206,12 +207,3 @@ def group_effects(u: torch.Tensor, Sigma_x: torch.Tensor, codes: torch.Tensor, n
     effects = ProgramEffects(codes, n_levels, u.shape[1], blocked=True, dtype=u.dtype, device=u.device)
     effects.update(effects.group_sums(u), Sigma_x)
     return effects
-
-
-def _cholesky(P: torch.Tensor):
-    """Cholesky factors of (a batch of) positive definite matrices and their log determinants."""
-    L, info = torch.linalg.cholesky_ex(P)
-    if int(info.max()) > 0:
-        eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
-        L = torch.linalg.cholesky(P + 1e-6 * P.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] * eye)
-    return L, 2.0 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
