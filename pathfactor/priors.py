@@ -82,13 +82,16 @@ class HalfCauchy:
     near zero E[1/s^2] only grows by about 1 per sweep.)
     """
 
-    def __init__(self, shape: tuple[int, ...], s0: float = 1.0, count: float = 1.0, dtype=torch.float32,
+    def __init__(self, shape: tuple[int, ...], s0=1.0, count: float = 1.0, dtype=torch.float32,
                  device=None):
-        self.s0, self.count = float(s0), float(count)
+        """``s0``: a number, or a tensor that broadcasts to ``shape`` (e.g. one scale per row)."""
         kw = dict(dtype=dtype, device=device)
+        self.s0 = s0.to(**kw) if isinstance(s0, torch.Tensor) else float(s0)
+        self.count = float(count)
         a = 0.5 * self.count + 0.5
-        self.scale2 = InverseGamma(torch.full(shape, a, **kw), torch.full(shape, a * self.s0**2, **kw))
-        self.aux = InverseGamma(torch.ones(shape, **kw), torch.full(shape, 1.0 / self.s0**2 + 1.0, **kw))
+        ones = torch.ones(shape, **kw)
+        self.scale2 = InverseGamma(ones * a, ones * a * self.s0**2)
+        self.aux = InverseGamma(ones.clone(), ones * (1.0 / self.s0**2 + 1.0))
 
     @property
     def mean_inv(self) -> torch.Tensor:

@@ -558,7 +558,7 @@ SPEX_NB = [  # (key, bad input, call, expectation, bug)
 ]
 for key, bad, call, expect, bug in SPEX_NB:
     case(S, f"fit-Spex-nb-{key}", "Spex(likelihood='nb').fit", bad, call, expect, bug)
-SPEX_LIKELIHOOD = "likelihood must be 'normal' (or 'gaussian': log-normalised data) or 'nb' (raw counts), got "
+SPEX_LIKELIHOOD = "likelihood must be 'normal' (or 'gaussian': log-normalised data), 'nb' (raw counts), 'bernoulli' (0/1 data) or a dict {view: likelihood}, got "
 for value in ["poisson", "NB"]:
     case(S, f"fit-Spex-likelihood-{value}", "Spex.fit", f"likelihood={value!r}",
          lambda c, v=value: fit("Spex", adata(counts()), {"likelihood": v}),

@@ -129,7 +129,7 @@ def _max_abs(vals: np.ndarray) -> float:
 
 
 def as_matrix(data, layer: str | None = None, dtype=np.float32, new_cells: bool = False,
-              use_highly_variable: bool | None = False, copy: bool = True) -> Matrix:
+              use_highly_variable: bool | None = False, copy: bool = True, allow_nan: bool = False) -> Matrix:
     """Extract and validate the expression matrix of ``data``.
 
     ``data`` is an AnnData (``layer=None`` takes ``.X``), a pandas DataFrame (cells x genes), a numpy
@@ -139,6 +139,7 @@ def as_matrix(data, layer: str | None = None, dtype=np.float32, new_cells: bool 
     exists, ``True`` requires it, ``False`` keeps every gene; the others are named in ``genes_left_out``.
     ``copy=False``: the matrix may share the caller's memory (when it already has ``dtype``), for a model that
     only reads it; the default copies, so that nothing a model does reaches the caller's data.
+    ``allow_nan=True``: NaN marks a missing entry and passes (infinite values never do).
     """
     if hasattr(data, "obs_names") and hasattr(data, "var_names"):
         if layer is None:
@@ -197,10 +198,14 @@ def as_matrix(data, layer: str | None = None, dtype=np.float32, new_cells: bool 
     Y = Y.astype(dtype, copy=copy and keep is None)  # not aliased unless asked (a gene subset is a copy already)
     vals = _values(Y)
     if not _all_finite(vals):
+        if allow_nan and not any(np.isinf(block).any() for block in _flat_blocks(vals)):
+            check_magnitude(vals[np.isfinite(vals)], n, g, Y.dtype)
+            return Matrix(Y, obs, var, left_out)
         bad = int((~np.isfinite(vals)).sum())
         raise ValueError(
             f"expression data contains {bad} NaN or infinite values; remove or impute them "
-            f"(e.g. np.nan_to_num) before {'transforming' if new_cells else 'fitting'}"
+            f"(e.g. np.nan_to_num) before {'transforming' if new_cells else 'fitting'}, or let Spex treat NaN as "
+            "missing entries (fit(..., allow_missing=True))"
         )
     check_magnitude(vals, n, g, Y.dtype)
     return Matrix(Y, obs, var, left_out)

@@ -17,21 +17,36 @@ from ..priors import gaussian_prior_terms, regularised_horseshoe_terms, slab_sha
 _LOG_2PI = math.log(2 * math.pi)
 
 
+def _per_gene(vi, t: torch.Tensor) -> torch.Tensor:
+    """A global-scale quantity (K, or V x K with one scale per view and factor: ``vi.view_of`` maps each gene to
+    its view) broadcast to the genes (1 x K or G x K)."""
+    view_of = getattr(vi, "view_of", None)
+    return t[None, :] if view_of is None else t[view_of]
+
+
+def _per_scale(vi, x: torch.Tensor) -> torch.Tensor:
+    """G x K per-gene terms summed over the genes of each global scale (K, or V x K per view)."""
+    view_of = getattr(vi, "view_of", None)
+    if view_of is None:
+        return x.sum(0)
+    return x.new_zeros(vi.tau.mean_inv.shape).index_add_(0, view_of, x)
+
+
 def weight_precision(vi) -> torch.Tensor:
     """G x K prior precision of W: E[1 / (tau^2 lam^2)] + E[1 / c^2]."""
-    return vi.tau.mean_inv[None, :] * vi.lam.mean_inv + vi.slab.mean_inv
+    return _per_gene(vi, vi.tau.mean_inv) * vi.lam.mean_inv + vi.slab.mean_inv
 
 
 def _log_horseshoe(vi) -> torch.Tensor:
-    return vi.tau.scale2.mean_log[None, :] + vi.lam.scale2.mean_log
+    return _per_gene(vi, vi.tau.scale2.mean_log) + vi.lam.scale2.mean_log
 
 
 def update_scales(vi, Ew2: torch.Tensor) -> None:
     """Coordinate ascent for the shares pi, then q(lam), q(tau), q(c) given E[w^2] (G x K)."""
     vi.share = slab_share(_log_horseshoe(vi), vi.slab.q.mean_log)
     horseshoe = 1 - vi.share
-    vi.lam.update(0.5 * Ew2 * vi.tau.mean_inv[None, :], count=horseshoe)
-    vi.tau.update(0.5 * (Ew2 * vi.lam.mean_inv).sum(0), count=horseshoe.sum(0))
+    vi.lam.update(0.5 * Ew2 * _per_gene(vi, vi.tau.mean_inv), count=horseshoe)
+    vi.tau.update(0.5 * _per_scale(vi, Ew2 * vi.lam.mean_inv), count=_per_scale(vi, horseshoe))
     vi.slab.update(Ew2, weight=vi.share)
 
 
@@ -44,7 +59,7 @@ def loading_terms(vi) -> torch.Tensor:
     Ew2_W, Ew2_B = Ew2[:, :K], Ew2[:, K:]
     if not hasattr(vi, "share"):
         vi.share = slab_share(_log_horseshoe(vi), vi.slab.q.mean_log)
-    w_prior = regularised_horseshoe_terms(Ew2_W, vi.tau.mean_inv[None, :] * vi.lam.mean_inv, _log_horseshoe(vi),
+    w_prior = regularised_horseshoe_terms(Ew2_W, _per_gene(vi, vi.tau.mean_inv) * vi.lam.mean_inv, _log_horseshoe(vi),
                                           vi.slab.mean_inv, vi.slab.q.mean_log, vi.share)
     b = vi.b_prior
     b_prior = gaussian_prior_terms(Ew2_B, b.mean_inv[None, :].expand_as(Ew2_B),

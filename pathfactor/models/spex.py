@@ -24,6 +24,7 @@ from ..data.inputs import (Matrix, aligned_centred, as_matrix, check_counts, cov
 from ..evaluate import orient
 from ..train import fingerprint, resolve_device, seed_everything, train
 from ._spex_effects import ProgramEffects, group_effects
+from ._spex_multiview import MultiViewSpex, needs_views, view_likelihoods
 from ._spex_nb import SpexNB, nb_factor_scores
 from ._spex_vi import SpexVI
 from .base import LatentModel, factor_layout
@@ -62,7 +63,7 @@ def _digest(codes: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(codes, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
-class Spex(LatentModel):
+class Spex(MultiViewSpex, LatentModel):
     """Gene-set guided sparse factor analysis (spex-LVM, seed 002) by closed-form variational inference.
 
     Parameters
@@ -131,7 +132,10 @@ class Spex(LatentModel):
 
     @property
     def relevance_measure(self) -> str:
-        """R^2 of the data for Gaussian data; for counts, the variance a factor adds to the log-mean."""
+        """R^2 of the data for Gaussian data; for counts, the variance a factor adds to the log-mean; for several
+        views (or missing entries), the largest per-view share (``relevance_views_``)."""
+        if getattr(self, "views_", None):
+            return "largest R^2 over the views"
         return "log-mean variance" if getattr(self, "likelihood", "normal") == "nb" else "R^2"
     #: dense factors are named ``{dense_name}_i``
     dense_name = "dense"
@@ -167,9 +171,11 @@ class Spex(LatentModel):
             raise ValueError(f"batch_size must be None or an integer >= 2, got {self.batch_size!r}")
         if self.posterior not in ("blocked", "mean-field"):
             raise ValueError(f"posterior must be 'blocked' or 'mean-field', got {self.posterior!r}")
-        if self.likelihood not in ("normal", "gaussian", "nb"):
-            raise ValueError(f"likelihood must be 'normal' (or 'gaussian': log-normalised data) or 'nb' (raw counts), "
-                             f"got {self.likelihood!r}")
+        if isinstance(self.likelihood, dict):
+            view_likelihoods(self.likelihood, [str(v) for v in self.likelihood])
+        elif self.likelihood not in ("normal", "gaussian", "nb", "bernoulli"):
+            raise ValueError(f"likelihood must be 'normal' (or 'gaussian': log-normalised data), 'nb' (raw counts), "
+                             f"'bernoulli' (0/1 data) or a dict {{view: likelihood}}, got {self.likelihood!r}")
         if self.likelihood == "nb" and (self.batch_size is not None or self.posterior != "blocked"):
             raise ValueError("likelihood='nb' fits all cells at once with the blocked posterior; "
                              "leave batch_size=None and posterior='blocked'")
@@ -181,7 +187,7 @@ class Spex(LatentModel):
     # ------------------------------------------------------------------ fit
     def fit(self, data, annotations=None, layer: str | None = None, covariates=None, device="auto",
             seed: int = 0, checkpoint_dir=None, use_highly_variable: bool | None = None, interventions=None,
-            reference=None) -> "Spex":
+            reference=None, allow_missing: bool = False) -> "Spex":
         """Fit to ``data`` (AnnData, DataFrame or array; cells x genes, log-normalised or scaled).
 
         ``annotations``: GeneSets, ``{name: genes}``, a genes x terms boolean DataFrame or a GMT/JSON path (or a
@@ -207,6 +213,13 @@ class Spex(LatentModel):
         cells and every process returns the whole model.
         """
         self._check_params()
+        self.views_ = None
+        if needs_views(data, self.likelihood, allow_missing):
+            if interventions is not None:
+                raise ValueError("interventions are fitted on one complete Gaussian view; several views, missing "
+                                 "entries and Bernoulli data take covariates= instead")
+            return self._fit_views(data, annotations, layer, covariates, device, seed, checkpoint_dir,
+                                   use_highly_variable, allow_missing)
         generator = seed_everything(seed)
         dev, dt = resolve_device(device), getattr(torch, self.dtype)
         unit = 1.0  # the data's scale the fit divides out (in-memory Gaussian fits; see below)
@@ -406,6 +419,8 @@ class Spex(LatentModel):
         import pandas as pd
 
         self._check_fitted()
+        if self.is_multiview_:
+            return self._transform_views(data, layer)
         post, K = self._posterior, self.loadings_.shape[1]
         C = post["M"].shape[1] - K - (self.likelihood == "nb")  # an NB model's M ends with the intercepts
         if self.likelihood == "nb":
@@ -442,7 +457,7 @@ class Spex(LatentModel):
         import pandas as pd
 
         self._check_fitted()
-        if self.likelihood == "nb":
+        if self.likelihood == "nb" or self.is_multiview_:
             raise ValueError("compare() uses the Gaussian model's closed form; fit log-normalised data with "
                              "likelihood='normal'")
         if self._posterior is None:
@@ -515,7 +530,11 @@ class Spex(LatentModel):
         """As :meth:`LatentModel.write`; with interventions also ``uns[key]["intervention_effects"]``,
         ``["intervention_effects_sd"]``, ``["intervention_effects_lfsr"]`` (DataFrames, factors x levels, the
         reference left out), ``["intervention_reference"]``, ``["intervention_levels"]`` and the per-gene total
-        effects ``varm["<key>_gene_effects"]`` / ``varm["<key>_gene_effects_sd"]`` (genes x levels)."""
+        effects ``varm["<key>_gene_effects"]`` / ``varm["<key>_gene_effects_sd"]`` (genes x levels).
+        A model of several views writes into a MuData (``_write_views``)."""
+        if self.is_multiview_ and (len(self.views_) > 1 or hasattr(adata, "mod")):
+            self._check_fitted()
+            return self._write_views(adata, key or self.key)
         super().write(adata, key)
         if getattr(self, "intervention_levels_", None) is None:
             return
@@ -530,12 +549,17 @@ class Spex(LatentModel):
             adata.varm[f"{key}_{suffix}"] = frame.reindex(adata.var_names, fill_value=0.0).to_numpy(np.float32)
 
     def _extra_state(self):
+        if self.is_multiview_:
+            return self._views_state()
         meta = {"covariates": self._covariates, "elbo": self.elbo_, "converged": self.converged_,
                 "interventions": getattr(self, "_interventions", None),
                 "intervention_levels": getattr(self, "intervention_levels_", None)}
         return meta, self._posterior
 
     def _load_extra_state(self, meta, arrays):
+        self.views_ = None
+        if meta.get("views") is not None:
+            return self._load_views_state(meta, arrays)
         if arrays:  # Supervised(two_step=True) saves none
             (G, K), C = self.loadings_.shape, len(arrays["z_mean"])
             D = K + C + (self.likelihood == "nb")  # an NB model's M and S also hold the intercepts
