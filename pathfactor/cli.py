@@ -55,10 +55,11 @@ def build_model(name: str, args: argparse.Namespace):
     if unused:
         raise ValueError(f"{', '.join(unused)} do(es) not apply to --model {name}")
     kwargs = {ctor: getattr(args, dest) for dest, ctor in spec.options.items() if getattr(args, dest, None) is not None}
-    if getattr(args, "likelihood", None) is not None:  # any model whose constructor takes a likelihood
+    likelihood = getattr(args, "likelihood", None)
+    if likelihood is not None:  # any model whose constructor takes a likelihood
         if "likelihood" not in accepted:
             raise ValueError(f"--likelihood does not apply to --model {name}")
-        kwargs["likelihood"] = args.likelihood
+        kwargs["likelihood"] = likelihood  # one name or {view: name} (cmd_fit parses --likelihood)
     if "progress" in accepted:
         kwargs["progress"] = not args.quiet
     return cls(**kwargs)
@@ -69,7 +70,8 @@ def _fit_kwargs(model, **given) -> dict:
     params = inspect.signature(model.fit).parameters
     flags = {"annotations": "--gene-sets", "layer": "--layer", "covariates": "--covariates", "device": "--device",
              "seed": "--seed", "weights": "--weights-layer", "checkpoint_dir": "--checkpoint",
-             "use_highly_variable": "--all-genes", "interventions": "--interventions", "reference": "--reference"}
+             "use_highly_variable": "--all-genes", "interventions": "--interventions", "reference": "--reference",
+             "allow_missing": "--allow-missing"}
     out = {}
     for key, value in given.items():
         if key in params:
@@ -109,6 +111,38 @@ def _read_h5ad(path):
     return adata
 
 
+def _is_h5mu(path) -> bool:
+    return str(path).lower().endswith(".h5mu")
+
+
+def _read_h5mu(path):
+    """A MuData (several views) from ``path``; mudata is imported here, and its absence is a one-line error."""
+    try:
+        import mudata
+    except ImportError:
+        raise ValueError("reading .h5mu needs the mudata package: pip install mudata") from None
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"input file {str(p)!r} does not exist")
+    if p.is_dir():
+        raise ValueError(f"{str(p)!r} is a directory; pass an .h5mu file")
+    try:
+        mdata = mudata.read_h5mu(p)
+    except (OSError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot read {str(p)!r} as h5mu ({_message(err)})") from None
+    log.info("read %s: %d cells; views %s", path, mdata.n_obs,
+             ", ".join(f"{v} ({m.n_vars} features)" for v, m in mdata.mod.items()))
+    return mdata
+
+
+def _write_h5mu(mdata, path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    mdata.write(p)
+    log.info("wrote %s", p)
+    return p
+
+
 def _write_h5ad(adata, path) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +164,89 @@ def read_gene_sets(sources):
         log.info("gene sets %s: %d sets", source, len(sets))
         out = sets if out is None else out + sets
     return out
+
+
+#: ``--likelihood`` values: Spex's (also per view, ``VIEW:LIK``) and the count models' (vae, gmvae)
+SPEX_LIKELIHOODS = ("normal", "gaussian", "nb", "bernoulli")
+COUNT_LIKELIHOODS = ("poisson", "nb", "zip", "zinb", "gaussian", "normal")
+
+
+def _parse_likelihood(values, model: str) -> tuple[str | None, dict[str, str]]:
+    """``--likelihood`` values as (the plain value or None, ``{view: likelihood}`` of the ``VIEW:LIK`` forms);
+    likelihood names hold no ':', so a value splits at its last ':'."""
+    if not values:
+        return None, {}
+    allowed = SPEX_LIKELIHOODS if model == "spex" else COUNT_LIKELIHOODS
+    plain, per_view = [], {}
+    for value in values:
+        view, sep, lik = str(value).rpartition(":")
+        view, lik = view.strip(), lik.strip()
+        if lik not in allowed:
+            raise ValueError(f"argument --likelihood: invalid choice: {lik!r} for --model {model} (choose from "
+                             f"{', '.join(allowed)}" + (", or VIEW:LIK per view)" if model == "spex" else ")"))
+        if not sep:
+            plain.append(lik)
+            continue
+        if model != "spex":
+            raise ValueError(f"--likelihood VIEW:LIK (got {value!r}) applies to --model spex with a .h5mu input; "
+                             f"--model {model} takes one plain likelihood")
+        if not view:
+            raise ValueError(f"--likelihood {value!r} has no view before ':'; write VIEW:LIK")
+        if view in per_view and per_view[view] != lik:
+            raise ValueError(f"--likelihood gives view {view!r} two likelihoods: {per_view[view]!r} and {lik!r}")
+        per_view[view] = lik
+    if len(set(plain)) > 1:
+        raise ValueError(f"--likelihood was given several plain values {plain}; give one (for every view) and "
+                         "VIEW:LIK for the views that differ")
+    return (plain[0] if plain else None), per_view
+
+
+def _view_likelihoods(default: str | None, per_view: dict, views: list[str]):
+    """The likelihood to fit a MuData with views ``views``: one name, or ``{view: likelihood}`` (views
+    ``per_view`` leaves out get ``default``, else normal)."""
+    unknown = [v for v in per_view if v not in views]
+    if unknown:
+        raise ValueError(f"--likelihood names view(s) {unknown} that the input does not have (views: "
+                         f"{', '.join(views)})")
+    if not per_view:
+        return default
+    return {v: per_view.get(v, default or "normal") for v in views}
+
+
+def _view_gene_sets(values, views: list[str]):
+    """``--gene-sets VIEW:PATH`` values for a MuData with views ``views``: the gene sets per view (``{view:
+    GeneSets}``; with one view, that view's GeneSets). A value splits at its first ':' only when what precedes it
+    is a view name; anything else is an error asking for VIEW:PATH."""
+    if not values:
+        return None
+    sources: dict[str, list[str]] = {}
+    for value in values:
+        view, sep, path = str(value).partition(":")
+        if not sep or view not in views:
+            raise ValueError(f"--gene-sets {value!r}: with a .h5mu input give the gene sets per view as VIEW:PATH "
+                             f"(views: {', '.join(views)}), e.g. --gene-sets {views[0]}:hallmark")
+        if not path:
+            raise ValueError(f"--gene-sets {value!r} has no file after '{view}:'; write VIEW:PATH")
+        sources.setdefault(view, []).append(path)
+    sets = {view: read_gene_sets(paths) for view, paths in sources.items()}
+    return sets[views[0]] if len(views) == 1 else sets
+
+
+def _format_views(model, n: int = 10) -> str:
+    """The factors x views relevance table of a multi-view fit, for the ``n`` most relevant factors."""
+    table = model.relevance_views_
+    shown = [f for f in model.relevance().index[:n] if f in table.index]
+    views = [str(v) for v in table.columns]
+    width = max([len("factor")] + [len(str(f)) for f in shown])
+    cols = [max(len(v), 8) for v in views]
+    liks = getattr(model, "view_likelihoods_", None) or {}
+    lines = [f"relevance per view, top {len(shown)} factors ("
+             + ", ".join(f"{v}: {liks.get(v, '?')}" for v in views) + "):",
+             f"  {'factor':<{width}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(views, cols))]
+    for f in shown:
+        lines.append(f"  {str(f):<{width}}  " + "  ".join(f"{table.at[f, v]:{w}.4f}"
+                                                         for v, w in zip(table.columns, cols)))
+    return "\n".join(lines)
 
 
 def _split_columns(values) -> list[str] | None:
@@ -278,6 +395,20 @@ def cmd_fit(args) -> int:
         raise ValueError(f"--model {args.model} does not use gene sets; drop --gene-sets")
     if args.color_by is not None and args.report is None:
         raise ValueError("--color-by only applies with --report DIR")
+    multiview = _is_h5mu(args.input)
+    if multiview and args.model != "spex":
+        raise ValueError(f"a .h5mu input (several views) is fitted by --model spex only, not --model {args.model}")
+    if multiview and not _is_h5mu(args.out):
+        raise ValueError(f"--out {args.out!r}: a .h5mu input is written as .h5mu (one .h5ad cannot hold several "
+                         "views' loadings); give --out OUT.h5mu")
+    if multiview and args.report:
+        raise ValueError("--report covers single-view fits for now; drop --report for a .h5mu input (the factors x "
+                         "views relevance is printed and stored in uns['<key>']['relevance_views'])")
+    lik_default, lik_views = _parse_likelihood(args.likelihood, args.model)
+    if lik_views and not multiview:
+        raise ValueError(f"--likelihood VIEW:LIK needs a .h5mu input (several views); {args.input!r} has one view: "
+                         "give one plain likelihood")
+    args.likelihood = lik_views or lik_default  # the views are checked (and the default filled in) after reading
     start = time.perf_counter()
     model = build_model(args.model, args)  # option errors before any reading
     covariates = _split_columns(args.covariates)
@@ -285,22 +416,43 @@ def cmd_fit(args) -> int:
     reference = _parse_reference(args.reference)
     _fit_kwargs(model, interventions=interventions, reference=reference)  # a model without them: before reading
     _check_reference(reference, interventions, covariates)
-    adata = _read_h5ad(args.input)
+    _fit_kwargs(model, allow_missing=True if args.allow_missing else None)  # a model without it: before reading
+    adata = _read_h5mu(args.input) if multiview else _read_h5ad(args.input)
     _check_obs_column(adata, args.color_by, "--color-by")
     _check_obs_column(adata, interventions, "--interventions")
     key = args.key or model.key
     check_key(adata, key)  # a key another tool wrote (e.g. scanpy's pca, umap) is refused before the fit
-    sets = read_gene_sets(args.gene_sets) if args.gene_sets else None
+    if multiview:
+        views = [str(v) for v in adata.mod]
+        if not views:
+            raise ValueError(f"{args.input!r} holds no views (modalities)")
+        model.likelihood = _view_likelihoods(lik_default, lik_views, views) or model.likelihood
+        sets = _view_gene_sets(args.gene_sets, views)
+    else:
+        sets = read_gene_sets(args.gene_sets) if args.gene_sets else None
     fit_kwargs = _fit_kwargs(model, annotations=sets, layer=args.layer, covariates=covariates, device=args.device,
                              seed=args.seed, weights=args.weights_layer, checkpoint_dir=args.checkpoint,
                              use_highly_variable=False if args.all_genes else None, interventions=interventions,
-                             reference=reference)
-    need = check_fit_memory(model, adata, annotations=sets, covariates=covariates, layer=args.layer,
-                            device=fit_kwargs.get("device"))  # refuses a fit whose memory does not fit
+                             reference=reference, allow_missing=True if args.allow_missing else None)
+    need = None
+    if not multiview:  # the memory estimate is of one matrix
+        need = check_fit_memory(model, adata, annotations=sets, covariates=covariates, layer=args.layer,
+                                device=fit_kwargs.get("device"))  # refuses a fit whose memory does not fit
     log.info("fitting %r%s", model, "" if need is None else f" (about {format_bytes(need)} of memory)")
-    model.fit(adata, **fit_kwargs)
+    try:
+        model.fit(adata, **fit_kwargs)
+    except ValueError as err:  # the Python API's argument, as the CLI flag
+        text = str(err)
+        if "allow_missing=True" not in text:
+            raise
+        for spelled in ("allow_missing=True (CLI --allow-missing)", "fit(..., allow_missing=True)"):
+            text = text.replace(spelled, "--allow-missing")
+        raise ValueError(text.replace("allow_missing=True", "--allow-missing")) from None
     model.write(adata, key=key)
-    _write_h5ad(adata, args.out)
+    if multiview:
+        _write_h5mu(adata, args.out)
+    else:
+        _write_h5ad(adata, args.out)
     if args.save_model:
         log.info("saved the model to %s", model.save(args.save_model))
     report = None
@@ -310,11 +462,17 @@ def cmd_fit(args) -> int:
         report = write_report(adata, args.report, key=key, color_by=args.color_by, gene_set_urls=sets)
         log.info("wrote %s", report)
     n_ann = int((model.factor_kinds_ == "annotated").sum())
+    if multiview:
+        shape = f"{adata.n_obs} cells; views " + ", ".join(f"{v} ({m.n_vars} features)" for v, m in adata.mod.items())
+    else:
+        shape = f"{adata.n_obs} cells x {adata.n_vars} genes"
     print(f"{type(model).__name__}: {len(model.factor_kinds_)} factors ({n_ann} annotated), "
-          f"{int(model.active_.sum())} active; {adata.n_obs} cells x {adata.n_vars} genes")
+          f"{int(model.active_.sum())} active; {shape}")
     for line in _reference_lines(model, interventions, reference) + _intervention_lines(model):
         print(line)
     print(_format_top(model, 10))
+    if multiview and getattr(model, "relevance_views_", None) is not None:
+        print(_format_views(model, 10))
     print(f"wrote {args.out}" + (f" and {report}" if report else "")
           + (f"; model saved to {args.save_model}" if args.save_model else ""))
     print(f"elapsed: {time.perf_counter() - start:.1f} s")
@@ -340,6 +498,9 @@ def cmd_simulate(args) -> int:
 def cmd_report(args) -> int:
     from .report import write_report
 
+    if _is_h5mu(args.input):
+        raise ValueError("the report covers single-view fits for now; a .h5mu result keeps its factors x views "
+                         "relevance in uns['<key>']['relevance_views']")
     adata = _read_h5ad(args.input)
     html = write_report(adata, args.out, key=args.key, color_by=args.color_by)
     print(f"wrote {html}")
@@ -371,15 +532,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     models = ", ".join(f"{name} ({spec.help})" for name, spec in MODELS.items())
-    p = sub.add_parser("fit", help="fit a model to an .h5ad file",
+    p = sub.add_parser("fit", help="fit a model to an .h5ad file (or spex to an .h5mu file of several views)",
                        description=f"Fit a latent factor model to INPUT.h5ad and write the results to OUT.h5ad "
                                    f"(obsm['X_<key>'], varm['<key>_loadings'], uns['<key>'], obs['<key>_<factor>'] "
-                                   f"for the most relevant factors; --key). Models: {models}.")
-    p.add_argument("input", metavar="INPUT.h5ad")
+                                   f"for the most relevant factors; --key). Spex also fits an INPUT.h5mu (MuData, "
+                                   f"several views; needs the mudata package) into OUT.h5mu: obsm['X_<key>'], each "
+                                   f"view's varm['<key>_loadings'] and uns['<key>'] with the factors x views "
+                                   f"relevance. Models: {models}.")
+    p.add_argument("input", metavar="INPUT.h5ad|INPUT.h5mu")
     p.add_argument("--model", choices=sorted(MODELS), default="spex", help="model (default spex)")
-    p.add_argument("--gene-sets", action="append", metavar="FILE",
+    p.add_argument("--gene-sets", action="append", metavar="FILE|VIEW:FILE",
                    help="GMT, GMT.gz or JSON file, or a bundled collection (hallmark, reactome_mouse); repeat to "
-                        "merge several")
+                        "merge several. With an .h5mu input, per view: VIEW:FILE (e.g. rna:hallmark)")
     p.add_argument("--layer", default=None, help="adata.layers entry to fit (default adata.X)")
     p.add_argument("--n-sparse", type=int, default=None, metavar="N", help=("unannotated sparse factors") + _defaults_text("n_sparse"))
     p.add_argument("--n-dense", type=int, default=None, metavar="N", help=("unannotated dense factors") + _defaults_text("n_dense"))
@@ -393,9 +557,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fpr", type=float, default=None, help=("slalom: annotation false-positive rate") + _defaults_text("fpr"))
     p.add_argument("--fnr", type=float, default=None, help=("slalom: annotation false-negative rate") + _defaults_text("fnr"))
     p.add_argument("--loss", choices=["frobenius", "kl"], default=None, help=("nmf: frobenius (log data) or kl (counts)") + _defaults_text("loss"))
-    p.add_argument("--likelihood", choices=["poisson", "nb", "zip", "zinb", "gaussian", "normal"], default=None,
-                   help="observation model of the models that take one (vae, gmvae): counts (poisson, nb, zip, "
-                        "zinb; raw integer counts) or gaussian (log-normalised data)")
+    p.add_argument("--likelihood", action="append", default=None, metavar="LIK|VIEW:LIK",
+                   help="observation model of the models that take one. vae, gmvae: counts (poisson, nb, zip, "
+                        "zinb; raw integer counts) or gaussian (log-normalised data). spex: normal (gaussian), nb "
+                        "(raw counts) or bernoulli (0/1 data); with an .h5mu input also per view, VIEW:LIK "
+                        "(repeat; a plain LIK applies to the views not named)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="spex: fit NaN entries as missing (otherwise NaN is an error)")
     p.add_argument("--n-clusters", type=int, default=None, metavar="C", help=("gmvae: mixture components") + _defaults_text("n_clusters"))
     p.add_argument("--weights-layer", default=None, metavar="LAYER",
                    help="nmf: adata.layers entry of per-entry weights (0 = missing)")
@@ -415,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=("drop gene sets with fewer matched genes (model default 15)") + _defaults_text("min_set_size"))
     p.add_argument("--max-set-size", type=int, default=None, metavar="N",
                    help=("drop gene sets with more matched genes (model default 500)") + _defaults_text("max_set_size"))
-    p.add_argument("--out", required=True, metavar="OUT.h5ad", help="where to write the data with the results")
+    p.add_argument("--out", required=True, metavar="OUT.h5ad|OUT.h5mu",
+                   help="where to write the data with the results (.h5mu for an .h5mu input)")
     p.add_argument("--report", default=None, metavar="DIR", help="also write DIR/report.html")
     p.add_argument("--color-by", default=None, metavar="COL", help="obs column to colour the report's plots by")
     p.add_argument("--all-genes", action="store_true",

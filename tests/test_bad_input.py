@@ -1074,7 +1074,7 @@ CLI_NEURAL = [  # (key, arguments, expectation)
     ("vae-poisson-negative", ["negative", "--model", "vae", "--likelihood", "poisson"],
      CliError("the Poisson likelihood needs non-negative counts but the data have negative values")),
     ("vae-unknown-likelihood", ["ok", "--model", "vae", "--likelihood", "bernoulli"],
-     CliError("argument --likelihood: invalid choice: 'bernoulli' (choose from", usage=True)),
+     CliError("argument --likelihood: invalid choice: 'bernoulli' for --model vae (choose from", usage=True)),
     ("gmvae-likelihood-upper-case", ["ok", "--model", "gmvae", "--likelihood", "NB"],
      CliError("argument --likelihood: invalid choice: 'NB'", usage=True)),
     ("vae-too-many-latent", ["ok", "--model", "vae", "--n-factors", "20"],
@@ -1093,7 +1093,8 @@ CLI_NEURAL = [  # (key, arguments, expectation)
      CliError("--model vae does not use gene sets; drop --gene-sets")),
     ("vae-covariates", ["ok", "--model", "vae", "--covariates", "grp"], CliError("VAE does not take --covariates")),
     ("spex-likelihood-poisson", ["ok", "--model", "spex", "--gene-sets", "sets", "--likelihood", "poisson"],
-     CliError(f"{SPEX_LIKELIHOOD}'poisson'")),
+     CliError("argument --likelihood: invalid choice: 'poisson' for --model spex (choose from normal, gaussian, nb, "
+              "bernoulli", usage=True)),
     ("spex-nb-non-count", ["logged", "--model", "spex", "--gene-sets", "sets", "--min-set-size", "2",
                            "--likelihood", "nb"], CliError("the negative binomial likelihood needs integer counts")),
     ("vae-gaussian-log-data", ["logged", "--model", "vae", "--likelihood", "gaussian", "--n-factors", "2",

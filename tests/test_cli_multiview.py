@@ -1,0 +1,132 @@
+"""`pathfactor fit INPUT.h5mu --model spex`: several views (MuData) in, OUT.h5mu out; per-view --gene-sets and
+--likelihood (VIEW:...), --allow-missing, and the one-line errors around them."""
+from __future__ import annotations
+
+import warnings
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from pathfactor.cli import main
+from pathfactor.data.genesets import GeneSets
+
+md = pytest.importorskip("mudata")
+
+pytestmark = [pytest.mark.usefixtures("torch_one_thread"),
+              pytest.mark.filterwarnings("ignore::FutureWarning"),  # mudata's note on .update() pulling columns
+              pytest.mark.filterwarnings("ignore:Spex did not converge")]
+
+N, G_RNA, G_BIN = 120, 30, 12
+FAST = ["--max-epochs", "25", "--n-sparse", "2", "--min-set-size", "3", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny MuData: a Gaussian view 'rna' (with NaN entries) and a 0/1 view 'acc'; the same views without NaN;
+    and a GMT of 'rna' genes."""
+    d = tmp_path_factory.mktemp("mv")
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(N, 2))
+    W1 = rng.normal(size=(G_RNA, 2)) * (rng.random((G_RNA, 2)) < 0.6)
+    W2 = 2 * rng.normal(size=(G_BIN, 2))
+    Y1 = (X @ W1.T + 0.5 * rng.normal(size=(N, G_RNA))).astype(np.float32)
+    Y2 = (rng.random((N, G_BIN)) < 1 / (1 + np.exp(-(X @ W2.T)))).astype(np.float32)
+    cells = [f"c{i}" for i in range(N)]
+    paths = {}
+    for name, y1 in (("missing", np.where(rng.random(Y1.shape) < 0.1, np.nan, Y1).astype(np.float32)),
+                     ("complete", Y1)):
+        rna, acc = ad.AnnData(y1), ad.AnnData(Y2.copy())
+        rna.obs_names = acc.obs_names = cells
+        rna.var_names = [f"g{j}" for j in range(G_RNA)]
+        acc.var_names = [f"p{j}" for j in range(G_BIN)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mdata = md.MuData({"rna": rna, "acc": acc})
+            path = d / f"{name}.h5mu"
+            mdata.write(path)
+        paths[name] = path
+    gmt = d / "rna.gmt"
+    GeneSets({"SET_A": [f"g{j}" for j in range(0, 12)], "SET_B": [f"g{j}" for j in range(10, 24)]}).write_gmt(gmt)
+    paths["gmt"] = gmt
+    return paths
+
+
+def test_fit_h5mu_writes_h5mu_and_prints_view_relevance(files, tmp_path, capsys):
+    out = tmp_path / "res" / "out.h5mu"
+    rc = main(["fit", str(files["missing"]), "--model", "spex", "--gene-sets", f"rna:{files['gmt']}",
+               "--likelihood", "rna:normal", "--likelihood", "acc:bernoulli", "--allow-missing", *FAST,
+               "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    res = md.read_h5mu(out)
+    names = list(res.uns["spex"]["factor_names"])
+    assert "SET_A" in names and "SET_B" in names
+    assert res.obsm["X_spex"].shape == (N, len(names))
+    assert np.isfinite(res.obsm["X_spex"]).all()
+    assert res["rna"].varm["spex_loadings"].shape == (G_RNA, len(names))
+    assert res["acc"].varm["spex_loadings"].shape == (G_BIN, len(names))
+    assert list(res.uns["spex"]["likelihoods"]) == ["normal", "bernoulli"]
+    assert np.asarray(res.uns["spex"]["relevance_views"]).shape == (len(names), 2)
+    assert "relevance per view" in printed and "acc: bernoulli" in printed
+    assert "views rna (30 features), acc (12 features)" in printed
+
+
+def test_plain_likelihood_applies_to_the_views_not_named(files, tmp_path):
+    out = tmp_path / "out.h5mu"
+    assert main(["fit", str(files["complete"]), "--likelihood", "normal", "--likelihood", "acc:bernoulli",
+                 "--gene-sets", f"rna:{files['gmt']}", *FAST, "--out", str(out)]) == 0
+    assert list(md.read_h5mu(out).uns["spex"]["likelihoods"]) == ["normal", "bernoulli"]
+
+
+def test_nan_without_allow_missing_names_the_flag(files, tmp_path, capsys, one_line_error):
+    rc = main(["fit", str(files["missing"]), "--likelihood", "acc:bernoulli", "--gene-sets", f"rna:{files['gmt']}",
+               *FAST,
+               "--out", str(tmp_path / "out.h5mu")])
+    assert rc == 2
+    err = one_line_error("--allow-missing", "rna")
+    assert "allow_missing=True" not in err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--likelihood", "nope:nb"], ["--likelihood", "nope"]),
+    (["--likelihood", "rna:poisson"], ["invalid choice", "poisson"]),
+    (["--gene-sets", "GMT"], ["VIEW:PATH", "rna"]),
+    (["--gene-sets", "nope:GMT"], ["VIEW:PATH"]),
+    (["--gene-sets", "hallmark"], ["VIEW:PATH"]),
+    (["--out", "OUT.h5ad"], [".h5mu"]),
+    (["--report", "REPORT"], ["--report", "single-view"]),
+    (["--model", "pca"], ["--model spex"]),
+])
+def test_one_line_errors(files, tmp_path, capsys, one_line_error, argv, words):
+    argv = [a.replace("GMT", str(files["gmt"])).replace("OUT", str(tmp_path / "out"))
+            .replace("REPORT", str(tmp_path / "report")) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out.h5mu")]
+    model = [] if "--model" in argv else ["--model", "spex"]
+    if "--gene-sets" not in argv and "--model" not in argv:
+        argv += ["--gene-sets", f"rna:{files['gmt']}"]
+    rc = main(["fit", str(files["complete"]), *model, *argv, "--quiet"])
+    assert rc == 2
+    one_line_error(*words)
+    assert not (tmp_path / "out.h5mu").exists()
+
+
+def test_view_likelihood_needs_h5mu_and_missing_mudata(files, tmp_path, capsys, one_line_error, monkeypatch):
+    h5ad = tmp_path / "one.h5ad"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        md.read_h5mu(files["complete"])["rna"].write_h5ad(h5ad)
+    assert main(["fit", str(h5ad), "--likelihood", "rna:nb", "--gene-sets", str(files["gmt"]), "--out", str(tmp_path / "o.h5ad"), "--quiet"]) == 2
+    one_line_error("needs a .h5mu input")
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mudata", None)  # import mudata -> ImportError
+    assert main(["fit", str(files["complete"]), "--gene-sets", f"rna:{files['gmt']}", "--out", str(tmp_path / "o.h5mu"),
+                 "--quiet"]) == 2
+    one_line_error("reading .h5mu needs the mudata package: pip install mudata")
+
+
+def test_report_of_h5mu_is_refused(files, tmp_path, capsys, one_line_error):
+    assert main(["report", str(files["complete"]), "--out", str(tmp_path / "rep"), "--quiet"]) == 2
+    one_line_error("single-view")
