@@ -167,7 +167,7 @@ def read_gene_sets(sources):
 
 
 #: ``--likelihood`` values: Spex's (also per view, ``VIEW:LIK``) and the count models' (vae, gmvae)
-SPEX_LIKELIHOODS = ("normal", "gaussian", "nb", "bernoulli")
+SPEX_LIKELIHOODS = ("normal", "gaussian", "nb", "poisson", "bernoulli")
 COUNT_LIKELIHOODS = ("poisson", "nb", "zip", "zinb", "gaussian", "normal")
 
 
@@ -401,9 +401,6 @@ def cmd_fit(args) -> int:
     if multiview and not _is_h5mu(args.out):
         raise ValueError(f"--out {args.out!r}: a .h5mu input is written as .h5mu (one .h5ad cannot hold several "
                          "views' loadings); give --out OUT.h5mu")
-    if multiview and args.report:
-        raise ValueError("--report covers single-view fits for now; drop --report for a .h5mu input (the factors x "
-                         "views relevance is printed and stored in uns['<key>']['relevance_views'])")
     lik_default, lik_views = _parse_likelihood(args.likelihood, args.model)
     if lik_views and not multiview:
         raise ValueError(f"--likelihood VIEW:LIK needs a .h5mu input (several views); {args.input!r} has one view: "
@@ -498,10 +495,7 @@ def cmd_simulate(args) -> int:
 def cmd_report(args) -> int:
     from .report import write_report
 
-    if _is_h5mu(args.input):
-        raise ValueError("the report covers single-view fits for now; a .h5mu result keeps its factors x views "
-                         "relevance in uns['<key>']['relevance_views']")
-    adata = _read_h5ad(args.input)
+    adata = _read_h5mu(args.input) if _is_h5mu(args.input) else _read_h5ad(args.input)
     html = write_report(adata, args.out, key=args.key, color_by=args.color_by)
     print(f"wrote {html}")
     return 0
@@ -559,8 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=["frobenius", "kl"], default=None, help=("nmf: frobenius (log data) or kl (counts)") + _defaults_text("loss"))
     p.add_argument("--likelihood", action="append", default=None, metavar="LIK|VIEW:LIK",
                    help="observation model of the models that take one. vae, gmvae: counts (poisson, nb, zip, "
-                        "zinb; raw integer counts) or gaussian (log-normalised data). spex: normal (gaussian), nb "
-                        "(raw counts) or bernoulli (0/1 data); with an .h5mu input also per view, VIEW:LIK "
+                        "zinb; raw integer counts) or gaussian (log-normalised data). spex: normal (gaussian), nb or "
+                        "poisson (raw counts) or bernoulli (0/1 data); with an .h5mu input also per view, VIEW:LIK "
                         "(repeat; a plain LIK applies to the views not named)")
     p.add_argument("--allow-missing", action="store_true",
                    help="spex: fit NaN entries as missing (otherwise NaN is an error)")
@@ -612,8 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, seed=None)
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("report", help="write an HTML report of results stored in an .h5ad file")
-    p.add_argument("input", metavar="RESULT.h5ad")
+    p = sub.add_parser("report", help="write an HTML report of results stored in an .h5ad (or multi-view .h5mu) file")
+    p.add_argument("input", metavar="RESULT.h5ad|RESULT.h5mu")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--key", default="spex", help="results key, as given to fit --key (default spex; the models' "
                                                  "own keys: spex, pf_pca, ppca, fa, nmf, ...)")

@@ -14,7 +14,7 @@ from matplotlib.patches import Patch
 from .evaluate import ACTIVE_FRACTION, active_mask
 
 __all__ = ["relevance", "top_loadings", "factor_scores", "scores_scatter", "embedding_panels", "group_heatmap",
-           "intervention_heatmap", "group_order", "group_colors", "KIND_COLORS"]
+           "intervention_heatmap", "views_heatmap", "group_order", "group_colors", "KIND_COLORS"]
 
 #: Colour of each factor kind; other kinds get grey.
 KIND_COLORS = {"annotated": "#3b75af", "sparse": "#ef8636", "dense": "#8c8c8c"}
@@ -427,4 +427,34 @@ def intervention_heatmap(effects: pd.DataFrame, lfsr: pd.DataFrame | None = None
                        label="effect on the factor")
     ax.set_xlabel("intervention" + (f" (vs {reference})" if reference is not None else ""), fontsize=9)
     ax.set_title("Effects of interventions on the factors", fontsize=10, pad=14 if lfsr is not None else 6)
+    return ax
+
+
+def views_heatmap(relevance_views: pd.DataFrame, top: int = 20, ax=None):
+    """The share of each view's variance each factor explains (``relevance_views``: factors x views, e.g. a
+    multi-view Spex's ``relevance_views_``), as MOFA shows it: the ``top`` factors with the largest share in any
+    view as rows (most relevant on top), views as columns, each cell annotated with its percentage."""
+    table = pd.DataFrame(relevance_views).astype(float)
+    order = table.max(axis=1).fillna(-1.0).sort_values(ascending=False, kind="stable").index[:top]
+    table = table.loc[order]
+    values = 100 * table.to_numpy()
+    n_factors, n_views = values.shape
+    longest = max((len(str(f)) for f in table.index), default=0)
+    ax = _axes(ax, 2.4 + 0.06 * min(longest, 40) + 0.9 * n_views, 1.3 + 0.3 * n_factors)
+    finite = values[np.isfinite(values)]
+    top_value = max(float(finite.max()) if finite.size else 0.0, 1e-6)
+    image = ax.imshow(values, cmap="Blues", vmin=0, vmax=top_value, aspect="auto", interpolation="nearest")
+    for i in range(n_factors):
+        for j in range(n_views):
+            value = values[i, j]
+            text = "n/a" if not np.isfinite(value) else (f"{value:.1f}" if value >= 0.05 or value == 0 else "<0.1")
+            dark = np.isfinite(value) and value > 0.55 * top_value
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
+    ax.set_xticks(np.arange(n_views), [str(v) for v in table.columns], fontsize=9)
+    ax.xaxis.tick_top()
+    ax.set_yticks(np.arange(n_factors), [str(f) for f in table.index], fontsize=8)
+    ax.tick_params(length=0)
+    ax.figure.colorbar(image, ax=ax, location="right", shrink=0.9 if n_factors < 8 else 0.6, aspect=20, pad=0.02,
+                       label="% of the view's variance")
+    ax.set_title("Variance explained per view (%)", fontsize=10)
     return ax

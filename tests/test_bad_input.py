@@ -558,8 +558,9 @@ SPEX_NB = [  # (key, bad input, call, expectation, bug)
 ]
 for key, bad, call, expect, bug in SPEX_NB:
     case(S, f"fit-Spex-nb-{key}", "Spex(likelihood='nb').fit", bad, call, expect, bug)
-SPEX_LIKELIHOOD = "likelihood must be 'normal' (or 'gaussian': log-normalised data), 'nb' (raw counts), 'bernoulli' (0/1 data) or a dict {view: likelihood}, got "
-for value in ["poisson", "NB"]:
+SPEX_LIKELIHOOD = ("likelihood must be 'normal' (or 'gaussian': log-normalised data), 'nb' or 'poisson' (raw counts), "
+                   "'bernoulli' (0/1 data) or a dict {view: likelihood}, got ")
+for value in ["zinb", "NB"]:
     case(S, f"fit-Spex-likelihood-{value}", "Spex.fit", f"likelihood={value!r}",
          lambda c, v=value: fit("Spex", adata(counts()), {"likelihood": v}),
          Raises(ValueError, f"{SPEX_LIKELIHOOD}{value!r}"))
@@ -1092,9 +1093,9 @@ CLI_NEURAL = [  # (key, arguments, expectation)
     ("vae-gene-sets", ["ok", "--model", "vae", "--gene-sets", "sets"],
      CliError("--model vae does not use gene sets; drop --gene-sets")),
     ("vae-covariates", ["ok", "--model", "vae", "--covariates", "grp"], CliError("VAE does not take --covariates")),
-    ("spex-likelihood-poisson", ["ok", "--model", "spex", "--gene-sets", "sets", "--likelihood", "poisson"],
-     CliError("argument --likelihood: invalid choice: 'poisson' for --model spex (choose from normal, gaussian, nb, "
-              "bernoulli", usage=True)),
+    ("spex-likelihood-zinb", ["ok", "--model", "spex", "--gene-sets", "sets", "--likelihood", "zinb"],
+     CliError("argument --likelihood: invalid choice: 'zinb' for --model spex (choose from normal, gaussian, nb, "
+              "poisson, bernoulli", usage=True)),
     ("spex-nb-non-count", ["logged", "--model", "spex", "--gene-sets", "sets", "--min-set-size", "2",
                            "--likelihood", "nb"], CliError("the negative binomial likelihood needs integer counts")),
     ("vae-gaussian-log-data", ["logged", "--model", "vae", "--likelihood", "gaussian", "--n-factors", "2",

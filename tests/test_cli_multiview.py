@@ -90,12 +90,11 @@ def test_nan_without_allow_missing_names_the_flag(files, tmp_path, capsys, one_l
 
 @pytest.mark.parametrize("argv, words", [
     (["--likelihood", "nope:nb"], ["--likelihood", "nope"]),
-    (["--likelihood", "rna:poisson"], ["invalid choice", "poisson"]),
+    (["--likelihood", "rna:zinb"], ["invalid choice", "zinb"]),
     (["--gene-sets", "GMT"], ["VIEW:PATH", "rna"]),
     (["--gene-sets", "nope:GMT"], ["VIEW:PATH"]),
     (["--gene-sets", "hallmark"], ["VIEW:PATH"]),
     (["--out", "OUT.h5ad"], [".h5mu"]),
-    (["--report", "REPORT"], ["--report", "single-view"]),
     (["--model", "pca"], ["--model spex"]),
 ])
 def test_one_line_errors(files, tmp_path, capsys, one_line_error, argv, words):
@@ -127,6 +126,20 @@ def test_view_likelihood_needs_h5mu_and_missing_mudata(files, tmp_path, capsys, 
     one_line_error("reading .h5mu needs the mudata package: pip install mudata")
 
 
-def test_report_of_h5mu_is_refused(files, tmp_path, capsys, one_line_error):
+def test_fit_h5mu_with_report_and_report_of_h5mu(files, tmp_path, capsys):
+    out = tmp_path / "out.h5mu"
+    rc = main(["fit", str(files["complete"]), "--likelihood", "acc:bernoulli", "--gene-sets", f"rna:{files['gmt']}",
+               *FAST, "--out", str(out), "--report", str(tmp_path / "fit_report")])
+    assert rc == 0
+    assert "report.html" in capsys.readouterr().out
+    text = (tmp_path / "fit_report" / "report.html").read_text(encoding="utf-8")
+    assert "Factors × views" in text and "SET_A" in text
+    assert main(["report", str(out), "--out", str(tmp_path / "rep"), "--quiet"]) == 0
+    text = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+    assert 'id="views"' in text and "data:image/png;base64," in text
+    assert "rna (30 features" in text and "acc (12 features" in text
+
+
+def test_report_of_h5mu_without_results(files, tmp_path, capsys, one_line_error):
     assert main(["report", str(files["complete"]), "--out", str(tmp_path / "rep"), "--quiet"]) == 2
-    one_line_error("single-view")
+    one_line_error("mdata.uns['spex']")

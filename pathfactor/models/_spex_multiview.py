@@ -26,16 +26,17 @@ from .base import factor_layout
 #: the NB dispersion is estimated once (method of moments) and kept within these bounds
 DISPERSION_RANGE = (0.1, 100.0)
 #: spellings of the view likelihoods
-_ALIASES = {"gaussian": "normal", "normal": "normal", "nb": "nb", "bernoulli": "bernoulli"}
+_ALIASES = {"gaussian": "normal", "normal": "normal", "nb": "nb", "bernoulli": "bernoulli", "poisson": "poisson"}
 
 
 def view_likelihoods(likelihood, names: list[str]) -> dict:
-    """Each view's likelihood (``"normal"``, ``"nb"`` or ``"bernoulli"``) from a name or ``{view: name}``
+    """Each view's likelihood (``"normal"``, ``"nb"``, ``"poisson"`` or ``"bernoulli"``) from a name or ``{view: name}``
     (views left out: ``"normal"``)."""
     out = {}
     for view, lik in per_view(likelihood, names, "likelihood", default="normal").items():
         if lik not in _ALIASES:
-            raise ValueError(f"likelihood of view {view!r} must be one of 'normal' ('gaussian'), 'nb', 'bernoulli'; "
+            raise ValueError(f"likelihood of view {view!r} must be one of 'normal' ('gaussian'), 'nb', 'poisson', "
+                             "'bernoulli'; "
                              f"got {lik!r}")
         out[view] = _ALIASES[lik]
     return out
@@ -44,7 +45,8 @@ def view_likelihoods(likelihood, names: list[str]) -> dict:
 def needs_views(data, likelihood, allow_missing: bool) -> bool:
     """Whether a fit goes to the multi-view engine: several views, a likelihood per view or a Bernoulli one, or
     missing entries allowed."""
-    return (is_multiview(data) or isinstance(likelihood, dict) or likelihood == "bernoulli" or bool(allow_missing))
+    return (is_multiview(data) or isinstance(likelihood, dict) or likelihood in ("bernoulli", "poisson")
+            or bool(allow_missing))
 
 
 def _checked_view(name: str, Y: np.ndarray, lik: str, allow_missing: bool) -> np.ndarray:
@@ -54,8 +56,10 @@ def _checked_view(name: str, Y: np.ndarray, lik: str, allow_missing: bool) -> np
         raise ValueError(f"view {name!r} has {int((~observed).sum())} missing (NaN) entries; pass "
                          "allow_missing=True (CLI --allow-missing) to fit them as missing, or remove them")
     values = Y[observed]
-    if lik == "nb" and values.size and ((values < 0).any() or np.abs(values - np.round(values)).max() > 1e-4):
-        raise ValueError(f"view {name!r} has the negative binomial likelihood but its values are not non-negative "
+    if lik in ("nb", "poisson") and values.size and (
+            (values < 0).any() or np.abs(values - np.round(values)).max() > 1e-4):
+        what = "negative binomial" if lik == "nb" else "Poisson"
+        raise ValueError(f"view {name!r} has the {what} likelihood but its values are not non-negative "
                          "integer counts; pass raw counts (layer=) or use likelihood 'normal' for it")
     if lik == "bernoulli" and values.size and not np.isin(values, (0.0, 1.0)).all():
         raise ValueError(f"view {name!r} has the Bernoulli likelihood but holds values other than 0 and 1; "
@@ -98,6 +102,10 @@ class _ViewPrep:
             self.dispersion = r.numpy()
             self.values = filled
             logged = np.log1p(filled / np.maximum(library, 1)[:, None] * np.median(library[rows]))
+            start = np.where(observed, logged - (logged * observed).sum(0) / counts, 0.0)
+        elif lik == "poisson":
+            self.values = filled
+            logged = np.log1p(filled)
             start = np.where(observed, logged - (logged * observed).sum(0) / counts, 0.0)
         else:
             self.values = filled
@@ -247,7 +255,8 @@ class MultiViewSpex:
 
     def impute(self, data=None, layer=None):
         """The data with every missing (NaN) entry filled by its posterior predictive mean: E[y] under q (Gaussian:
-        the mean; NB: r exp(o + E eta + Var eta / 2); Bernoulli: E[sigmoid(eta)] by the probit approximation
+        the mean; NB: r exp(o + E eta + Var eta / 2); Poisson: E[softplus(eta)] by quadrature; Bernoulli:
+        E[sigmoid(eta)] by the probit approximation
         sigmoid(m / sqrt(1 + pi v / 8))). ``data=None``: the training data (in this session); otherwise new cells
         (with the fitted views and features), whose factors are computed first (:meth:`transform`). Returns an
         array for one view, ``{view: array}`` for several; observed entries are returned unchanged."""
@@ -284,13 +293,18 @@ class MultiViewSpex:
         out = np.empty_like(m)
         liks = [self.view_likelihoods_[n] for n in self.views_]
         kind = np.array([liks[v] for v in post["view_of"]])
-        gauss, nb, bern = kind == "normal", kind == "nb", kind == "bernoulli"
+        gauss, nb, bern, pois = kind == "normal", kind == "nb", kind == "bernoulli", kind == "poisson"
         out[:, gauss] = m[:, gauss] * post["feature_unit"][gauss] + post["feature_mean"][gauss]
         if nb.any():
             offset = self._count_offsets(views)
             out[:, nb] = post["dispersion"][nb] * np.exp(np.clip(offset[:, nb] + m[:, nb] + v[:, nb] / 2, None, 50))
         if bern.any():
             out[:, bern] = 1.0 / (1.0 + np.exp(-m[:, bern] / np.sqrt(1 + np.pi * v[:, bern] / 8)))
+        if pois.any():  # E[softplus(eta)] by Gauss-Hermite quadrature
+            nodes, weights = np.polynomial.hermite_e.hermegauss(20)
+            sd = np.sqrt(v[:, pois])
+            out[:, pois] = sum(w * np.logaddexp(0, m[:, pois] + sd * x) for x, w in zip(nodes, weights)) \
+                / np.sqrt(2 * np.pi)
         return out
 
     def _count_offsets(self, views: Views) -> np.ndarray:

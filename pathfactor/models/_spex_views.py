@@ -11,7 +11,12 @@ with learned variances. Likelihoods per view:
 
 * Gaussian: ``y_ng ~ N(eta_ng, sigma2_g)``;
 * Bernoulli: ``y_ng ~ Bernoulli(sigmoid(eta_ng))``;
-* negative binomial: ``y_ng ~ NB(r_g, sigmoid(eta_ng))`` (mean ``r_g exp(eta_ng)``, the logistic form).
+* negative binomial: ``y_ng ~ NB(r_g, sigmoid(eta_ng))`` (mean ``r_g exp(eta_ng)``, the logistic form);
+* Poisson: ``y_ng ~ Poisson(softplus(eta_ng))`` (MOFA+'s link), through the quadratic bound of Seeger & Bouchard
+  (2012): the negative log-likelihood f of an entry has f'' <= kappa_ng = 1/4 + 0.17 y_ng, so expanding at
+  zeta = E[eta] gives a Gaussian pseudo-observation ``zeta - f'(zeta) / kappa_ng`` with precision ``kappa_ng`` (a
+  bound, so the ELBO still rises; MOFA+ uses the largest y of the feature for every entry; the bound is loose where
+  the rate is far from the count's scale, so weak factors can be lost: the NB is the better choice for counts).
 
 The last two are made conditionally Gaussian by Polya-Gamma augmentation (Polson, Scott & Windle 2013), which is
 exact for the logistic link: with ``b = 1`` (Bernoulli) or ``b = y + r`` (NB) and ``kappa = y - b / 2``,
@@ -31,6 +36,12 @@ those of a weighted Gaussian factor model:
 * q(theta_g) = N(m_g, S_g) over theta_g = (w_g, b_g, b0_g): S_g^-1 = phi_g sum_n W_ng E[f_n f_n^T] + diag(prior),
   f_n = (x_n, z_n, 1), the blocked posterior of loadings, effects and intercept;
 * q(sigma2_g), q(lam), q(tau), q(c) as in ``_spex_vi``; q(omega) sets c.
+
+The noise prior ``sigma2_g ~ IG(a0, f v (a0 + n_g / 2))`` (v: the view's typical variance, n_g: the feature's
+observed entries, f = 0.01) puts a floor of about f v under each feature's noise variance. Without it a feature
+that is nonzero in one cell (common among highly variable genes of small samples) is fitted exactly by one factor
+taking an extreme value in that cell; its noise variance then collapses, the slab can no longer pin its loadings,
+and the cell's other predictions go wild (measured on Kang: hidden-entry RMSE 0.45 against 0.43 for gene means).
 
 Every step maximises the ELBO in its block, so it rises monotonically (tested). Cost of a sweep: two products of
 the N x G weights with N x D^2 (or G x D^2) moments, D = K + C + 1, plus N + G factorisations of small matrices:
@@ -52,13 +63,19 @@ _LOG_2PI = math.log(2 * math.pi)
 _LOG_2 = math.log(2.0)
 
 #: the likelihoods of a view
-LIKELIHOODS = ("normal", "bernoulli", "nb")
+LIKELIHOODS = ("normal", "bernoulli", "nb", "poisson")
 
 
 def _log_cosh_half(c: torch.Tensor) -> torch.Tensor:
     """log cosh(c / 2), stable for large c."""
     a = 0.5 * c.abs()
     return a + torch.log1p(torch.exp(-2 * a)) - _LOG_2
+
+
+def _softplus_grad(zeta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """d/d eta of the Poisson negative log-likelihood softplus(eta) - y log softplus(eta), at zeta."""
+    rate = torch.nn.functional.softplus(zeta).clamp_min(1e-12)
+    return torch.sigmoid(zeta) * (1 - y / rate)
 
 
 def _pg_lambda(c: torch.Tensor) -> torch.Tensor:
@@ -79,7 +96,8 @@ class SpexViews(Task):
     """
 
     state_exclude = ("Y", "Z", "F_fixed", "observed", "view_of", "offset", "r", "kappa", "b", "log_C",
-                     "gaussian", "pg", "nb", "views", "n_obs", "_yy", "_eye_K")
+                     "gaussian", "pg", "nb", "pois", "curvature", "log_C_pois", "views", "n_obs", "_yy",
+                     "_eye_K")
     rebinds_state = True
 
     @property
@@ -90,13 +108,19 @@ class SpexViews(Task):
                  Z: torch.Tensor, s: torch.Tensor, X0: torch.Tensor, *, offset: torch.Tensor | None = None,
                  dispersion: torch.Tensor | None = None, slab_confidence: float = 2.0,
                  tau_scale: torch.Tensor | None = None, noise_prior: tuple[float, float] = (1.0, 0.01)):
+        """``noise_prior``: (a0, f) of the noise variances' prior (the class docstring: a floor at f times the
+        typical variance, which keeps a feature nonzero in a single cell from collapsing its noise)."""
         dt, dev = Y.dtype, Y.device
         self.K = s.shape[1]
         obs = self._set_data(Y, observed, view_of, likelihoods, Z, offset, dispersion)
         V = len(self.views)
-        var = (self._yy.sum() / self.n_obs.sum().clamp_min(1)).clamp_min(1e-12) if bool(self.gaussian.any()) \
-            else torch.ones((), dtype=dt, device=dev)
-        self.a0, self.b0 = float(noise_prior[0]), float(noise_prior[1]) * float(var)
+        sums = torch.zeros(V, dtype=dt, device=dev).index_add_(0, self.view_of, self._yy)
+        counts = torch.zeros(V, dtype=dt, device=dev).index_add_(0, self.view_of, self.n_obs)
+        var = (sums / counts.clamp_min(1)).clamp_min(1e-12)[self.view_of]      # each view's typical variance
+        # q(sigma2_g) ~ IG(a0, b0_g), b0_g = f v (a0 + n_g / 2): the posterior mean is about f v plus the residual
+        # variance, a floor at the fraction f of the view's typical variance v
+        self.a0 = float(noise_prior[0])
+        self.b0 = float(noise_prior[1]) * var * (self.a0 + 0.5 * self.n_obs)
         # priors
         self.b_prior = SharedVariance((self.C + 1,), count=self.G, a0=1.0, b0=1.0, start=1.0, dtype=dt, device=dev)
         self.lam = HalfCauchy((self.G, self.K), dtype=dt, device=dev)
@@ -105,7 +129,7 @@ class SpexViews(Task):
         self.slab = RandomSlab(s.to(dt), alpha=slab_confidence)
         self.slab.q.rate = torch.full_like(self.slab.q.rate, float(self.slab.rate0.max()))   # free start
         shape = self.a0 + 0.5 * self.n_obs
-        self.sigma2 = InverseGamma(shape, (self._yy / self.n_obs.clamp_min(1)).clamp_min(1e-6 * float(var)) * shape)
+        self.sigma2 = InverseGamma(shape, (self._yy / self.n_obs.clamp_min(1)).clamp_min(1e-6) * shape)
         # the start: factors X0 with no covariance; PG precisions from intercept-only predictors
         self.mu = X0.to(dt)
         self.Sigma = torch.zeros(1 if self._uniform else self.N, self.K, self.K, dtype=dt, device=dev)
@@ -127,7 +151,8 @@ class SpexViews(Task):
         self.view_of = view_of.to(device=dev, dtype=torch.long)
         kinds = [self.views[v] for v in self.view_of.tolist()]
         self.gaussian = torch.tensor([k == "normal" for k in kinds], device=dev)
-        self.pg = ~self.gaussian
+        self.pois = torch.tensor([k == "poisson" for k in kinds], device=dev)
+        self.pg = ~self.gaussian & ~self.pois
         self.observed = observed
         obs = torch.ones_like(Y, dtype=torch.bool) if observed is None else observed
         self.n_observed = int(obs.sum())
@@ -150,7 +175,12 @@ class SpexViews(Task):
         gauss_obs = (obs & self.gaussian[None, :]).to(dt)
         self.n_obs = gauss_obs.sum(0)
         self._yy = (self.Y * self.Y * gauss_obs).sum(0)
-        self._uniform = observed is None and not bool(self.pg.any())   # every cell shares one covariance
+        # Poisson entries: the curvature bound kappa_ng = 1/4 + 0.17 y_ng of the softplus-link negative
+        # log-likelihood (Seeger & Bouchard 2012; MOFA+ takes the largest y of each feature), and sum log y!
+        pois_obs = obs & self.pois[None, :]
+        self.curvature = 0.25 + 0.17 * self.Y[:, self.pois]
+        self.log_C_pois = -float(torch.where(pois_obs, torch.lgamma(self.Y + 1), torch.zeros_like(self.Y)).sum())
+        self._uniform = observed is None and not bool((~self.gaussian).any())   # every cell shares one covariance
         self._eye_K = torch.eye(self.K, dtype=dt, device=dev)
         return obs
 
@@ -170,7 +200,7 @@ class SpexViews(Task):
         for _ in range(max_iter):
             previous = self.mu
             self._update_factors()
-            if not self.c.shape[1] or float((self.mu - previous).abs().max()) < tol:
+            if not (self.c.shape[1] or self.zeta.shape[1]) or float((self.mu - previous).abs().max()) < tol:
                 break
             self._update_pg()
         return self.mu, self.Sigma
@@ -185,36 +215,43 @@ class SpexViews(Task):
         return torch.cat([weight_precision(self), self.b_prior.mean_inv[None, :].expand(self.G, self.C + 1)], 1)
 
     def _start_pg(self, obs) -> None:
-        """c of q(omega) from each feature's intercept-only predictor: the logit of its observed mean rate."""
-        dt = self.Y.dtype
-        if not bool(self.pg.any()):
-            self.c = torch.zeros(self.N, 0, dtype=dt, device=self.Y.device)
-            self._set_pg_weights()
-            return
+        """c of q(omega) and the Poisson expansion points zeta from each feature's intercept-only predictor: the
+        logit of its observed mean rate (NB, Bernoulli), the inverse softplus of its observed mean (Poisson)."""
+        dt, dev = self.Y.dtype, self.Y.device
         o = obs.to(dt)
-        off = 0.0 if self.offset is None else self.offset
         rate = (self.Y * o).sum(0) / o.sum(0).clamp_min(1)
-        # NB: mean r e^eta -> eta = log(mean / r); Bernoulli: logit(mean)
-        eta0 = torch.where(self.nb, torch.log(rate.clamp_min(1e-3) / self.r),
-                           torch.logit(rate.clamp(1e-3, 1 - 1e-3)))
-        eta = (off + eta0[None, :])[:, self.pg]
-        self.c = eta.abs()
+        self.c = torch.zeros(self.N, 0, dtype=dt, device=dev)
+        self.zeta = torch.zeros(self.N, 0, dtype=dt, device=dev)
+        if bool(self.pg.any()):
+            off = 0.0 if self.offset is None else self.offset
+            # NB: mean r e^eta -> eta = log(mean / r); Bernoulli: logit(mean)
+            eta0 = torch.where(self.nb, torch.log(rate.clamp_min(1e-3) / self.r),
+                               torch.logit(rate.clamp(1e-3, 1 - 1e-3)))
+            self.c = (off + eta0[None, :])[:, self.pg].abs()
+        if bool(self.pois.any()):
+            r = rate[self.pois].clamp_min(1e-3)
+            self.zeta = (r + torch.log(-torch.expm1(-r))).expand(self.N, -1).clone()   # softplus^-1(mean)
         self._set_pg_weights()
 
     def _set_pg_weights(self) -> None:
-        """W (N x G; 1/0 for Gaussian entries, E[omega] = 2 b lambda(c) for PG entries) and R = W t."""
+        """W (N x G; 1/0 for Gaussian entries, E[omega] = 2 b lambda(c) for PG entries, kappa_g for Poisson ones)
+        and R = W t (t: the pseudo-observations)."""
         Y, dt = self.Y, self.Y.dtype
         if self._uniform:
             self.W, self.R = None, Y
             return
-        W = (torch.ones_like(Y) if self.observed is None else self.observed.to(dt)) * self.gaussian[None, :]
+        obs = torch.ones_like(Y) if self.observed is None else self.observed.to(dt)
+        W = obs * self.gaussian[None, :]
         R = Y * W
         if self.c.shape[1]:
             omega = 2 * self.b[:, self.pg] * _pg_lambda(self.c)
-            W = W.clone()
             W[:, self.pg] = omega
             off = 0.0 if self.offset is None else self.offset[:, self.pg]
             R[:, self.pg] = self.kappa[:, self.pg] - omega * off
+        if self.zeta.shape[1]:
+            o, kappa = obs[:, self.pois], self.curvature
+            W[:, self.pois] = kappa * o
+            R[:, self.pois] = (kappa * self.zeta - _softplus_grad(self.zeta, Y[:, self.pois])) * o
         self.W, self.R = W, R
 
     def _theta_second(self) -> torch.Tensor:
@@ -278,24 +315,26 @@ class SpexViews(Task):
         update_scales(self, Ew2[:, :self.K])
         self.b_prior.update(Ew2[:, self.K:].sum(0))
 
-    def _pg_moments(self):
-        """E[eta] and E[eta^2] of the PG entries (N x G_pg)."""
-        pg = self.pg
+    def _moments(self, cols: torch.Tensor):
+        """E[eta] and E[eta^2] of the entries of the features ``cols`` (a boolean mask; N x G_cols)."""
         F = torch.cat([self.mu, self.F_fixed], 1)
-        mean = F @ self.M[pg].T
-        second = self._cell_second() @ self._theta_second()[pg].T
+        mean = F @ self.M[cols].T
+        second = self._cell_second() @ self._theta_second()[cols].T
         if self.offset is None:
             return mean, second
-        off = self.offset[:, pg]
+        off = self.offset[:, cols]
         return off + mean, second + 2 * off * mean + off * off
 
     def _update_pg(self) -> None:
-        """q(omega_ng) = PG(b, c) with c^2 = E[eta^2]."""
-        if not self.c.shape[1]:
-            return
-        _, second = self._pg_moments()
-        self.c = second.clamp_min(0).sqrt()
-        self._set_pg_weights()
+        """q(omega_ng) = PG(b, c) with c^2 = E[eta^2]; the Poisson expansion points zeta = E[eta] (the bound's
+        maximiser over zeta, as the curvature bound kappa exceeds the likelihood's)."""
+        if self.c.shape[1]:
+            _, second = self._moments(self.pg)
+            self.c = second.clamp_min(0).sqrt()
+        if self.zeta.shape[1]:
+            self.zeta = self._moments(self.pois)[0]
+        if self.c.shape[1] or self.zeta.shape[1]:
+            self._set_pg_weights()
 
     def epoch(self) -> float:
         """q(omega), then q(X), q(theta), q(sigma2) and the scales; returns the ELBO."""
@@ -312,8 +351,10 @@ class SpexViews(Task):
         g = self.gaussian
         lik = (-0.5 * (self.n_obs * (_LOG_2PI + s2.mean_log) + s2.mean_inv * self.sq_resid))[g].sum()
         noise = (s2.expected_log_prior(self.a0, self.b0) + s2.entropy())[g].sum()
+        if self.zeta.shape[1]:
+            lik = lik + self._poisson_bound()
         if self.c.shape[1]:
-            mean, second = self._pg_moments()
+            mean, second = self._moments(self.pg)
             c, b = self.c, self.b[:, self.pg]
             bound = (self.kappa[:, self.pg] * mean - b * (_log_cosh_half(c) + _pg_lambda(c) * (second - c * c))
                      - b * _LOG_2).sum()
@@ -323,6 +364,20 @@ class SpexViews(Task):
         tr = torch.diagonal(self.Sigma, dim1=1, dim2=2).sum() * n_sigma
         x_term = 0.5 * (self.N * K + n_sigma * self.logdet_Sigma.sum() - tr - mu2)
         return lik + noise + x_term + loading_terms(self)
+
+    def _poisson_bound(self) -> torch.Tensor:
+        """sum over observed Poisson entries of -E[f(eta)] >= -(f(zeta) + f'(zeta)(m - zeta) + kappa/2 ((m - zeta)^2
+        + v)) - log y!, f(eta) = softplus(eta) - y log softplus(eta): the quadratic bound of the softplus-link
+        Poisson likelihood whose curvature kappa_g bounds f'' (Seeger & Bouchard 2012)."""
+        y, zeta, kappa = self.Y[:, self.pois], self.zeta, self.curvature
+        mean, second = self._moments(self.pois)
+        rate = torch.nn.functional.softplus(zeta).clamp_min(1e-12)
+        f = rate - y * torch.log(rate)
+        quad = second - 2 * zeta * mean + zeta * zeta                 # E[(eta - zeta)^2]
+        bound = -(f + _softplus_grad(zeta, y) * (mean - zeta) + 0.5 * kappa * quad)
+        if self.observed is not None:
+            bound = bound * self.observed[:, self.pois]
+        return bound.sum() + self.log_C_pois
 
     # ------------------------------------------------------------------ results
     def scores(self) -> torch.Tensor:

@@ -173,9 +173,10 @@ class Spex(MultiViewSpex, LatentModel):
             raise ValueError(f"posterior must be 'blocked' or 'mean-field', got {self.posterior!r}")
         if isinstance(self.likelihood, dict):
             view_likelihoods(self.likelihood, [str(v) for v in self.likelihood])
-        elif self.likelihood not in ("normal", "gaussian", "nb", "bernoulli"):
-            raise ValueError(f"likelihood must be 'normal' (or 'gaussian': log-normalised data), 'nb' (raw counts), "
-                             f"'bernoulli' (0/1 data) or a dict {{view: likelihood}}, got {self.likelihood!r}")
+        elif self.likelihood not in ("normal", "gaussian", "nb", "poisson", "bernoulli"):
+            raise ValueError(f"likelihood must be 'normal' (or 'gaussian': log-normalised data), 'nb' or 'poisson' "
+                             f"(raw counts), 'bernoulli' (0/1 data) or a dict {{view: likelihood}}, "
+                             f"got {self.likelihood!r}")
         if self.likelihood == "nb" and (self.batch_size is not None or self.posterior != "blocked"):
             raise ValueError("likelihood='nb' fits all cells at once with the blocked posterior; "
                              "leave batch_size=None and posterior='blocked'")

@@ -5,6 +5,10 @@
 factors (when ``obsm["X_umap"]`` exists), a heatmap of their top genes by group, a section per active factor,
 the interventions' effects on the factors (when the model had interventions), covariate effects and a methods
 paragraph. Figures are embedded as PNG data URIs, so the file stands alone.
+
+A multi-view result (a MuData, as a multi-view Spex's ``write(mdata)`` leaves it) gets a "Factors × views" heatmap
+of the share of each view's variance each factor explains, and each factor's top features per view; the per-group
+heatmap of top genes is left out (one line says so).
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from pathlib import Path
 from .. import plot
 from . import sections
 from .html import CSS
-from .results import load, overview, refined, report_groups
+from .results import is_multiview, load, overview, refined, report_groups
 
 __all__ = ["write_report"]
 
@@ -35,6 +39,8 @@ def _page(title: str, parts: list[str]) -> str:
 
 def _nav(adata, res, names, has_heatmap: bool, has_scatter: bool) -> list[tuple[str, str]]:
     links = [("overview", "All factors")]
+    if res.views is not None:
+        links.append(("views", "Factors × views"))
     if "X_umap" in adata.obsm and names:
         links.append(("umap", "UMAP"))
     if has_heatmap:
@@ -49,6 +55,11 @@ def _nav(adata, res, names, has_heatmap: bool, has_scatter: bool) -> list[tuple[
     return links + [("methods", "Methods")]
 
 
+def _no_heatmap(groups) -> str:
+    return (f'<p class="note" id="heatmap">The heatmap of top genes by {escape(str(groups.name))} is left out for '
+            "several views: their features and loadings are on different scales.</p>")
+
+
 def write_report(adata, out_dir, key: str = "spex", color_by: str | None = None, top_factors: int | None = None,
                  top_genes: int = 15, title: str | None = None, gene_set_urls=None,
                  open_factors: int = 10) -> Path:
@@ -59,6 +70,7 @@ def write_report(adata, out_dir, key: str = "spex", color_by: str | None = None,
     ``open_factors`` open and the rest collapsed. ``gene_set_urls``: gene set name -> web page (or the
     :class:`~pathfactor.GeneSets` read from a GMT whose descriptions are URLs), added to
     ``uns[key]["gene_set_urls"]``; MSigDB names (HALLMARK_*, REACTOME_*, ...) link to their MSigDB card anyway.
+    ``adata`` may be a MuData holding a multi-view result (``color_by`` then names a column of ``mdata.obs``).
     Returns the path of the HTML file.
     """
     res = load(adata, key, gene_set_urls)
@@ -72,14 +84,17 @@ def write_report(adata, out_dir, key: str = "spex", color_by: str | None = None,
     summary = active[:N_SUMMARY_FACTORS]
     title = title or f"pathfactor report: {res.model}"
 
-    heatmap = sections.heatmap(adata, res, summary, groups, order)
+    multiview = is_multiview(adata)
+    heatmap = "" if multiview else sections.heatmap(adata, res, summary, groups, order)
     pair = (chosen if len(chosen) >= 2 else table.index.tolist())[:2]
     links = _nav(adata, res, summary, bool(heatmap), len(pair) == 2)
     parts = [sections.header(res, adata, title, groups, links),
              sections.how_to_read(res), sections.overview(table, res, set(chosen))]
+    if res.views is not None:
+        parts.append(sections.views(res))
     if "X_umap" in adata.obsm and summary:
         parts.append(sections.umap(adata, res, summary, groups, order))
-    parts.append(heatmap)
+    parts.append(_no_heatmap(groups) if multiview and groups is not None and summary else heatmap)
     if len(pair) == 2:
         parts.append(sections.scatter(res, pair, adata.obs[color_by] if color_by else None, order))
     parts.append(sections.factors(chosen, table, res, refined_table, groups, order, colors, top_genes, open_factors))

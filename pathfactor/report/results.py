@@ -5,6 +5,12 @@ Reads the convention a model's ``write(adata)`` (or ``pathfactor fit``) leaves: 
 ``uns[<key>]`` (factor names, kinds, relevance, active, params; optionally version, seed, converged, n_epochs,
 gene_set_urls, and the intervention effects of Spex / Supervised: intervention_effects, _sd, _lfsr,
 intervention_reference, intervention_levels). h5ad round trips turn lists into arrays and scalars into 0-d arrays: everything is unwrapped here.
+
+A multi-view result (a MuData, as ``Spex.write(mdata)`` leaves it) keeps the scores in ``mdata.obsm["X_<key>"]``,
+each view's loadings in ``mdata[view].varm["<key>_loadings"]`` (and ``_loadings_sd``) and in ``mdata.uns[key]``
+also views, likelihoods and relevance_views (factors x views: the share of each view's variance a factor explains).
+:func:`load` reads it into :attr:`Results.views`; its ``loadings`` then hold every view's features, named
+``view:feature``.
 """
 from __future__ import annotations
 
@@ -30,6 +36,21 @@ class Interventions:
 
 
 @dataclass
+class Views:
+    """A multi-view result: per view its loadings (features x factors), likelihood and number of cells measured,
+    and the share of each view's variance each factor explains (factors x views)."""
+
+    loadings: dict[str, pd.DataFrame]
+    likelihoods: dict[str, str]
+    relevance: pd.DataFrame  # factors x views
+    n_obs: dict[str, int]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.loadings)
+
+
+@dataclass
 class Results:
     model: str
     info: pd.DataFrame  # index: factor names; columns: kind, relevance, active
@@ -43,10 +64,11 @@ class Results:
     urls: dict = field(default_factory=dict)  # gene set name -> URL
     loadings_sd: pd.DataFrame | None = None  # genes x factors posterior sds, where the model has them
     interventions: Interventions | None = None  # effects of interventions on the factors (Spex, Supervised)
+    views: Views | None = None  # a multi-view result's views (None for one AnnData)
 
     @property
     def is_r2(self) -> bool:
-        return self.measure in ("R^2", "R²")
+        return self.measure in ("R^2", "R²") or self.views is not None  # several views: shares of variance
 
 
 def _missing(what: str) -> ValueError:
@@ -141,8 +163,72 @@ def interventions(meta, key: str, factors: list[str]) -> Interventions | None:
     return Interventions(effects, sd, lfsr, "the reference level" if reference is None else str(reference))
 
 
+def is_multiview(data) -> bool:
+    """Whether ``data`` is a MuData (several views) rather than one AnnData."""
+    return hasattr(data, "mod")
+
+
+def _measured(ad) -> int:
+    """The cells a view measured: its rows with any value that is not NaN (a view's unmeasured cells are often
+    NaN-padded rows); every row of a sparse or absent X."""
+    X = ad.X
+    if X is None or sp.issparse(X):
+        return int(ad.n_obs)
+    return int(np.isfinite(np.asarray(X, dtype=float)).any(axis=1).sum())
+
+
+def _load_views(mdata, key: str, gene_set_urls=None) -> Results:
+    """A multi-view result (MuData): scores from ``mdata.obsm``, factors from ``mdata.uns[key]``, loadings per view."""
+    if key not in mdata.uns:
+        raise _missing(f"mdata.uns[{key!r}]")
+    meta = mdata.uns[key]
+    for name in ("factor_names", "relevance"):
+        if name not in meta:
+            raise _missing(f"mdata.uns[{key!r}][{name!r}]")
+    if f"X_{key}" not in mdata.obsm:
+        raise _missing(f"mdata.obsm['X_{key}']")
+    info = _info(meta, key)
+    names = info.index.tolist()
+    views = [str(v) for v in np.ravel(meta.get("views", list(mdata.mod)))]
+    missing = [v for v in views if v not in mdata.mod]
+    if missing:
+        raise ValueError(f"mdata.uns[{key!r}]['views'] names {missing}, which the MuData lacks (it has "
+                         f"{list(mdata.mod)})")
+    liks = [str(x) for x in np.ravel(meta.get("likelihoods", ["normal"] * len(views)))]
+    per_view, per_view_sd, n_obs = {}, {}, {}
+    for view in views:
+        ad = mdata.mod[view]
+        if f"{key}_loadings" not in ad.varm:
+            raise _missing(f"mdata[{view!r}].varm['{key}_loadings']")
+        feats = ad.var_names.astype(str)
+        per_view[view] = _table(ad.varm[f"{key}_loadings"], feats, names,
+                                f"mdata[{view!r}].varm['{key}_loadings']").astype(float)
+        if f"{key}_loadings_sd" in ad.varm:
+            per_view_sd[view] = _table(ad.varm[f"{key}_loadings_sd"], feats, names,
+                                       f"mdata[{view!r}].varm['{key}_loadings_sd']").astype(float)
+        n_obs[view] = _measured(ad)
+    if "relevance_views" in meta:
+        rel = _table(meta["relevance_views"], names, views, f"mdata.uns[{key!r}]['relevance_views']").astype(float)
+    else:
+        rel = pd.DataFrame(np.nan, index=names, columns=views)
+
+    def joined(frames: dict) -> pd.DataFrame:
+        return pd.concat([f.set_axis([f"{v}:{g}" for g in f.index], axis=0) for v, f in frames.items()])
+
+    scores = _table(mdata.obsm[f"X_{key}"], mdata.obs_names.astype(str), names, f"mdata.obsm['X_{key}']")
+    params = {str(k): scalar(v) for k, v in dict(meta.get("params", {}) or {}).items()}
+    fit = {name: scalar(meta.get(name, None)) for name in ("version", "seed", "converged", "n_epochs")}
+    sd = joined(per_view_sd) if len(per_view_sd) == len(views) else None
+    return Results(str(scalar(meta.get("model", key))), info, scores.astype(float), joined(per_view), None, None,
+                   params, str(scalar(meta.get("relevance_measure", "R^2"))), fit, _urls(meta, gene_set_urls), sd,
+                   interventions(meta, key, names),
+                   Views(per_view, dict(zip(views, liks)) if len(liks) == len(views) else {}, rel, n_obs))
+
+
 def load(adata, key: str, gene_set_urls=None) -> Results:
-    """The results under ``key``, checked, as pandas objects."""
+    """The results under ``key``, checked, as pandas objects (an AnnData, or a MuData of several views)."""
+    if is_multiview(adata):
+        return _load_views(adata, key, gene_set_urls)
     meta = _check_present(adata, key)
     info = _info(meta, key)
     names = info.index.tolist()
@@ -179,12 +265,31 @@ def overview(res: Results, refined_table: pd.DataFrame) -> pd.DataFrame:
     """One row per factor, most relevant first: kind, relevance, active, set_size (genes of the gene set in the
     data; NaN when unannotated), n_active (active genes), n_gained, n_lost (NaN when unannotated)."""
     table = res.info.copy()
-    table["n_active"] = active_mask(res.loadings.to_numpy()).sum(axis=0)
+    table["n_active"] = (view_active(res).sum(axis=0) if res.views is not None
+                         else active_mask(res.loadings.to_numpy()).sum(axis=0))
     ann = res.annotation
     table["set_size"] = ann.sum(axis=0).where(ann.any(axis=0)) if ann is not None else np.nan
     table["n_gained"] = refined_table["gained"].map(len).reindex(table.index)
     table["n_lost"] = refined_table["lost"].map(len).reindex(table.index)
     return table.sort_values("relevance", ascending=False, kind="stable")
+
+
+#: a factor counts in a view (its active features are listed and counted) when it explains at least this share
+#: of the view's variance (the models' own threshold for an active factor)
+VIEW_SHARE = 1e-4
+
+
+def view_active(res: Results) -> pd.DataFrame:
+    """Features (``view:feature``) x factors: active in its view (|w| above the fraction of the factor's largest
+    |w| in that view), counted only in the views where the factor explains at least VIEW_SHARE of the variance
+    (elsewhere its loadings are noise, and the threshold relative to their maximum would pick noise)."""
+    parts = []
+    for view, w in res.views.loadings.items():
+        mask = active_mask(w.to_numpy())
+        share = res.views.relevance[view].reindex(w.columns).to_numpy()
+        mask &= ~(share < VIEW_SHARE)[None, :]  # NaN share (not recorded): keep
+        parts.append(pd.DataFrame(mask, index=[f"{view}:{g}" for g in w.index], columns=w.columns))
+    return pd.concat(parts)
 
 
 def report_groups(adata, color_by: str | None) -> pd.Series | None:

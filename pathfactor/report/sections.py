@@ -9,19 +9,37 @@ import pandas as pd
 from .. import __version__, plot
 from ..evaluate import ACTIVE_FRACTION, active_mask
 from . import html as h
-from .results import Interventions, Results, expression
+from .results import VIEW_SHARE, Interventions, Results, expression, view_active
 
 #: an intervention's effect on a factor is a call when its local false sign rate is below this
 LFSR_CALL = 0.05
 #: at most this many factors (rows) and levels (columns) in the interventions heatmap, and calls in its table
 MAX_EFFECT_FACTORS, MAX_EFFECT_LEVELS, MAX_EFFECT_CALLS = 30, 40, 25
+#: factors (rows) in the factors x views heatmap
+MAX_VIEW_FACTORS = 20
+
+
+def data_text(res: Results, adata) -> str:
+    """What the model was fitted on: cells x genes, or the cells and each view's features and likelihood."""
+    if res.views is None:
+        return f"{adata.n_obs:,} cells × {adata.n_vars:,} genes"
+    parts = []
+    for view, w in res.views.loadings.items():
+        lik = res.views.likelihoods.get(view)
+        measured = res.views.n_obs.get(view, adata.n_obs)
+        extra = [lik] if lik else []
+        if measured < adata.n_obs:
+            extra.append(f"{measured:,} cells")
+        more = "".join(f", {escape(e)}" for e in extra)
+        parts.append(f"{escape(view)} ({len(w):,} features{more})")
+    return f"{adata.n_obs:,} cells; {len(parts)} views: " + ", ".join(parts)
 
 
 def header(res: Results, adata, title: str, groups: pd.Series | None, links: list[tuple[str, str]]) -> str:
     counts = res.info["kind"].value_counts()
     kinds = ", ".join(f"{n} {escape(kind)}" for kind, n in counts.items())
     lines = [f"<b>Model:</b> {escape(res.model)}",
-             f"<b>Data:</b> {adata.n_obs:,} cells × {adata.n_vars:,} genes",
+             f"<b>Data:</b> {data_text(res, adata)}",
              f"<b>Factors:</b> {len(res.info)} ({kinds}); <b>active:</b> {int(res.info['active'].sum())}"]
     if res.covariates is not None:
         lines.append(f"<b>Covariates:</b> {h.genes(res.covariates.columns, 50)}")
@@ -39,6 +57,15 @@ def header(res: Results, adata, title: str, groups: pd.Series | None, links: lis
 def how_to_read(res: Results) -> str:
     relevance = ("the fraction of the expression variance the factor explains (R², shown in %)" if res.is_r2
                  else f"the model's own measure, {escape(res.measure)}")
+    if res.views is not None:
+        return f"""<div class="note"><p>The model has several views (modalities) of the same cells. Each factor is a
+program shared across them: one score per cell and a loading per feature of every view. A factor may act in all
+views or in some only: the <b>Factors × views</b> heatmap shows the share of each view's variance it explains.
+<b>Relevance</b> is {relevance}; for several views, the largest share over the views.</p>
+<p>A feature is <b>active</b> in a factor when |w| &gt; {ACTIVE_FRACTION:g} × the factor's largest |w| in the same
+view (loadings of different views are on different scales), counted only in views where the factor explains at least
+{100 * VIEW_SHARE:g} % of the variance. The sign of a factor is arbitrary: a positive loading means the feature rises
+with the factor's score.</p></div>"""
     return f"""<div class="note"><p>Each factor is a gene program: a score per cell and a loading per gene. Annotated
 factors start from a gene set and carry its name (↗ opens the gene set's page); <i>sparse</i> and <i>dense</i> factors
 are unannotated programs the data needed. <b>Relevance</b> is {relevance}.</p>
@@ -66,19 +93,30 @@ def _overview_row(rank: int, name: str, row, res: Results, sectioned: set, top: 
     return f"<tr{'' if row['active'] else ' class=inactive'}>{''.join(cells)}</tr>"
 
 
+def _views_overview_note(res: Results) -> str:
+    if res.views is None:
+        return ""
+    return ("<p>Several views: <i>variance explained</i> is the factor's largest share of a view's variance; "
+            "<i>active features</i> are counted in each view the factor acts in, then summed over the views.</p>\n")
+
+
 def overview(table: pd.DataFrame, res: Results, sectioned: set) -> str:
     """Every factor, most relevant first."""
     top = float(np.nanmax(table["relevance"])) if len(table) else 0.0
     rows = "\n".join(_overview_row(i + 1, name, row, res, sectioned, top) for i, (name, row) in
                      enumerate(table.iterrows()))
     measure = "variance explained" if res.is_r2 else f"relevance ({escape(res.measure)})"
+    if res.views is not None:
+        measure = "variance explained (largest over views)"
     heads = ["#", "factor", "kind", "gene set (genes in data)", measure, "active genes", "gained", "lost", "active"]
+    if res.views is not None:
+        heads[5] = "active features (all views)"
     return f"""<h2 id="overview">All factors</h2>
 <p>Every factor of the model, most relevant first. <i>Gene set</i>: genes of the factor's gene set present in the
 data; <i>active genes</i>: genes with |w| &gt; {ACTIVE_FRACTION:g} × max |w|; <i>gained</i> / <i>lost</i>: active
 genes outside the set / set genes that are not active. Inactive factors (greyed) explain almost nothing and get no
 section. Hover a relevance for its exact value.</p>
-<table class="overview"><thead><tr>{''.join(f'<th>{t}</th>' for t in heads)}</tr></thead>
+{_views_overview_note(res)}<table class="overview"><thead><tr>{''.join(f'<th>{t}</th>' for t in heads)}</tr></thead>
 <tbody>
 {rows}
 </tbody></table>"""
@@ -109,24 +147,80 @@ def _gained_lost(name: str, res: Results, refined: pd.DataFrame, top_genes: int)
 
 def _facts(row, res: Results) -> str:
     facts = [f"relevance {h.relevance_text(row['relevance'], res.is_r2)}"
-             + (" of variance" if res.is_r2 else f" ({escape(res.measure)})")]
+             + (" of a view's variance (the largest)" if res.views is not None
+                else " of variance" if res.is_r2 else f" ({escape(res.measure)})")]
     if not np.isnan(row["set_size"]):
         facts.append(f"gene set: {h.count(row['set_size'])} genes in the data")
-    facts.append(f"{h.count(row['n_active'])} active genes")
+    facts.append(f"{h.count(row['n_active'])} active {'features' if res.views is not None else 'genes'}")
     if not np.isnan(row["n_gained"]):
         facts.append(f"{h.count(row['n_gained'])} gained, {h.count(row['n_lost'])} lost")
     return " · ".join(facts)
 
 
+def _view_loadings(w: pd.Series, view: str, name: str, top: int):
+    """A view's top loadings of a factor, narrower than a single view's (several sit side by side)."""
+    import matplotlib.pyplot as plt
+
+    _, ax = plt.subplots(figsize=(4.6, plot._bar_height(min(top, len(w)))), layout="constrained")
+    plot.top_loadings(w, None, top=top, ax=ax)
+    ax.set_title(f"{view}: top features of {name}")
+    return ax
+
+
+def _views_shown(name: str, res: Results) -> list[str]:
+    """The views a factor acts in (share at least VIEW_SHARE; NaN counts), largest share first."""
+    share = res.views.relevance.loc[name]
+    order = share.fillna(np.inf).sort_values(ascending=False, kind="stable")
+    return [v for v in order.index if not share[v] < VIEW_SHARE]
+
+
+def _view_active_lists(name: str, res: Results, active: pd.DataFrame, top_genes: int) -> str:
+    """Per view, the factor's active features, strongest first (views it does not act in: one line)."""
+    shown = _views_shown(name, res)
+    rows = []
+    for view in shown:
+        w = res.views.loadings[view][name]
+        keys = [f"{view}:{g}" for g in w.index]
+        mask = active[name].reindex(keys).to_numpy(dtype=bool)
+        strength = w.abs()[mask].sort_values(ascending=False)
+        listed = [f"{escape(str(g))} ({w[g]:+.2f})" for g in strength.index[:top_genes]]
+        more = f" … (+{len(strength) - top_genes} more)" if len(strength) > top_genes else ""
+        rows.append(f"<tr><th>{escape(view)}</th><td>{', '.join(listed) or '—'}{more}</td>"
+                    f'<td class="num">{len(strength):,}</td></tr>')
+    quiet = [v for v in res.views.names if v not in shown]
+    note = (f"<p>Not active in {', '.join(escape(v) for v in quiet)} (explains &lt; {100 * VIEW_SHARE:g} % of "
+            f"the variance there).</p>" if quiet else "")
+    table = ("<table><tr><th>view</th><th>active features, strongest first (loading)</th><th>count</th></tr>"
+             + "".join(rows) + "</table>") if rows else ""
+    return table + note
+
+
+def _view_facts(name: str, res: Results) -> str:
+    share = res.views.relevance.loc[name]
+    return "share of each view's variance: " + ", ".join(
+        f"{escape(v)} {h.relevance_text(share[v], True) if np.isfinite(share[v]) else 'n/a'}" for v in share.index)
+
+
 def factor_section(rank: int, name: str, row, res: Results, refined: pd.DataFrame, groups, order, colors,
-                   top_genes: int, collapsed: bool) -> str:
-    """A factor's top loadings, scores by group and gained/lost genes; ``collapsed`` wraps it in ``<details>``."""
-    annotated = res.annotation[name] if res.annotation is not None and res.annotation[name].any() else None
-    figs = [h.figure(plot.top_loadings, res.loadings[name], annotated, top=top_genes, alt=f"top loadings of {name}"),
-            h.figure(plot.factor_scores, res.scores[name], groups, order=order, colors=colors,
-                     alt=f"scores of {name}")]
+                   top_genes: int, collapsed: bool, active: pd.DataFrame | None = None) -> str:
+    """A factor's top loadings, scores by group and gained/lost genes; ``collapsed`` wraps it in ``<details>``.
+    A multi-view result gets the top loadings and active features of each view the factor acts in (``active``:
+    :func:`view_active`)."""
+    scores = h.figure(plot.factor_scores, res.scores[name], groups, order=order, colors=colors,
+                      alt=f"scores of {name}")
     title = (f"{rank}. {escape(name)}{h.external_link(name, res.urls)} {h.kind_badge(row['kind'])}")
-    body = f"""<p class="facts">{_facts(row, res)}</p>
+    if res.views is not None:
+        per_view = max(5, min(top_genes, 10))
+        figs = [h.figure(_view_loadings, res.views.loadings[v][name], v, name, per_view,
+                         alt=f"top loadings of {name} in {v}") for v in _views_shown(name, res)]
+        body = f"""<p class="facts">{_facts(row, res)}<br>{_view_facts(name, res)}</p>
+<div class="figs">{''.join(figs)}{scores}</div>
+{_view_active_lists(name, res, active if active is not None else view_active(res), top_genes)}"""
+    else:
+        annotated = res.annotation[name] if res.annotation is not None and res.annotation[name].any() else None
+        figs = [h.figure(plot.top_loadings, res.loadings[name], annotated, top=top_genes,
+                         alt=f"top loadings of {name}"), scores]
+        body = f"""<p class="facts">{_facts(row, res)}</p>
 <div class="figs">{''.join(figs)}</div>
 {_gained_lost(name, res, refined, top_genes)}"""
     if collapsed:
@@ -140,11 +234,14 @@ def factors(names: list[str], table: pd.DataFrame, res: Results, refined: pd.Dat
     """A section per factor in ``names``: the first ``n_open`` open, the rest collapsed."""
     if not names:
         return '<h2 id="factors">Factors</h2>\n<p>No factor is active, so there are no factor sections.</p>'
+    active = view_active(res) if res.views is not None else None
     parts = [factor_section(i + 1, name, table.loc[name], res, refined, groups, order, colors, top_genes,
-                            collapsed=i >= n_open) for i, name in enumerate(names)]
+                            collapsed=i >= n_open, active=active) for i, name in enumerate(names)]
     if len(names) > n_open:
         parts.insert(n_open, f"<p>The other {len(names) - n_open} factors, by relevance (click to open):</p>")
-    intro = ("<p>Each active factor, most relevant first: its strongest genes (coloured by gene-set membership) and "
+    strongest = ("its strongest features in each view it acts in" if res.views is not None
+                 else "its strongest genes (coloured by gene-set membership)")
+    intro = (f"<p>Each active factor, most relevant first: {strongest} and "
              "its scores per cell" + (f" by {escape(str(groups.name))}" if groups is not None else "") + ".</p>")
     return '<h2 id="factors">Factors</h2>\n' + intro + "\n" + "\n".join(parts)
 
@@ -190,6 +287,24 @@ def scatter(res: Results, pair: list[str], groups, order) -> str:
     img = h.figure(plot.scores_scatter, res.scores[pair[0]], res.scores[pair[1]], groups, order=order,
                    alt="factor scatter")
     return f'<h2 id="scatter">The two most relevant factors</h2>\n<div class="figs">{img}</div>'
+
+
+def views(res: Results) -> str:
+    """Heatmap of the share of each view's variance the most relevant factors explain (factors x views)."""
+    rel = res.views.relevance
+    n = min(len(rel), MAX_VIEW_FACTORS)
+    img = h.figure(plot.views_heatmap, rel, top=MAX_VIEW_FACTORS, alt="share of each view's variance per factor")
+    total = rel.sum(axis=0)
+    totals = ", ".join(f"{escape(v)} {h.relevance_text(total[v], True)}" for v in rel.columns if np.isfinite(total[v]))
+    shown = f"the {n} factors with the largest share in any view" if n < len(rel) else f"all {n} factors"
+    return f"""<h2 id="views">Factors × views</h2>
+<p>The share of each view's variance that each factor explains (in %, as MOFA reports it): for a view,
+1 − ‖Y − x<sub>k</sub> w<sub>k</sub><sup>T</sup>‖² / ‖Y‖² over its measured entries (centred; for count and binary
+views, of the fitted log-mean or logit). A factor with a large share in several views is a program the views share;
+one with a share in a single view is specific to it. Rows: {shown}, most relevant first; columns: the views.
+Summed over all factors: {totals or 'n/a'} (shares of different factors overlap when the factors are correlated, so the
+sum is a guide only).</p>
+<div class="figs">{img}</div>"""
 
 
 def covariates(effects: pd.DataFrame, top_genes: int) -> str:
@@ -309,6 +424,11 @@ def _training(fit: dict) -> str:
 
 
 def _relevance_method(res: Results) -> str:
+    if res.views is not None:
+        return ("Relevance is the largest over the views of each factor's share of a view's variance, "
+                "1 − ‖Y<sub>v</sub> − x<sub>k</sub> w<sub>vk</sub><sup>T</sup>‖² / ‖Y<sub>v</sub>‖² for the centred "
+                "data Y<sub>v</sub> of view v over its measured entries (for count and binary views, the fitted "
+                "log-mean or logit in place of Y<sub>v</sub>)")
     if res.is_r2:
         return ("Relevance is the R² of each factor alone, "
                 "1 − ‖Y − x<sub>k</sub> w<sub>k</sub><sup>T</sup>‖² / ‖Y‖² "
@@ -323,14 +443,22 @@ def methods(res: Results, adata) -> str:
     params = ", ".join(_param(k, v) for k, v in res.params.items()) or "parameters not recorded"
     kinds = res.info["kind"].value_counts()
     n_sets = int(kinds.get("annotated", 0))
-    data = (f"{adata.n_obs:,} cells × {adata.n_vars:,} genes; {len(res.info)} factors"
+    data = (f"{data_text(res, adata)}; {len(res.info)} factors"
             + (f", {n_sets} of them from gene sets" if n_sets else ""))
     return f"""<h2 id="methods">Methods</h2>
 <div class="methods"><p>Gene programs were inferred with {version_text} using the {escape(res.model)} model
 ({params}). {_training(res.fit)} Data: {data}. {_relevance_method(res)}; a factor is flagged active by the model
-(for pathfactor's models: R² above 10<sup>−4</sup>). A gene is active in a factor when
-|w| &gt; {ACTIVE_FRACTION:g} × the factor's largest |w|; gained and lost genes compare the active genes with the
-gene set.{_interventions_method(res)} Report written by pathfactor {escape(__version__)}.</p></div>"""
+(for pathfactor's models: R² above 10<sup>−4</sup>). {_active_method(res)}{_interventions_method(res)} Report written by pathfactor {escape(__version__)}.</p></div>"""
+
+
+def _active_method(res: Results) -> str:
+    if res.views is not None:
+        return (f"A feature is active in a factor when |w| &gt; {ACTIVE_FRACTION:g} × the factor's largest |w| in "
+                f"the feature's view, in the views where the factor explains at least {100 * VIEW_SHARE:g} % of the "
+                "variance. The per-group heatmap of top genes is left out for several views (their loadings and "
+                "data are on different scales).")
+    return (f"A gene is active in a factor when |w| &gt; {ACTIVE_FRACTION:g} × the factor's largest |w|; gained and "
+            "lost genes compare the active genes with the gene set.")
 
 
 def _interventions_method(res: Results) -> str:
