@@ -389,7 +389,8 @@ def cmd_fit(args) -> int:
     from .models.anndata_io import check_key
 
     spec = MODELS[args.model]
-    if spec.gene_sets == "required" and not args.gene_sets:
+    if spec.gene_sets == "required" and not args.gene_sets and not _is_h5mu(args.input):
+        # several views may be fitted with unannotated factors only (a view without sets gets those anyway)
         raise ValueError(f"--model {args.model} needs --gene-sets (a GMT/JSON file or one of: hallmark, reactome_mouse)")
     if spec.gene_sets == "unused" and args.gene_sets:
         raise ValueError(f"--model {args.model} does not use gene sets; drop --gene-sets")
