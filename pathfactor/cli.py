@@ -135,18 +135,13 @@ def _read_h5mu(path):
     return mdata
 
 
-def _write_h5mu(mdata, path) -> Path:
+def _write_h5ad(data, path) -> Path:
+    """``data`` to ``path``: an AnnData as .h5ad, a MuData (several views) as .h5mu."""
+    from .data.views import is_mudata
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    mdata.write(p)
-    log.info("wrote %s", p)
-    return p
-
-
-def _write_h5ad(adata, path) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    adata.write_h5ad(p)
+    (data.write_h5mu if is_mudata(data) else data.write_h5ad)(p)
     log.info("wrote %s", p)
     return p
 
@@ -448,7 +443,7 @@ def cmd_fit(args) -> int:
         raise ValueError(text.replace("allow_missing=True", "--allow-missing")) from None
     model.write(adata, key=key)
     if multiview:
-        _write_h5mu(adata, args.out)
+        _write_h5ad(adata, args.out)
     else:
         _write_h5ad(adata, args.out)
     if args.save_model:

@@ -53,3 +53,40 @@ def figures(monkeypatch):
 
     monkeypatch.setattr(report_html, "figure", fake)
     return calls
+
+
+def _tiny_mudata(seed: int = 0, missing: bool = True, n: int = 120, g_rna: int = 30, g_bin: int = 12):
+    """Two views of ``n`` cells sharing 2 factors: 'rna' (Gaussian; 10 % NaN when ``missing``) and 'acc' (0/1),
+    with a 'group' column in obs."""
+    import warnings
+
+    import anndata as ad
+    import mudata as md
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 2))
+    W1 = rng.normal(size=(g_rna, 2)) * (rng.random((g_rna, 2)) < 0.6)
+    W2 = 2 * rng.normal(size=(g_bin, 2))
+    Y1 = (X @ W1.T + 0.5 * rng.normal(size=(n, g_rna))).astype(np.float32)
+    Y2 = (rng.random((n, g_bin)) < 1 / (1 + np.exp(-(X @ W2.T)))).astype(np.float32)
+    hidden = rng.random(Y1.shape) < 0.1
+    if missing:
+        Y1[hidden] = np.nan
+    rna, acc = ad.AnnData(Y1), ad.AnnData(Y2)
+    rna.obs_names = acc.obs_names = [f"c{i}" for i in range(n)]
+    rna.var_names = [f"g{j}" for j in range(g_rna)]
+    acc.var_names = [f"p{j}" for j in range(g_bin)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mdata = md.MuData({"rna": rna, "acc": acc})
+    mdata.obs["group"] = pd.Categorical(np.where(X[:, 0] > 0, "high", "low"))
+    return mdata
+
+
+@pytest.fixture(scope="session")
+def tiny_mudata():
+    """The builder of a tiny two-view MuData (``_tiny_mudata``); needs mudata."""
+    pytest.importorskip("mudata")
+    return _tiny_mudata

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 
-import anndata as ad
 import numpy as np
 import pytest
 
@@ -22,29 +21,16 @@ FAST = ["--max-epochs", "25", "--n-sparse", "2", "--min-set-size", "3", "--quiet
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny_mudata):
     """A tiny MuData: a Gaussian view 'rna' (with NaN entries) and a 0/1 view 'acc'; the same views without NaN;
     and a GMT of 'rna' genes."""
     d = tmp_path_factory.mktemp("mv")
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(N, 2))
-    W1 = rng.normal(size=(G_RNA, 2)) * (rng.random((G_RNA, 2)) < 0.6)
-    W2 = 2 * rng.normal(size=(G_BIN, 2))
-    Y1 = (X @ W1.T + 0.5 * rng.normal(size=(N, G_RNA))).astype(np.float32)
-    Y2 = (rng.random((N, G_BIN)) < 1 / (1 + np.exp(-(X @ W2.T)))).astype(np.float32)
-    cells = [f"c{i}" for i in range(N)]
     paths = {}
-    for name, y1 in (("missing", np.where(rng.random(Y1.shape) < 0.1, np.nan, Y1).astype(np.float32)),
-                     ("complete", Y1)):
-        rna, acc = ad.AnnData(y1), ad.AnnData(Y2.copy())
-        rna.obs_names = acc.obs_names = cells
-        rna.var_names = [f"g{j}" for j in range(G_RNA)]
-        acc.var_names = [f"p{j}" for j in range(G_BIN)]
+    for name, missing in (("missing", True), ("complete", False)):
+        path = d / f"{name}.h5mu"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mdata = md.MuData({"rna": rna, "acc": acc})
-            path = d / f"{name}.h5mu"
-            mdata.write(path)
+            tiny_mudata(missing=missing).write(path)
         paths[name] = path
     gmt = d / "rna.gmt"
     GeneSets({"SET_A": [f"g{j}" for j in range(0, 12)], "SET_B": [f"g{j}" for j in range(10, 24)]}).write_gmt(gmt)

@@ -245,3 +245,13 @@ def test_poisson_view_fits_counts_and_imputes_rates():
     F = np.c_[model.factor_scores_.to_numpy(), np.ones(len(X))]
     resid = X - F @ np.linalg.lstsq(F, X, rcond=None)[0]
     assert (1 - (resid**2).sum(0) / ((X - X.mean(0)) ** 2).sum(0)).min() > 0.6
+
+
+def test_supervised_fits_views_with_covariates(tiny_mudata):
+    mdata = tiny_mudata()
+    model = pf.models.Supervised(n_factors=2, progress=False).fit(mdata, covariates="group", allow_missing=True)
+    columns = list(model.covariate_effects_.columns)
+    assert len(columns) == 1 and columns[0].startswith("group=") and model.views_ is not None
+    assert model.covariate_effects_.shape == (42, 1) and np.isfinite(model.covariate_effects_.to_numpy()).all()
+    with pytest.raises(ValueError, match="two_step=True fits one complete view"):
+        pf.models.Supervised(two_step=True, progress=False).fit(mdata, covariates="group", allow_missing=True)

@@ -5,7 +5,6 @@ import base64
 import re
 import warnings
 
-import anndata as ad
 import matplotlib
 
 matplotlib.use("Agg")
@@ -29,29 +28,8 @@ pytestmark = [pytest.mark.usefixtures("torch_one_thread"),
 N, G_RNA, G_BIN = 120, 30, 12
 
 
-def tiny_mudata(seed: int = 0):
-    """Two views of 120 cells: 'rna' (Gaussian, 10 % NaN) and 'acc' (0/1), and a 'group' column in obs."""
-    rng = np.random.default_rng(seed)
-    X = rng.normal(size=(N, 2))
-    W1 = rng.normal(size=(G_RNA, 2)) * (rng.random((G_RNA, 2)) < 0.6)
-    W2 = 2 * rng.normal(size=(G_BIN, 2))
-    Y1 = (X @ W1.T + 0.5 * rng.normal(size=(N, G_RNA))).astype(np.float32)
-    Y1[rng.random(Y1.shape) < 0.1] = np.nan
-    Y2 = (rng.random((N, G_BIN)) < 1 / (1 + np.exp(-(X @ W2.T)))).astype(np.float32)
-    cells = [f"c{i}" for i in range(N)]
-    rna, acc = ad.AnnData(Y1), ad.AnnData(Y2)
-    rna.obs_names = acc.obs_names = cells
-    rna.var_names = [f"g{j}" for j in range(G_RNA)]
-    acc.var_names = [f"p{j}" for j in range(G_BIN)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mdata = md.MuData({"rna": rna, "acc": acc})
-    mdata.obs["group"] = pd.Categorical(np.where(X[:, 0] > 0, "high", "low"))
-    return mdata
-
-
 @pytest.fixture(scope="module")
-def fitted():
+def fitted(tiny_mudata):
     mdata = tiny_mudata()
     model = pf.models.Spex(n_sparse=3, likelihood={"rna": "normal", "acc": "bernoulli"}, max_epochs=40,
                            progress=False).fit(mdata, allow_missing=True)

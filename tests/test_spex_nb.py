@@ -159,7 +159,7 @@ def test_count_likelihood_refuses_what_cannot_be_counts(sim):
     with pytest.raises(ValueError, match="non-negative counts"):
         model.fit(negative, annotations=sets)
     with pytest.raises(ValueError, match="likelihood must be"):
-        pf.models.Spex(likelihood="poisson", progress=False).fit(adata, annotations=sets)
+        pf.models.Spex(likelihood="zip", progress=False).fit(adata, annotations=sets)
     with pytest.raises(ValueError, match="batch_size=None"):
         pf.models.Spex(likelihood="nb", batch_size=100, progress=False).fit(adata, annotations=sets)
     empty = adata.copy()

@@ -6,6 +6,7 @@ missing view). Nothing of the caller's objects is modified.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,7 @@ import scipy.sparse as sp
 
 from .inputs import as_matrix
 
-__all__ = ["Views", "is_multiview", "read_views", "per_view"]
+__all__ = ["Views", "is_mudata", "is_multiview", "read_views", "per_view"]
 
 
 @dataclass
@@ -34,9 +35,14 @@ class Views:
         return [m.shape[1] for m in self.matrices]
 
 
+def is_mudata(data) -> bool:
+    """A MuData: its ``.mod`` is the mapping of views (a pandas DataFrame's ``.mod`` is a method)."""
+    return isinstance(getattr(data, "mod", None), Mapping)
+
+
 def is_multiview(data) -> bool:
-    """A MuData (it has ``.mod``) or a dict of views (a scipy DOK matrix is a dict too, but one matrix)."""
-    return (isinstance(data, dict) and not sp.issparse(data)) or hasattr(data, "mod")
+    """A MuData or a dict of views (a scipy DOK matrix is a dict too, but one matrix)."""
+    return (isinstance(data, dict) and not sp.issparse(data)) or is_mudata(data)
 
 
 def per_view(value, names: list[str], what: str, default=None) -> dict:
@@ -53,7 +59,7 @@ def per_view(value, names: list[str], what: str, default=None) -> dict:
 def read_views(data, layer=None, use_highly_variable: bool | None = False) -> Views:
     """Read ``data`` (MuData, dict of views, or one matrix as a single view named ``"data"``) into :class:`Views`.
     ``layer``: one layer name for every view or ``{view: layer}``. NaN entries are kept (missing)."""
-    if hasattr(data, "mod"):
+    if is_mudata(data):
         views, cells, obs = dict(data.mod), pd.Index(data.obs_names), data.obs
     elif is_multiview(data):
         if not data:

@@ -16,7 +16,7 @@ import torch
 from ..data.genesets import annotation_mask
 from ..data.stream import TensorRows, initial_factors
 from ..data.inputs import covariate_design
-from ..data.views import Views, is_multiview, per_view, read_views
+from ..data.views import Views, is_mudata, is_multiview, per_view, read_views
 from ..evaluate import orient
 from ..train import fingerprint, resolve_device, seed_everything, train
 from ._spex_nb import moment_dispersion
@@ -381,7 +381,7 @@ class MultiViewSpex:
     def _write_views(self, mdata, key: str) -> None:
         """Scores in ``mdata.obsm["X_<key>"]``, each view's loadings in ``mdata[view].varm["<key>_loadings"]``
         (and ``_loadings_sd``), the relevance table and the rest in ``mdata.uns[key]``."""
-        if not hasattr(mdata, "mod"):
+        if not is_mudata(mdata):
             raise ValueError("a multi-view model writes into the MuData it was fitted on (or a MuData with the same "
                              "cells and views); one AnnData cannot hold several views' loadings")
         if list(mdata.obs_names) != list(self.factor_scores_.index):

@@ -270,7 +270,7 @@ class SpexViews(Task):
     def _update_factors(self) -> None:
         """q(x_n): Sigma_n^-1 = I + sum_g P_ng E[w_g w_g^T], mu_n = Sigma_n sum_g (R_ng m_wg - P_ng E[w_g c_g^T] c_n)
         with c = (z, 1) and P = W phi."""
-        K, D, N = self.K, self.D, self.N
+        K, D = self.K, self.D
         Eth = self._theta_second() * self.psi[:, None]                         # phi_g E[theta theta^T]
         T = Eth.sum(0, keepdim=True) if self.W is None else self.W @ Eth       # N (or 1) x D^2
         T = T.reshape(-1, D, D)

@@ -18,6 +18,7 @@ import torch
 from .. import parallel
 from ..data import stream
 from ..data.genesets import annotation_mask
+from ..data.views import is_mudata
 from ..data.stream import TensorRows
 from ..data.inputs import (Matrix, aligned_centred, as_matrix, check_counts, covariate_design, highly_variable_mask,
                            intervention_groups, new_covariates)
@@ -533,7 +534,7 @@ class Spex(MultiViewSpex, LatentModel):
         reference left out), ``["intervention_reference"]``, ``["intervention_levels"]`` and the per-gene total
         effects ``varm["<key>_gene_effects"]`` / ``varm["<key>_gene_effects_sd"]`` (genes x levels).
         A model of several views writes into a MuData (``_write_views``)."""
-        if self.is_multiview_ and (len(self.views_) > 1 or hasattr(adata, "mod")):
+        if self.is_multiview_ and (len(self.views_) > 1 or is_mudata(adata)):
             self._check_fitted()
             return self._write_views(adata, key or self.key)
         super().write(adata, key)

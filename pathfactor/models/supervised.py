@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..data.inputs import as_matrix, check_variance, covariate_design
+from ..data.views import is_multiview
 from ..evaluate import factor_r2
 from .base import factor_layout
 from .spex import Spex
@@ -52,9 +53,11 @@ class Supervised(Spex):
 
     def fit(self, data, covariates=None, layer: str | None = None, device="auto", seed: int = 0,
             annotations=None, checkpoint_dir=None, use_highly_variable: bool | None = None, interventions=None,
-            reference=None) -> "Supervised":
+            reference=None, allow_missing: bool = False) -> "Supervised":
         """``covariates`` act on the genes (B); ``interventions`` (an obs column, or one label per cell) act on the
-        factors, against the ``reference`` level (see :meth:`Spex.fit`). At least one of them is needed."""
+        factors, against the ``reference`` level (see :meth:`Spex.fit`). At least one of them is needed.
+        ``data`` may also hold several (Gaussian) views, a MuData or ``{view: AnnData}``, and ``allow_missing=True``
+        fits NaN entries as missing, as for Spex (the covariates then come from the MuData's global obs)."""
         no_covariates = covariates is None or (not isinstance(covariates, str) and len(covariates) == 0)
         if no_covariates and interventions is None:
             raise ValueError("the supervised model needs covariates= (obs column names or a cells x C array) or "
@@ -64,11 +67,14 @@ class Supervised(Spex):
                              "two_step=False")
         if annotations is not None:
             raise ValueError("the supervised model takes no gene sets; use Spex(covariates=...) for annotated factors")
+        if self.two_step and (allow_missing or is_multiview(data)):
+            raise ValueError("two_step=True fits one complete view; use two_step=False for several views or "
+                             "missing entries")
         if not self.two_step:
             self.n_dense = self.n_factors  # Spex's name for them (n_factors may have changed by set_params)
             super().fit(data, covariates=covariates, layer=layer, device=device, seed=seed,
                         checkpoint_dir=checkpoint_dir, use_highly_variable=use_highly_variable,
-                        interventions=interventions, reference=reference)
+                        interventions=interventions, reference=reference, allow_missing=allow_missing)
             self.factor_kinds_[:] = "latent"
             return self
         return self._fit_two_step(data, covariates, layer, seed, use_highly_variable, reference)

@@ -18,7 +18,8 @@ from pathlib import Path
 from .. import plot
 from . import sections
 from .html import CSS
-from .results import is_multiview, load, overview, refined, report_groups
+from ..data.views import is_mudata
+from .results import load, overview, refined, report_groups
 
 __all__ = ["write_report"]
 
@@ -84,7 +85,7 @@ def write_report(adata, out_dir, key: str = "spex", color_by: str | None = None,
     summary = active[:N_SUMMARY_FACTORS]
     title = title or f"pathfactor report: {res.model}"
 
-    multiview = is_multiview(adata)
+    multiview = is_mudata(adata)
     heatmap = "" if multiview else sections.heatmap(adata, res, summary, groups, order)
     pair = (chosen if len(chosen) >= 2 else table.index.tolist())[:2]
     links = _nav(adata, res, summary, bool(heatmap), len(pair) == 2)

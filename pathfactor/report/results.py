@@ -21,6 +21,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..data.genesets import GeneSets
+from ..data.views import is_mudata
 from ..evaluate import active_mask, refined_annotations
 from ..models.anndata_io import scalar
 
@@ -83,15 +84,22 @@ def _table(matrix, index, columns, what: str) -> pd.DataFrame:
     return pd.DataFrame(values, index=index, columns=columns)
 
 
-def _check_present(adata, key: str) -> dict:
-    if key not in adata.uns:
-        raise _missing(f"adata.uns[{key!r}]")
-    meta = adata.uns[key]
+def _check_meta(data, key: str, label: str) -> dict:
+    """``data.uns[key]`` with its factor names and relevance, and the scores ``data.obsm["X_<key>"]`` (``label``:
+    how the errors name ``data``)."""
+    if key not in data.uns:
+        raise _missing(f"{label}.uns[{key!r}]")
+    meta = data.uns[key]
     for name in ("factor_names", "relevance"):
         if name not in meta:
-            raise _missing(f"adata.uns[{key!r}][{name!r}]")
-    if f"X_{key}" not in adata.obsm:
-        raise _missing(f"adata.obsm['X_{key}']")
+            raise _missing(f"{label}.uns[{key!r}][{name!r}]")
+    if f"X_{key}" not in data.obsm:
+        raise _missing(f"{label}.obsm['X_{key}']")
+    return meta
+
+
+def _check_present(adata, key: str) -> dict:
+    meta = _check_meta(adata, key, "adata")
     if f"{key}_loadings" not in adata.varm:
         raise _missing(f"adata.varm['{key}_loadings']")
     return meta
@@ -163,11 +171,6 @@ def interventions(meta, key: str, factors: list[str]) -> Interventions | None:
     return Interventions(effects, sd, lfsr, "the reference level" if reference is None else str(reference))
 
 
-def is_multiview(data) -> bool:
-    """Whether ``data`` is a MuData (several views) rather than one AnnData."""
-    return hasattr(data, "mod")
-
-
 def _measured(ad) -> int:
     """The cells a view measured: its rows with any value that is not NaN (a view's unmeasured cells are often
     NaN-padded rows); every row of a sparse or absent X."""
@@ -179,14 +182,7 @@ def _measured(ad) -> int:
 
 def _load_views(mdata, key: str, gene_set_urls=None) -> Results:
     """A multi-view result (MuData): scores from ``mdata.obsm``, factors from ``mdata.uns[key]``, loadings per view."""
-    if key not in mdata.uns:
-        raise _missing(f"mdata.uns[{key!r}]")
-    meta = mdata.uns[key]
-    for name in ("factor_names", "relevance"):
-        if name not in meta:
-            raise _missing(f"mdata.uns[{key!r}][{name!r}]")
-    if f"X_{key}" not in mdata.obsm:
-        raise _missing(f"mdata.obsm['X_{key}']")
+    meta = _check_meta(mdata, key, "mdata")
     info = _info(meta, key)
     names = info.index.tolist()
     views = [str(v) for v in np.ravel(meta.get("views", list(mdata.mod)))]
@@ -227,7 +223,7 @@ def _load_views(mdata, key: str, gene_set_urls=None) -> Results:
 
 def load(adata, key: str, gene_set_urls=None) -> Results:
     """The results under ``key``, checked, as pandas objects (an AnnData, or a MuData of several views)."""
-    if is_multiview(adata):
+    if is_mudata(adata):
         return _load_views(adata, key, gene_set_urls)
     meta = _check_present(adata, key)
     info = _info(meta, key)
