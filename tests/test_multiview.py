@@ -255,3 +255,24 @@ def test_supervised_fits_views_with_covariates(tiny_mudata):
     assert model.covariate_effects_.shape == (42, 1) and np.isfinite(model.covariate_effects_.to_numpy()).all()
     with pytest.raises(ValueError, match="two_step=True fits one complete view"):
         pf.models.Supervised(two_step=True, progress=False).fit(mdata, covariates="group", allow_missing=True)
+
+
+def test_view_weights_temper_each_views_likelihood(tiny_mudata, tmp_path):
+    mdata = tiny_mudata()
+    lik = {"rna": "normal", "acc": "bernoulli"}
+    plain = pf.models.Spex(n_sparse=2, likelihood=lik, progress=False).fit(mdata, allow_missing=True)
+    balanced = pf.models.Spex(n_sparse=2, likelihood=lik, view_weights="balanced", progress=False)
+    balanced.fit(mdata, allow_missing=True)
+    assert plain.view_weights_ == {"rna": 1.0, "acc": 1.0}
+    w = balanced.view_weights_
+    n_rna, n_acc = int(np.isfinite(mdata["rna"].X).sum()), mdata["acc"].X.size
+    assert w["acc"] * n_acc == pytest.approx(w["rna"] * n_rna) and w["acc"] > 1 > w["rna"]
+    assert np.diff(balanced.history_).min() > -1e-6 * abs(balanced.history_[-1])
+    balanced.save(tmp_path / "m")
+    back = pf.load(tmp_path / "m")
+    assert back.view_weights_ == balanced.view_weights_
+    np.testing.assert_allclose(back.transform(mdata).to_numpy(), balanced.transform(mdata).to_numpy(), atol=1e-8)
+    with pytest.raises(ValueError, match="view_weights must be"):
+        pf.models.Spex(view_weights={"rna": -1}, progress=False).fit(mdata, allow_missing=True)
+    with pytest.raises(ValueError, match="view_weights names views"):
+        pf.models.Spex(view_weights={"atac": 2.0}, progress=False).fit(mdata, allow_missing=True)

@@ -42,6 +42,25 @@ def view_likelihoods(likelihood, names: list[str]) -> dict:
     return out
 
 
+def check_view_weights(value) -> None:
+    """``view_weights``: None, "balanced" or {view: positive number}."""
+    if value is None or value == "balanced":
+        return
+    if not isinstance(value, dict) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and np.isfinite(w) and w > 0 for w in value.values()):
+        raise ValueError(f"view_weights must be None, 'balanced' or {{view: positive number}}, got {value!r}")
+
+
+def _weights(value, names: list[str], observed_per_view: list[int]) -> np.ndarray:
+    """Each view's likelihood power (see ``Spex``'s ``view_weights``)."""
+    if value is None:
+        return np.ones(len(names))
+    if value == "balanced":
+        n = np.asarray(observed_per_view, dtype=float)
+        return n.mean() / np.maximum(n, 1)
+    return np.array([float(w) for w in per_view(value, names, "view_weights", default=1.0).values()])
+
+
 def needs_views(data, likelihood, allow_missing: bool) -> bool:
     """Whether a fit goes to the multi-view engine: several views, a likelihood per view or a Bernoulli one, or
     missing entries allowed."""
@@ -144,6 +163,7 @@ class MultiViewSpex:
             obs = _checked_view(name, Y, liks[name], allow_missing)
             observed.append(obs)
             preps.append(_ViewPrep(name, Y, obs, liks[name]))
+        weights = _weights(self.view_weights, names, [int(o.sum()) for o in observed])
         observed = np.concatenate(observed, 1)
         if not observed.any(1).all():
             warnings.warn(f"{int((~observed.any(1)).sum())} cells have no observed entry in any view; their factors "
@@ -187,7 +207,8 @@ class MultiViewSpex:
         X0 = initial_factors(TensorRows(start, Zt), torch.as_tensor(mask, dtype=dt, device=dev), H)
         vi = SpexViews(values, obs_t, torch.as_tensor(view_of), [liks[n] for n in names], Zt,
                        torch.as_tensor(s, dtype=dt, device=dev), X0, offset=offset, dispersion=dispersion,
-                       slab_confidence=self.slab_confidence, tau_scale=torch.as_tensor(tau_scale))
+                       slab_confidence=self.slab_confidence, tau_scale=torch.as_tensor(tau_scale),
+                       view_weights=torch.as_tensor(weights))
         feature_names = (list(views.var_names[0]) if len(names) == 1
                          else [f"{n}:{g}" for n, vn in zip(names, views.var_names) for g in vn])
         owner = None
@@ -224,12 +245,13 @@ class MultiViewSpex:
         self.elbo_, self.converged_ = history[-1], result.converged
         self.views_ = {n: [str(g) for g in vn] for n, vn in zip(names, views.var_names)}
         self.view_likelihoods_ = dict(liks)
+        self.view_weights_ = {n: float(w) for n, w in zip(names, weights)}
         self.dispersion_views_ = dispersion.double().numpy()
         self._posterior = {"signs": signs, "M": M, "S": S, "psi": vi.sigma2.mean_inv.double().cpu().numpy(),
                            "dispersion": dispersion.double().numpy(), "feature_mean": mean, "feature_unit": unit,
                            "z_mean": z_mean.numpy(), "view_of": view_of,
                            "library_reference": np.array([p.library_reference for p in preps]),
-                           "relevance_views": rel.T}
+                           "relevance_views": rel.T, "view_weights": weights}
         self._covariates = covariates if isinstance(covariates, (str, list, tuple)) else None
         self._training = views   # for impute(); not saved
         self._training_scores = (vi.mu.double().cpu().numpy(), vi.Sigma.double().cpu().numpy())
@@ -367,7 +389,7 @@ class MultiViewSpex:
             torch.as_tensor(values, dtype=dt), None if observed.all() else torch.as_tensor(observed),
             torch.as_tensor(post["view_of"]), liks, torch.as_tensor(Z, dtype=dt), torch.as_tensor(post["M"]),
             torch.as_tensor(post["S"]), torch.as_tensor(post["psi"]), offset=torch.as_tensor(offset),
-            dispersion=torch.as_tensor(post["dispersion"]))
+            dispersion=torch.as_tensor(post["dispersion"]), view_weights=torch.as_tensor(post["view_weights"]))
         Sigma = Sigma.numpy()
         if Sigma.shape[0] == 1:
             Sigma = np.broadcast_to(Sigma, (Y.shape[0],) + Sigma.shape[1:])
@@ -397,6 +419,7 @@ class MultiViewSpex:
             "model": type(self).__name__, "factor_names": [str(f) for f in self.loadings_.columns],
             "factor_kinds": [str(k) for k in self.factor_kinds_], "views": list(self.views_),
             "likelihoods": [self.view_likelihoods_[v] for v in self.views_],
+            "view_weights": [self.view_weights_[v] for v in self.views_],
             "relevance": self.relevance_.to_numpy(dtype=float),
             "relevance_views": self.relevance_views_.to_numpy(dtype=float),
             "relevance_measure": self.relevance_measure, "n_epochs": len(self.history_),
@@ -415,11 +438,12 @@ class MultiViewSpex:
         D = K + len(arrays["z_mean"]) + 1
         expect_shapes(arrays, {"signs": (K,), "M": (G, D), "S": (G, D, D), "psi": (G,), "dispersion": (G,),
                                "feature_mean": (G,), "feature_unit": (G,), "view_of": (G,),
-                               "library_reference": (V,), "relevance_views": (K, V)})
+                               "library_reference": (V,), "relevance_views": (K, V), "view_weights": (V,)})
         self.views_ = {str(k): [str(g) for g in v] for k, v in meta["views"].items()}
         if sum(len(v) for v in self.views_.values()) != G:
             raise ValueError("the views' features do not add up to the loadings' rows")
         self.view_likelihoods_ = {str(k): str(v) for k, v in meta["view_likelihoods"].items()}
+        self.view_weights_ = {n: float(w) for n, w in zip(self.views_, arrays["view_weights"])}
         self._posterior = dict(arrays)
         self.relevance_views_ = pd.DataFrame(arrays["relevance_views"], index=self.loadings_.columns,
                                              columns=pd.Index(list(self.views_), name="view"))

@@ -43,7 +43,13 @@ that is nonzero in one cell (common among highly variable genes of small samples
 taking an extreme value in that cell; its noise variance then collapses, the slab can no longer pin its loadings,
 and the cell's other predictions go wild (measured on Kang: hidden-entry RMSE 0.45 against 0.43 for gene means).
 
-Every step maximises the ELBO in its block, so it rises monotonically (tested). Cost of a sweep: two products of
+Every step maximises the ELBO in its block, so it rises monotonically (tested).
+
+View weights (``view_weights``): view v's likelihood raised to the power w_v (a tempered, or power, likelihood:
+every precision and linear term of its entries scaled by w_v, and its ELBO terms too, so the updates stay exact
+for the tempered objective). w = 1 is the joint model; weights balance views of very different sizes (49 proteins
+against 2000 genes), as MOFA+'s ``scale_views`` does for Gaussian views; the result is then no longer the
+posterior of the joint model. Cost of a sweep: two products of
 the N x G weights with N x D^2 (or G x D^2) moments, D = K + C + 1, plus N + G factorisations of small matrices:
 ``O(N G D^2)``, against ``O(N G D)`` for complete Gaussian data (``_spex_vi``, which Spex uses for them). Without
 missing entries and with Gaussian views only, every cell shares one covariance and the weights are never formed.
@@ -96,7 +102,7 @@ class SpexViews(Task):
     """
 
     state_exclude = ("Y", "Z", "F_fixed", "observed", "view_of", "offset", "r", "kappa", "b", "log_C",
-                     "gaussian", "pg", "nb", "pois", "curvature", "log_C_pois", "views", "n_obs", "_yy",
+                     "gaussian", "pg", "nb", "pois", "curvature", "log_C_pois", "views", "n_obs", "_yy", "weight",
                      "_eye_K")
     rebinds_state = True
 
@@ -107,12 +113,13 @@ class SpexViews(Task):
     def __init__(self, Y: torch.Tensor, observed: torch.Tensor | None, view_of: torch.Tensor, likelihoods,
                  Z: torch.Tensor, s: torch.Tensor, X0: torch.Tensor, *, offset: torch.Tensor | None = None,
                  dispersion: torch.Tensor | None = None, slab_confidence: float = 2.0,
-                 tau_scale: torch.Tensor | None = None, noise_prior: tuple[float, float] = (1.0, 0.01)):
+                 tau_scale: torch.Tensor | None = None, noise_prior: tuple[float, float] = (1.0, 0.01),
+                 view_weights=None):
         """``noise_prior``: (a0, f) of the noise variances' prior (the class docstring: a floor at f times the
         typical variance, which keeps a feature nonzero in a single cell from collapsing its noise)."""
         dt, dev = Y.dtype, Y.device
         self.K = s.shape[1]
-        obs = self._set_data(Y, observed, view_of, likelihoods, Z, offset, dispersion)
+        obs = self._set_data(Y, observed, view_of, likelihoods, Z, offset, dispersion, view_weights)
         V = len(self.views)
         sums = torch.zeros(V, dtype=dt, device=dev).index_add_(0, self.view_of, self._yy)
         counts = torch.zeros(V, dtype=dt, device=dev).index_add_(0, self.view_of, self.n_obs)
@@ -138,8 +145,9 @@ class SpexViews(Task):
         self._update_loadings()
         self._update_noise_and_priors()
 
-    def _set_data(self, Y, observed, view_of, likelihoods, Z, offset, dispersion) -> torch.Tensor:
-        """The data and their fixed derived quantities (``self.K`` set before); returns the observed mask."""
+    def _set_data(self, Y, observed, view_of, likelihoods, Z, offset, dispersion, view_weights=None) -> torch.Tensor:
+        """The data and their fixed derived quantities (``self.K`` set before); returns the observed mask.
+        ``view_weights``: one weight per view, the power of its likelihood (None: 1)."""
         dt, dev = Y.dtype, Y.device
         self.N, self.G = Y.shape
         self.C = Z.shape[1]
@@ -154,6 +162,10 @@ class SpexViews(Task):
         self.pois = torch.tensor([k == "poisson" for k in kinds], device=dev)
         self.pg = ~self.gaussian & ~self.pois
         self.observed = observed
+        w = torch.ones(len(self.views), dtype=dt, device=dev) if view_weights is None else \
+            torch.as_tensor(view_weights, dtype=dt, device=dev)
+        self.weight = w[self.view_of]                     # each feature's likelihood power
+        self._weighted = bool((w != 1).any())
         obs = torch.ones_like(Y, dtype=torch.bool) if observed is None else observed
         self.n_observed = int(obs.sum())
         self.Y = torch.where(obs, Y, torch.zeros_like(Y))
@@ -170,28 +182,30 @@ class SpexViews(Task):
         self.b = torch.where(pg_obs, b, torch.zeros_like(b))
         self.kappa = torch.where(pg_obs, self.Y - 0.5 * self.b, torch.zeros_like(b))
         log_C = torch.lgamma(self.Y + self.r) - torch.lgamma(self.r) - torch.lgamma(self.Y + 1)
-        self.log_C = float(torch.where(pg_obs & nb[None, :], log_C, torch.zeros_like(log_C)).sum())
+        self.log_C = float((torch.where(pg_obs & nb[None, :], log_C, torch.zeros_like(log_C)) * self.weight).sum())
         # Gaussian features: observed counts and sums of squares
         gauss_obs = (obs & self.gaussian[None, :]).to(dt)
-        self.n_obs = gauss_obs.sum(0)
-        self._yy = (self.Y * self.Y * gauss_obs).sum(0)
+        self.n_obs = gauss_obs.sum(0) * self.weight
+        self._yy = (self.Y * self.Y * gauss_obs).sum(0) * self.weight
         # Poisson entries: the curvature bound kappa_ng = 1/4 + 0.17 y_ng of the softplus-link negative
         # log-likelihood (Seeger & Bouchard 2012; MOFA+ takes the largest y of each feature), and sum log y!
         pois_obs = obs & self.pois[None, :]
         self.curvature = 0.25 + 0.17 * self.Y[:, self.pois]
-        self.log_C_pois = -float(torch.where(pois_obs, torch.lgamma(self.Y + 1), torch.zeros_like(self.Y)).sum())
-        self._uniform = observed is None and not bool((~self.gaussian).any())   # every cell shares one covariance
+        self.log_C_pois = -float((torch.where(pois_obs, torch.lgamma(self.Y + 1), torch.zeros_like(self.Y))
+                                  * self.weight).sum())
+        # every cell shares one covariance
+        self._uniform = observed is None and not bool((~self.gaussian).any()) and not self._weighted
         self._eye_K = torch.eye(self.K, dtype=dt, device=dev)
         return obs
 
     @classmethod
     def cell_posterior(cls, Y, observed, view_of, likelihoods, Z, M, S, psi, *, offset=None, dispersion=None,
-                       max_iter: int = 200, tol: float = 1e-6):
+                       view_weights=None, max_iter: int = 200, tol: float = 1e-6):
         """q(x_n) of new cells under fixed q(theta) (``M``, ``S``) and noise precisions ``psi``: the factor and
         q(omega) updates alternated to convergence (one step for Gaussian views). Returns (mu, Sigma)."""
         self = cls.__new__(cls)
         self.K = M.shape[1] - Z.shape[1] - 1
-        obs = self._set_data(Y, observed, view_of, likelihoods, Z, offset, dispersion)
+        obs = self._set_data(Y, observed, view_of, likelihoods, Z, offset, dispersion, view_weights)
         self.M, self.S = M.to(Y.dtype), S.to(Y.dtype)
         self.sigma2 = InverseGamma(torch.ones_like(psi), 1.0 / psi.clamp_min(1e-30))
         self.mu = torch.zeros(self.N, self.K, dtype=Y.dtype, device=Y.device)
@@ -252,6 +266,8 @@ class SpexViews(Task):
             o, kappa = obs[:, self.pois], self.curvature
             W[:, self.pois] = kappa * o
             R[:, self.pois] = (kappa * self.zeta - _softplus_grad(self.zeta, Y[:, self.pois])) * o
+        if self._weighted:
+            W, R = W * self.weight, R * self.weight
         self.W, self.R = W, R
 
     def _theta_second(self) -> torch.Tensor:
@@ -356,8 +372,8 @@ class SpexViews(Task):
         if self.c.shape[1]:
             mean, second = self._moments(self.pg)
             c, b = self.c, self.b[:, self.pg]
-            bound = (self.kappa[:, self.pg] * mean - b * (_log_cosh_half(c) + _pg_lambda(c) * (second - c * c))
-                     - b * _LOG_2).sum()
+            bound = ((self.kappa[:, self.pg] * mean - b * (_log_cosh_half(c) + _pg_lambda(c) * (second - c * c))
+                      - b * _LOG_2) * self.weight[self.pg]).sum()
             lik = lik + bound + self.log_C
         n_sigma = self.N if self._uniform else 1
         mu2 = (self.mu * self.mu).sum()
@@ -377,7 +393,7 @@ class SpexViews(Task):
         bound = -(f + _softplus_grad(zeta, y) * (mean - zeta) + 0.5 * kappa * quad)
         if self.observed is not None:
             bound = bound * self.observed[:, self.pois]
-        return bound.sum() + self.log_C_pois
+        return (bound * self.weight[self.pois]).sum() + self.log_C_pois
 
     # ------------------------------------------------------------------ results
     def scores(self) -> torch.Tensor:

@@ -25,7 +25,7 @@ from ..data.inputs import (Matrix, aligned_centred, as_matrix, check_counts, cov
 from ..evaluate import orient
 from ..train import fingerprint, resolve_device, seed_everything, train
 from ._spex_effects import ProgramEffects, group_effects
-from ._spex_multiview import MultiViewSpex, needs_views, view_likelihoods
+from ._spex_multiview import MultiViewSpex, check_view_weights, needs_views, view_likelihoods
 from ._spex_nb import SpexNB, nb_factor_scores
 from ._spex_vi import SpexVI
 from .base import LatentModel, factor_layout
@@ -118,6 +118,11 @@ class Spex(MultiViewSpex, LatentModel):
     max_epochs, tol : stop after ``max_epochs`` sweeps or when the ELBO's relative change stays below ``tol``.
     progress : show a progress bar.
     dtype : "float32" (default) or "float64".
+    view_weights : several views only: ``None`` (default: the joint likelihood, every entry counts once),
+        ``"balanced"`` (each view's likelihood raised to the power that gives every view the same total weight,
+        mean observed entries per view / the view's observed entries, as MOFA+'s ``scale_views``: 49 proteins then
+        count as much as 2000 genes) or ``{view: weight}``. Weights other than 1 make the fit a tempered
+        likelihood, no longer the joint model's posterior (``_spex_views``).
 
     Attributes
     ----------
@@ -147,7 +152,7 @@ class Spex(MultiViewSpex, LatentModel):
                  min_set_size: int = 15, max_set_size: int = 500, min_set_fraction: float = 0.0,
                  max_epochs: int = 300, tol: float = 1e-5, batch_size: int | None = None, posterior: str = "blocked",
                  likelihood: str = "normal", coupling: float | None = 0.3, progress: bool = True,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", view_weights=None):
         self.n_sparse, self.n_dense = n_sparse, n_dense
         self.coupling = coupling
         self.likelihood = likelihood
@@ -156,6 +161,7 @@ class Spex(MultiViewSpex, LatentModel):
         self.min_set_size, self.max_set_size, self.min_set_fraction = min_set_size, max_set_size, min_set_fraction
         self.max_epochs, self.tol, self.batch_size, self.posterior = max_epochs, tol, batch_size, posterior
         self.progress, self.dtype = progress, dtype
+        self.view_weights = view_weights
 
     def _check_params(self) -> None:
         for name in ("n_sparse", "n_dense"):
@@ -183,6 +189,7 @@ class Spex(MultiViewSpex, LatentModel):
                              "leave batch_size=None and posterior='blocked'")
         if self.coupling is not None and (not np.isfinite(self.coupling) or self.coupling < 0):
             raise ValueError(f"coupling must be None (exact full covariances) or a number >= 0, got {self.coupling!r}")
+        check_view_weights(self.view_weights)
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
 
