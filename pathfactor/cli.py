@@ -166,6 +166,27 @@ SPEX_LIKELIHOODS = ("normal", "gaussian", "nb", "poisson", "bernoulli")
 COUNT_LIKELIHOODS = ("poisson", "nb", "zip", "zinb", "gaussian", "normal")
 
 
+def _parse_view_weights(values, multiview: bool):
+    """``--view-weights``: None, ``"balanced"`` or ``{view: weight}`` (the views are checked by the fit)."""
+    if not values:
+        return None
+    if not multiview:
+        raise ValueError("--view-weights applies to an .h5mu input (several views)")
+    if values == ["balanced"]:
+        return "balanced"
+    weights = {}
+    for value in values:
+        view, sep, number = value.partition(":")
+        try:
+            weight = float(number)
+        except ValueError:
+            weight = None
+        if not sep or weight is None or not weight > 0 or weight == float("inf"):
+            raise ValueError(f"--view-weights {value!r}: give 'balanced' (alone) or VIEW:W with a positive number W")
+        weights[view] = weight
+    return weights
+
+
 def _parse_likelihood(values, model: str) -> tuple[str | None, dict[str, str]]:
     """``--likelihood`` values as (the plain value or None, ``{view: likelihood}`` of the ``VIEW:LIK`` forms);
     likelihood names hold no ':', so a value splits at its last ':'."""
@@ -402,8 +423,11 @@ def cmd_fit(args) -> int:
         raise ValueError(f"--likelihood VIEW:LIK needs a .h5mu input (several views); {args.input!r} has one view: "
                          "give one plain likelihood")
     args.likelihood = lik_views or lik_default  # the views are checked (and the default filled in) after reading
+    view_weights = _parse_view_weights(args.view_weights, multiview)
     start = time.perf_counter()
     model = build_model(args.model, args)  # option errors before any reading
+    if view_weights is not None:
+        model.view_weights = view_weights
     covariates = _split_columns(args.covariates)
     interventions = args.interventions
     reference = _parse_reference(args.reference)
@@ -554,6 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeat; a plain LIK applies to the views not named)")
     p.add_argument("--allow-missing", action="store_true",
                    help="spex: fit NaN entries as missing (otherwise NaN is an error)")
+    p.add_argument("--view-weights", action="append", default=None, metavar="balanced|VIEW:W",
+                   help="spex with an .h5mu input: 'balanced' gives every view the same total weight (a tempered "
+                        "likelihood, as MOFA+'s scale_views), VIEW:W (repeat) sets one view's weight; default: the "
+                        "joint likelihood")
     p.add_argument("--n-clusters", type=int, default=None, metavar="C", help=("gmvae: mixture components") + _defaults_text("n_clusters"))
     p.add_argument("--weights-layer", default=None, metavar="LAYER",
                    help="nmf: adata.layers entry of per-entry weights (0 = missing)")

@@ -129,3 +129,21 @@ def test_fit_h5mu_with_report_and_report_of_h5mu(files, tmp_path, capsys):
 def test_report_of_h5mu_without_results(files, tmp_path, capsys, one_line_error):
     assert main(["report", str(files["complete"]), "--out", str(tmp_path / "rep"), "--quiet"]) == 2
     one_line_error("mdata.uns['spex']")
+
+
+def test_view_weights_from_the_shell(files, tmp_path, one_line_error):
+    out = tmp_path / "w.h5mu"
+    rc = main(["fit", str(files["missing"]), "--model", "spex", "--likelihood", "acc:bernoulli", "--allow-missing",
+               "--view-weights", "balanced", *FAST, "--out", str(out)])
+    assert rc == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = md.read_h5mu(out)
+    weights = np.asarray(res.uns["spex"]["view_weights"], dtype=float)
+    assert weights.shape == (2,) and weights[1] > 1 > weights[0]
+    for argv, words in ((["--view-weights", "rna:-2"], ["--view-weights", "positive"]),
+                        (["--view-weights", "atac:2"], ["view_weights names views", "atac"])):
+        rc = main(["fit", str(files["missing"]), "--model", "spex", "--allow-missing", *FAST,
+                   "--out", str(tmp_path / "x.h5mu"), *argv])
+        assert rc == 2
+        one_line_error(*words)
