@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pathfactor as pf
-from pathfactor.models._spex_nb import SpexNB, _gauss_hermite, _softplus_expectations, moment_dispersion
+from pathfactor.models._spex_nb import SpexNB, gauss_hermite, softplus_expectations, moment_dispersion
 
 
 def _counts(n_cells=400, n_genes=150, n_factors=3, r=5.0, seed=0):
@@ -45,14 +45,14 @@ def test_quadrature_matches_monte_carlo_and_the_derivatives_match_finite_differe
     rng = np.random.default_rng(0)
     centre = torch.tensor(rng.normal(-3, 3, 50), dtype=torch.float64)
     sd = torch.tensor(rng.uniform(0.05, 1.5, 50), dtype=torch.float64)
-    f, s, ss = _softplus_expectations(centre, sd, _gauss_hermite(8), derivatives=True)  # the model's 8 nodes
+    f, s, ss = softplus_expectations(centre, sd, gauss_hermite(8), derivatives=True)  # the model's 8 nodes
     draws = centre[:, None] + sd[:, None] * torch.randn(50, 200_000, dtype=torch.float64,
                                                          generator=torch.Generator().manual_seed(0))
     for value, sample in ((f, torch.nn.functional.softplus(draws)), (s, torch.sigmoid(draws)),
                           (ss, torch.sigmoid(draws) * torch.sigmoid(-draws))):
         error = sample.std(1) / sample.shape[1] ** 0.5
         assert ((value - sample.mean(1)).abs() <= 5 * error + 1e-12).all()
-    exact = _softplus_expectations(centre, sd, _gauss_hermite(200), derivatives=True)
+    exact = softplus_expectations(centre, sd, gauss_hermite(200), derivatives=True)
     for value, reference in zip((f, s, ss), exact):
         torch.testing.assert_close(value, reference, rtol=2e-3, atol=1e-6)
     Y = torch.tensor(rng.negative_binomial(3, 0.5, (40, 6)), dtype=torch.float64) + torch.eye(40, 6, dtype=torch.float64)

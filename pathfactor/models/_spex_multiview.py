@@ -133,6 +133,22 @@ class _ViewPrep:
         self.start = start / math.sqrt(total / n) if total > 0 else start   # each view's start has total variance 1
 
 
+def view_masks(views: Views, sets: dict, min_size: int, max_size: int, min_fraction: float):
+    """The features x terms mask of the views' gene sets (``sets``: one annotation per view, or None) and the term
+    names; a term found in several views is one factor, annotated in each."""
+    masks, terms = [], []
+    for name, var_names in zip(views.names, views.var_names):
+        mask, found = annotation_mask(sets[name], var_names, min_size, max_size, min_fraction)
+        masks.append((mask, found))
+        terms += [t for t in found if t not in terms]
+    G = sum(views.sizes)
+    mask = np.zeros((G, len(terms)), dtype=bool)
+    for (m, found), rows in zip(masks, np.split(np.arange(G), np.cumsum(views.sizes)[:-1])):
+        for j, t in enumerate(found):
+            mask[rows, terms.index(t)] = m[:, j]
+    return mask, terms
+
+
 def _annotations(annotations, names: list[str]) -> dict:
     if annotations is None:
         return {n: None for n in names}
@@ -170,23 +186,12 @@ class MultiViewSpex:
                           "are the prior's (zero)", UserWarning, stacklevel=3)
         G = observed.shape[1]
         view_of = np.repeat(np.arange(len(names)), views.sizes)
-        # gene sets per view; a term found in several views is one factor
-        masks, terms = [], []
-        for name, var_names in zip(names, views.var_names):
-            mask, found = annotation_mask(sets[name], var_names, self.min_set_size, self.max_set_size,
-                                          self.min_set_fraction)
-            masks.append((mask, found))
-            terms += [t for t in found if t not in terms]
-        mask = np.zeros((G, len(terms)), dtype=bool)
-        for (m, found), rows in zip(masks, np.split(np.arange(G), np.cumsum(views.sizes)[:-1])):
-            for j, t in enumerate(found):
-                mask[rows, terms.index(t)] = m[:, j]
+        mask, terms = view_masks(views, sets, self.min_set_size, self.max_set_size, self.min_set_fraction)
         A, H = len(terms), self.n_sparse + self.n_dense
         K = A + H
         if K == 0:
             raise ValueError("nothing to fit: give annotations (gene sets) or ask for n_sparse / n_dense factors")
-        Z, covariate_names = covariate_design(views.obs, covariates, N,
-                                              reference=None)
+        Z, covariate_names = covariate_design(views.obs, covariates, N)
         Zt = torch.as_tensor(Z, dtype=torch.float64)
         z_mean = Zt.mean(0)
         Zt = (Zt - z_mean).to(dt).to(dev)
@@ -208,6 +213,7 @@ class MultiViewSpex:
         vi = SpexViews(values, obs_t, torch.as_tensor(view_of), [liks[n] for n in names], Zt,
                        torch.as_tensor(s, dtype=dt, device=dev), X0, offset=offset, dispersion=dispersion,
                        slab_confidence=self.slab_confidence, tau_scale=torch.as_tensor(tau_scale),
+                       learn_tau=torch.tensor([self.global_scale is None or liks[n] == "normal" for n in names]),
                        view_weights=torch.as_tensor(weights))
         feature_names = (list(views.var_names[0]) if len(names) == 1
                          else [f"{n}:{g}" for n, vn in zip(names, views.var_names) for g in vn])

@@ -64,14 +64,14 @@ def moment_dispersion(Y: torch.Tensor, library: torch.Tensor, lo: float = 1e-2, 
     return torch.where(v > poisson, r, torch.full_like(r, hi)).clamp(lo, hi)
 
 
-def _gauss_hermite(n: int):
+def gauss_hermite(n: int):
     """Nodes and weights of E over N(0, 1) (probabilists' Hermite)."""
     x, w = np.polynomial.hermite_e.hermegauss(n)
     w = w / w.sum()
     return [(float(a), float(b)) for a, b in zip(x, w)]
 
 
-def _softplus_expectations(centre, sd, nodes, derivatives: bool):
+def softplus_expectations(centre, sd, nodes, derivatives: bool):
     """E[softplus(psi)] and, with ``derivatives``, E[sigmoid(psi)] and E[sigmoid(psi) sigmoid(-psi)] for
     psi ~ N(centre, sd^2), by quadrature."""
     f = torch.zeros_like(centre)
@@ -144,7 +144,7 @@ class SpexNB(Task):
             raise ValueError("some cells have no counts (library size 0); remove empty cells before fitting")
         self.offset_cell = torch.log(self.library)
         self._lgamma_y1 = torch.lgamma(Y + 1)
-        self.nodes = _gauss_hermite(n_nodes)
+        self.nodes = gauss_hermite(n_nodes)
 
     # ----------------------------------------------------------------------------------------- state setters
     def _set_factors(self, mu, Lam) -> None:
@@ -196,7 +196,7 @@ class SpexNB(Task):
         r = torch.exp(log_r)
         Y = self.Y[cells][:, genes]
         centre = mean + self.beta0[genes][None, :] - log_r[None, :]
-        f, s, ss = _softplus_expectations(centre, var.sqrt(), self.nodes, derivatives)
+        f, s, ss = softplus_expectations(centre, var.sqrt(), self.nodes, derivatives)
         count = Y + r
         if current:  # log Gamma(y + r) - log Gamma(r) - log y!, kept while r stays
             if getattr(self, "_const_of", None) is not self.log_r:

@@ -92,6 +92,11 @@ class Spex(MultiViewSpex, LatentModel):
         and on the noisy-annotation simulations (``benchmarks/global_scale.py``) its mask F1 is within 0.01 of the
         fixed one, which stays the default (equal or slightly better F1 at every noise level, larger loadings on
         low counts). Every prior is in the data's units, so the factors do not depend on the units of the data.
+        Several views or missing entries (``_spex_views``): Gaussian views learn tau per view and factor,
+        tau ~ C+(0, global_scale x the view's sd); count and binary views hold it at ``global_scale`` log units
+        (``None``: learned in every view). Measured: a learned tau imputes Kang better (hidden-entry RMSE 0.358
+        against 0.361) and gives a higher mask F1 on the multi-view simulation (0.87 against 0.83), while on
+        low counts it halves the NB loadings (0.21 against 0.33, truth 0.5).
     min_set_size, max_set_size, min_set_fraction : gene-set filters applied against the data's genes.
     batch_size : None (default) for exact coordinate ascent on all cells; an int for memoized VI on minibatches of
         at most that many cells (Hughes & Sudderth 2013), for data streamed from disk or with very many cells. The
@@ -198,6 +203,11 @@ class Spex(MultiViewSpex, LatentModel):
             seed: int = 0, checkpoint_dir=None, use_highly_variable: bool | None = None, interventions=None,
             reference=None, allow_missing: bool = False) -> "Spex":
         """Fit to ``data`` (AnnData, DataFrame or array; cells x genes, log-normalised or scaled).
+
+        Several views (modalities) of the same cells: a MuData or ``{view: AnnData}``, with ``likelihood`` and
+        ``annotations`` given per view as dicts; ``allow_missing=True`` fits NaN entries as missing (a cell without a
+        view is fitted from the others); NB / Poisson / Bernoulli views and missing entries go to the multi-view
+        engine (``_spex_views``), results in ``views_``, ``relevance_views_``, ``view_loadings``, ``impute``.
 
         ``annotations``: GeneSets, ``{name: genes}``, a genes x terms boolean DataFrame or a GMT/JSON path (or a
         list of them); sets are matched to the genes case-insensitively and filtered by size.
