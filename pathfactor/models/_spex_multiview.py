@@ -46,8 +46,8 @@ def check_view_weights(value) -> None:
     """``view_weights``: None, "balanced" or {view: positive number}."""
     if value is None or value == "balanced":
         return
-    if not isinstance(value, dict) or not all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and np.isfinite(w) and w > 0 for w in value.values()):
+    positive = lambda w: isinstance(w, (int, float)) and not isinstance(w, bool) and np.isfinite(w) and w > 0  # noqa: E731
+    if not isinstance(value, dict) or not all(positive(w) for w in value.values()):
         raise ValueError(f"view_weights must be None, 'balanced' or {{view: positive number}}, got {value!r}")
 
 
