@@ -112,7 +112,9 @@ def fingerprint(Y: np.ndarray) -> str:
 def _pathfactor(cls_name: str, annotated: bool, nonnegative: bool = False):
     def run(data: Data, opts) -> Fit:
         import pathfactor as pf
-        import sklearn.decomposition  # noqa: F401  (PCA imports it lazily: keep the import out of the timing)
+
+        if cls_name == "PCA":  # pathfactor's PCA imports scikit-learn when it fits: keep that import out of its time
+            import sklearn.decomposition  # noqa: F401
 
         cls = getattr(pf.models, cls_name)
         params = dict(opts.spex_params) if cls_name == "Spex" else {}
