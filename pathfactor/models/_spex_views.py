@@ -137,7 +137,7 @@ class SpexViews(Task):
 
     state_exclude = ("Y", "Z", "F_fixed", "observed", "view_of", "offset", "r", "nodes", "b", "log_C",
                      "gaussian", "pg", "nb", "pois", "curvature", "log_C_pois", "views", "n_obs", "_yy", "weight",
-                     "_known", "_frozen", "_eye_K")
+                     "_known", "_frozen", "_eye_K", "_quad_cache")
     rebinds_state = True
 
     @property
@@ -219,6 +219,7 @@ class SpexViews(Task):
         b = torch.where(nb[None, :], self.Y + self.r[None, :], torch.ones_like(self.Y))
         self.b = torch.where(pg_obs, b, torch.zeros_like(b))
         self.nodes = gauss_hermite(16)
+        self._quad_cache = None
         log_C = torch.lgamma(self.Y + self.r) - torch.lgamma(self.r) - torch.lgamma(self.Y + 1)
         self.log_C = float((torch.where(pg_obs & nb[None, :], log_C, torch.zeros_like(log_C)) * self.weight).sum())
         # Gaussian features: observed counts and sums of squares
@@ -280,20 +281,33 @@ class SpexViews(Task):
             eta0 = torch.where(self.nb, torch.log(rate.clamp_min(1e-3) / self.r),
                                torch.logit(rate.clamp(1e-3, 1 - 1e-3)))[self.pg]
             off = torch.zeros_like(self.Y[:, self.pg]) if self.offset is None else self.offset[:, self.pg]
-            self.h_loc, self.g_loc = self._logistic_terms(off + eta0[None, :], torch.zeros_like(off), eta0[None, :])
+            _, s, ss = softplus_expectations(off + eta0[None, :], torch.zeros_like(off), self.nodes, True)
+            self.h_loc, self.g_loc = self._logistic_terms(s, ss, eta0[None, :])
         if bool(self.pois.any()):
             r = rate[self.pois].clamp_min(1e-3)
             self.zeta = (r + torch.log(-torch.expm1(-r))).expand(self.N, -1).clone()   # softplus^-1(mean)
         self._set_pg_weights()
 
-    def _logistic_terms(self, mean: torch.Tensor, var: torch.Tensor, linear: torch.Tensor):
-        """The Gaussian pseudo-observation of each logistic entry (log p = C + y eta - b softplus(eta)) at
-        q(eta) = N(mean, var): precision h = b E[sigmoid(eta) sigmoid(-eta)] (the expected curvature) and linear
-        term g + h E[l], g = y - b E[sigmoid(eta)] (the expected slope); ``linear``: E[l] = E[eta] - offset."""
-        _, s, ss = softplus_expectations(mean, var.clamp_min(0).sqrt(), self.nodes, derivatives=True)
+    def _logistic_terms(self, s: torch.Tensor, ss: torch.Tensor, linear: torch.Tensor):
+        """The Gaussian pseudo-observation of each logistic entry (log p = C + y eta - b softplus(eta)) from
+        ``s`` = E[sigmoid(eta)] and ``ss`` = E[sigmoid(eta) sigmoid(-eta)] under q(eta): precision h = b ss (the
+        expected curvature) and linear term g + h E[l], g = y - b s (the expected slope); ``linear``: E[l]."""
         b, y = self.b[:, self.pg], self.Y[:, self.pg]
         h = b * ss
         return h, (y - b * s) + h * linear
+
+    def _logistic_expectations(self):
+        """E[eta], E[softplus(eta)], E[sigmoid(eta)] and E[sigmoid(eta) sigmoid(-eta)] of the logistic entries under
+        the current q (quadrature), computed once per state: every update binds new tensors, so the state's
+        tensors themselves are the key (the ELBO and the next pseudo-observations read the same values)."""
+        key = (self.mu, self.Sigma, self.M, self.S)
+        cached = self._quad_cache
+        if cached is not None and all(a is b for a, b in zip(cached[0], key)):
+            return cached[1]
+        mean, second = self._moments(self.pg)
+        f, s, ss = softplus_expectations(mean, (second - mean * mean).clamp_min(0).sqrt(), self.nodes, True)
+        self._quad_cache = (key, (mean, f, s, ss))
+        return mean, f, s, ss
 
     def _set_pg_weights(self) -> None:
         """W (N x G; 1/0 for Gaussian entries, the expected curvature h for logistic entries, kappa for Poisson
@@ -434,9 +448,9 @@ class SpexViews(Task):
         2017); the Poisson expansion points zeta = E[eta] (the bound's maximiser over zeta, as the curvature bound
         kappa exceeds the likelihood's)."""
         if self.h_loc.shape[1]:
-            mean, second = self._moments(self.pg)
+            mean, _, s, ss = self._logistic_expectations()
             off = 0.0 if self.offset is None else self.offset[:, self.pg]
-            self.h_loc, self.g_loc = self._logistic_terms(mean, second - mean * mean, mean - off)
+            self.h_loc, self.g_loc = self._logistic_terms(s, ss, mean - off)
         if self.zeta.shape[1]:
             self.zeta = self._moments(self.pois)[0]
         if self.h_loc.shape[1] or self.zeta.shape[1]:
@@ -469,8 +483,7 @@ class SpexViews(Task):
         if self.zeta.shape[1]:
             lik = lik + self._poisson_bound()
         if self.h_loc.shape[1]:  # E_q[y eta - b softplus(eta)] by Gauss-Hermite quadrature
-            mean, second = self._moments(self.pg)
-            f, _, _ = softplus_expectations(mean, (second - mean * mean).clamp_min(0).sqrt(), self.nodes, False)
+            mean, f, _, _ = self._logistic_expectations()
             lik = lik + ((self.Y[:, self.pg] * mean - self.b[:, self.pg] * f) * self.weight[self.pg]).sum() + self.log_C
         n_sigma = self.N if self._uniform else 1
         mu2 = (self.mu * self.mu).sum()
