@@ -111,11 +111,15 @@ class HalfCauchy:
         self.aux.rate = b + T
         self.scale2.rate = self.aux.mean_inv + R
 
-    def elbo(self) -> torch.Tensor:
-        """E[log p(s^2 | nu) + log p(nu)] + H[q(s^2)] + H[q(nu)], summed (the weights' term is elsewhere)."""
+    def terms(self) -> torch.Tensor:
+        """E[log p(s^2 | nu) + log p(nu)] + H[q(s^2)] + H[q(nu)] of each scale (the weights' term is elsewhere)."""
         s2, nu = self.scale2, self.aux
         lp = s2.expected_log_prior(0.5, nu.mean_inv, -nu.mean_log) + nu.expected_log_prior(0.5, 1.0 / self.s0**2)
-        return (lp + s2.entropy() + nu.entropy()).sum()
+        return lp + s2.entropy() + nu.entropy()
+
+    def elbo(self) -> torch.Tensor:
+        """:meth:`terms`, summed."""
+        return self.terms().sum()
 
 
 class FixedScale:

@@ -89,6 +89,12 @@ def _checked_view(name: str, Y: np.ndarray, lik: str, allow_missing: bool) -> np
     return observed
 
 
+def library_offsets(library: np.ndarray, reference: float, n_features: int) -> np.ndarray:
+    """The NB offsets log(library / reference) of each cell, for each of a view's ``n_features`` (N x n_features);
+    a cell with no counts in the view counts as half a count."""
+    return np.log(np.maximum(library, 0.5) / reference)[:, None] * np.ones((1, n_features))
+
+
 class _ViewPrep:
     """One view made ready for the engine: working values, units, offsets, dispersions and a start matrix."""
 
@@ -114,7 +120,7 @@ class _ViewPrep:
             measured = observed.any(1)
             ref = library[measured & (library > 0)].mean() if (measured & (library > 0)).any() else 1.0
             self.library_reference = float(ref)
-            self.offset = np.log(np.maximum(library, 0.5) / ref)[:, None] * np.ones((1, g))
+            self.offset = library_offsets(library, ref, g)
             rows = measured & (library > 0)
             r = moment_dispersion(torch.as_tensor(filled[rows]), torch.as_tensor(library[rows]),
                                   *DISPERSION_RANGE)
@@ -235,7 +241,7 @@ class MultiViewSpex:
         W = M[:, :K] * unit[:, None]
         signs = orient(W, annotation)
         C = Zt.shape[1]
-        rel = view_relevance(vi, preps, names)
+        rel = view_relevance(vi, names)
         self.relevance_views_ = pd.DataFrame(rel.T, index=pd.Index(names_k, name="factor"),
                                              columns=pd.Index(names, name="view"))
         log_unit = float(np.sum(observed * np.log(unit)[None, :]))   # the ELBO of the data in their own units
@@ -276,8 +282,12 @@ class MultiViewSpex:
         if not self.is_multiview_ or view not in self.views_:
             known = list(self.views_) if self.is_multiview_ else []
             raise ValueError(f"no view {view!r} in this model (views: {known})")
+        return self._view_rows(self.loadings_, view)
+
+    def _view_rows(self, frame: pd.DataFrame, view: str) -> pd.DataFrame:
+        """The rows of ``frame`` (features x factors) that belong to ``view``, indexed by the view's own names."""
         rows = np.flatnonzero(self._posterior["view_of"] == list(self.views_).index(view))
-        out = self.loadings_.iloc[rows].copy()
+        out = frame.iloc[rows].copy()
         out.index = pd.Index(self.views_[view], name=view)
         return out
 
@@ -342,14 +352,10 @@ class MultiViewSpex:
             if self.view_likelihoods_[name] != "nb":
                 blocks.append(np.zeros_like(Y))
                 continue
-            filled = np.where(np.isfinite(Y), Y, 0.0)
-            library = filled.sum(1)
-            ref = self._library_reference(name, library)
-            blocks.append(np.log(np.maximum(library, 0.5) / ref)[:, None] * np.ones((1, Y.shape[1])))
+            library = np.where(np.isfinite(Y), Y, 0.0).sum(1)
+            ref = float(self._posterior["library_reference"][list(self.views_).index(name)])
+            blocks.append(library_offsets(library, ref, Y.shape[1]))
         return np.concatenate(blocks, 1)
-
-    def _library_reference(self, name, library) -> float:
-        return float(self._posterior["library_reference"][list(self.views_).index(name)])
 
     def _views_design(self, views: Views, n_cells: int) -> np.ndarray:
         if self.covariate_effects_ is None:
@@ -419,7 +425,7 @@ class MultiViewSpex:
             if view not in mdata.mod:
                 raise ValueError(f"the MuData has no view {view!r} (it has {list(mdata.mod)})")
             ad = mdata.mod[view]
-            for suffix, frame in (("loadings", self.view_loadings(view)), ("loadings_sd", self._view_sd(view))):
+            for suffix, frame in (("loadings", self.view_loadings(view)), ("loadings_sd", self._view_rows(self.loadings_sd_, view))):
                 ad.varm[f"{key}_{suffix}"] = frame.reindex(ad.var_names, fill_value=0.0).to_numpy(np.float32)
         mdata.uns[key] = {
             "model": type(self).__name__, "factor_names": [str(f) for f in self.loadings_.columns],
@@ -458,14 +464,8 @@ class MultiViewSpex:
         self._interventions = self.intervention_levels_ = self.intervention_reference_ = None
         self._no_intervention_results()
 
-    def _view_sd(self, view: str) -> pd.DataFrame:
-        rows = np.flatnonzero(self._posterior["view_of"] == list(self.views_).index(view))
-        out = self.loadings_sd_.iloc[rows].copy()
-        out.index = pd.Index(self.views_[view], name=view)
-        return out
 
-
-def view_relevance(vi: SpexViews, preps, names) -> np.ndarray:
+def view_relevance(vi: SpexViews, names) -> np.ndarray:
     """Views x factors share of variance each factor explains (as MOFA reports it): Gaussian views,
     1 - sum (y - b0 - x_k w_k)^2 / sum (y - b0)^2 over the observed entries; NB and Bernoulli views, the same
     for the fitted linear predictor (log-mean or logit) in place of y."""

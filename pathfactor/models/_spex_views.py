@@ -118,9 +118,7 @@ class ViewScales:
     def elbo(self) -> torch.Tensor:
         if not bool(self.learn.any()):
             return torch.zeros((), dtype=self.s0.dtype, device=self.s0.device)
-        s2, nu, b = self.learned.scale2, self.learned.aux, 1.0 / self.learned.s0**2
-        lp = s2.expected_log_prior(0.5, nu.mean_inv, -nu.mean_log) + nu.expected_log_prior(0.5, b)
-        return ((lp + s2.entropy() + nu.entropy()) * self.learn[:, None]).sum()
+        return (self.learned.terms() * self.learn[:, None]).sum()
 
 
 class SpexViews(Task):
@@ -136,8 +134,8 @@ class SpexViews(Task):
     """
 
     state_exclude = ("Y", "Z", "F_fixed", "observed", "view_of", "offset", "r", "nodes", "b", "log_C",
-                     "gaussian", "pg", "nb", "pois", "curvature", "log_C_pois", "views", "n_obs", "_yy", "weight",
-                     "_known", "_frozen", "_eye_K", "_quad_cache")
+                     "gaussian", "logistic", "nb", "pois", "curvature", "log_C_pois", "views", "n_obs", "_yy", "weight",
+                     "_known", "_frozen", "_eye_K", "_quad_cache", "_sums_cache")
     rebinds_state = True
 
     @property
@@ -175,11 +173,11 @@ class SpexViews(Task):
         self.slab.q.rate = torch.full_like(self.slab.q.rate, float(self.slab.rate0.max()))   # free start
         shape = self.a0 + 0.5 * self.n_obs
         self.sigma2 = InverseGamma(shape, (self._yy / self.n_obs.clamp_min(1)).clamp_min(1e-6) * shape)
-        # the start: factors X0 with no covariance; PG precisions from intercept-only predictors
+        # the start: factors X0 with no covariance; pseudo-observations from intercept-only predictors
         self.mu = X0.to(dt)
         self.Sigma = torch.zeros(1 if self._uniform else self.N, self.K, self.K, dtype=dt, device=dev)
         self.logdet_Sigma = torch.zeros(self.Sigma.shape[0], dtype=dt, device=dev)
-        self._start_pg(obs)
+        self._start_pseudo(obs)
         self._update_loadings()
         self._update_noise_and_priors()
 
@@ -198,7 +196,7 @@ class SpexViews(Task):
         kinds = [self.views[v] for v in self.view_of.tolist()]
         self.gaussian = torch.tensor([k == "normal" for k in kinds], device=dev)
         self.pois = torch.tensor([k == "poisson" for k in kinds], device=dev)
-        self.pg = ~self.gaussian & ~self.pois
+        self.logistic = ~self.gaussian & ~self.pois
         self.observed = observed
         w = torch.ones(len(self.views), dtype=dt, device=dev) if view_weights is None else \
             torch.as_tensor(view_weights, dtype=dt, device=dev)
@@ -215,13 +213,13 @@ class SpexViews(Task):
         nb = torch.tensor([k == "nb" for k in kinds], device=dev)
         self.nb = nb
         self.r = torch.where(nb, r, torch.ones_like(r))
-        pg_obs = obs & self.pg[None, :]
+        logistic_obs = obs & self.logistic[None, :]
         b = torch.where(nb[None, :], self.Y + self.r[None, :], torch.ones_like(self.Y))
-        self.b = torch.where(pg_obs, b, torch.zeros_like(b))
+        self.b = torch.where(logistic_obs, b, torch.zeros_like(b))
         self.nodes = gauss_hermite(16)
-        self._quad_cache = None
+        self._quad_cache = self._sums_cache = None
         log_C = torch.lgamma(self.Y + self.r) - torch.lgamma(self.r) - torch.lgamma(self.Y + 1)
-        self.log_C = float((torch.where(pg_obs & nb[None, :], log_C, torch.zeros_like(log_C)) * self.weight).sum())
+        self.log_C = float((torch.where(logistic_obs & nb[None, :], log_C, torch.zeros_like(log_C)) * self.weight).sum())
         # Gaussian features: observed counts and sums of squares
         gauss_obs = (obs & self.gaussian[None, :]).to(dt)
         self.n_obs = gauss_obs.sum(0) * self.weight
@@ -250,13 +248,13 @@ class SpexViews(Task):
         self.sigma2 = InverseGamma(torch.ones_like(psi), 1.0 / psi.clamp_min(1e-30))
         self.mu = torch.zeros(self.N, self.K, dtype=Y.dtype, device=Y.device)
         self.Sigma = torch.zeros(1 if self._uniform else self.N, self.K, self.K, dtype=Y.dtype, device=Y.device)
-        self._start_pg(obs)
+        self._start_pseudo(obs)
         for _ in range(max_iter):
             previous = self.mu
             self._update_factors()
             if not (self.h_loc.shape[1] or self.zeta.shape[1]) or float((self.mu - previous).abs().max()) < tol:
                 break
-            self._update_pg()
+            self._update_pseudo()
         return self.mu, self.Sigma
 
     # ------------------------------------------------------------------ pieces
@@ -268,7 +266,7 @@ class SpexViews(Task):
     def prior_precision(self) -> torch.Tensor:
         return torch.cat([weight_precision(self), self.b_prior.mean_inv[None, :].expand(self.G, self.C + 1)], 1)
 
-    def _start_pg(self, obs) -> None:
+    def _start_pseudo(self, obs) -> None:
         """The first pseudo-observations of the logistic (NB, Bernoulli) and Poisson entries, from each feature's
         intercept-only predictor: the logit of its observed mean rate (NB: mean r e^eta, so eta = log(mean / r);
         Bernoulli: logit(mean)), the inverse softplus of its observed mean (Poisson)."""
@@ -277,22 +275,22 @@ class SpexViews(Task):
         rate = (self.Y * o).sum(0) / o.sum(0).clamp_min(1)
         self.h_loc = self.g_loc = torch.zeros(self.N, 0, dtype=dt, device=dev)
         self.zeta = torch.zeros(self.N, 0, dtype=dt, device=dev)
-        if bool(self.pg.any()):
+        if bool(self.logistic.any()):
             eta0 = torch.where(self.nb, torch.log(rate.clamp_min(1e-3) / self.r),
-                               torch.logit(rate.clamp(1e-3, 1 - 1e-3)))[self.pg]
-            off = torch.zeros_like(self.Y[:, self.pg]) if self.offset is None else self.offset[:, self.pg]
+                               torch.logit(rate.clamp(1e-3, 1 - 1e-3)))[self.logistic]
+            off = torch.zeros_like(self.Y[:, self.logistic]) if self.offset is None else self.offset[:, self.logistic]
             _, s, ss = softplus_expectations(off + eta0[None, :], torch.zeros_like(off), self.nodes, True)
             self.h_loc, self.g_loc = self._logistic_terms(s, ss, eta0[None, :])
         if bool(self.pois.any()):
             r = rate[self.pois].clamp_min(1e-3)
             self.zeta = (r + torch.log(-torch.expm1(-r))).expand(self.N, -1).clone()   # softplus^-1(mean)
-        self._set_pg_weights()
+        self._set_weights()
 
     def _logistic_terms(self, s: torch.Tensor, ss: torch.Tensor, linear: torch.Tensor):
         """The Gaussian pseudo-observation of each logistic entry (log p = C + y eta - b softplus(eta)) from
         ``s`` = E[sigmoid(eta)] and ``ss`` = E[sigmoid(eta) sigmoid(-eta)] under q(eta): precision h = b ss (the
         expected curvature) and linear term g + h E[l], g = y - b s (the expected slope); ``linear``: E[l]."""
-        b, y = self.b[:, self.pg], self.Y[:, self.pg]
+        b, y = self.b[:, self.logistic], self.Y[:, self.logistic]
         h = b * ss
         return h, (y - b * s) + h * linear
 
@@ -304,12 +302,12 @@ class SpexViews(Task):
         cached = self._quad_cache
         if cached is not None and all(a is b for a, b in zip(cached[0], key)):
             return cached[1]
-        mean, second = self._moments(self.pg)
+        mean, second = self._moments(self.logistic)
         f, s, ss = softplus_expectations(mean, (second - mean * mean).clamp_min(0).sqrt(), self.nodes, True)
         self._quad_cache = (key, (mean, f, s, ss))
         return mean, f, s, ss
 
-    def _set_pg_weights(self) -> None:
+    def _set_weights(self) -> None:
         """W (N x G; 1/0 for Gaussian entries, the expected curvature h for logistic entries, kappa for Poisson
         ones) and R = W t (t: the pseudo-observations)."""
         Y, dt = self.Y, self.Y.dtype
@@ -320,8 +318,8 @@ class SpexViews(Task):
         W = obs * self.gaussian[None, :]
         R = Y * W
         if self.h_loc.shape[1]:
-            W[:, self.pg] = self.h_loc
-            R[:, self.pg] = self.g_loc
+            W[:, self.logistic] = self.h_loc
+            R[:, self.logistic] = self.g_loc
         if self.zeta.shape[1]:
             o, kappa = obs[:, self.pois], self.curvature
             W[:, self.pois] = kappa * o
@@ -392,7 +390,12 @@ class SpexViews(Task):
         return float(self._data_and_factor_terms() if self._frozen else self.elbo())
 
     def _gene_sums(self):
-        """A_g = sum_n W_ng E[f_n f_n^T] (G x D x D) and F^T R (G x D)."""
+        """A_g = sum_n W_ng E[f_n f_n^T] (G x D x D) and F^T R (G x D), computed once per state of q(X) and the
+        weights (the tensors themselves are the key: every update binds new ones)."""
+        key = (self.mu, self.Sigma, self.W, self.R)
+        cached = self._sums_cache
+        if cached is not None and all(a is b for a, b in zip(cached[0], key)):
+            return cached[1]
         D = self.D
         Ef = self._cell_second()
         if self.W is None:
@@ -400,7 +403,8 @@ class SpexViews(Task):
         else:
             A = (self.W.T @ Ef).reshape(self.G, D, D)
         F = torch.cat([self.mu, self.F_fixed], 1)
-        return A, self.R.T @ F
+        self._sums_cache = (key, (A, self.R.T @ F))
+        return self._sums_cache[1]
 
     def _update_loadings(self) -> None:
         """q(theta_g) = N(m_g, S_g): S_g^-1 = phi_g A_g + diag(prior precision), S_g^-1 m_g = phi_g F^T R_g (with
@@ -420,7 +424,7 @@ class SpexViews(Task):
             self._theta_natural = (P, h)
 
         self._checked(put, "_theta_natural", ("M", "S", "logdet_S", "S_diag", "_theta_natural"), P, h)
-        self._A, self._FtR = self._gene_sums() if self.h_loc.shape[1] else (A, FtR)
+        self._A, self._FtR = A, FtR                        # q(X) and the weights did not move
 
     def _update_noise_and_priors(self) -> None:
         """q(sigma2_g) of the Gaussian features from their observed residuals, then the scales."""
@@ -443,26 +447,26 @@ class SpexViews(Task):
         off = self.offset[:, cols]
         return off + mean, second + 2 * off * mean + off * off
 
-    def _update_pg(self) -> None:
+    def _update_pseudo(self) -> None:
         """The logistic entries' pseudo-observations at the current q(eta) (conjugate-computation VI, Khan & Lin
         2017); the Poisson expansion points zeta = E[eta] (the bound's maximiser over zeta, as the curvature bound
         kappa exceeds the likelihood's)."""
         if self.h_loc.shape[1]:
             mean, _, s, ss = self._logistic_expectations()
-            off = 0.0 if self.offset is None else self.offset[:, self.pg]
+            off = 0.0 if self.offset is None else self.offset[:, self.logistic]
             self.h_loc, self.g_loc = self._logistic_terms(s, ss, mean - off)
         if self.zeta.shape[1]:
             self.zeta = self._moments(self.pois)[0]
         if self.h_loc.shape[1] or self.zeta.shape[1]:
-            self._set_pg_weights()
+            self._set_weights()
 
     def epoch(self) -> float:
         """The pseudo-observations, q(X), the pseudo-observations again, q(theta), then q(sigma2) and the scales;
         returns the ELBO."""
-        self._update_pg()                  # the ELBO is exact, so it does not move with the pseudo-observations
+        self._update_pseudo()                  # the ELBO is exact, so it does not move with the pseudo-observations
         self._update_factors()
         if self.h_loc.shape[1]:
-            self._update_pg()
+            self._update_pseudo()
         self._update_loadings()
         self._update_noise_and_priors()
         value = float(self.elbo())
@@ -484,7 +488,7 @@ class SpexViews(Task):
             lik = lik + self._poisson_bound()
         if self.h_loc.shape[1]:  # E_q[y eta - b softplus(eta)] by Gauss-Hermite quadrature
             mean, f, _, _ = self._logistic_expectations()
-            lik = lik + ((self.Y[:, self.pg] * mean - self.b[:, self.pg] * f) * self.weight[self.pg]).sum() + self.log_C
+            lik = lik + ((self.Y[:, self.logistic] * mean - self.b[:, self.logistic] * f) * self.weight[self.logistic]).sum() + self.log_C
         n_sigma = self.N if self._uniform else 1
         mu2 = (self.mu * self.mu).sum()
         tr = torch.diagonal(self.Sigma, dim1=1, dim2=2).sum() * n_sigma
