@@ -116,26 +116,15 @@ def _is_h5mu(path) -> bool:
 
 
 def _read_h5mu(path):
-    """A MuData (several views) from ``path``; mudata is imported here, and its absence is a one-line error."""
-    try:
-        import mudata
-    except ImportError:
-        raise ValueError("reading .h5mu needs the mudata package: pip install mudata") from None
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"input file {str(p)!r} does not exist")
-    if p.is_dir():
-        raise ValueError(f"{str(p)!r} is a directory; pass an .h5mu file")
-    try:
-        mdata = mudata.read_h5mu(p)
-    except (OSError, KeyError, TypeError) as err:
-        raise ValueError(f"cannot read {str(p)!r} as h5mu ({_message(err)})") from None
+    from .data.views import read_h5mu
+
+    mdata = read_h5mu(path)
     log.info("read %s: %d cells; views %s", path, mdata.n_obs,
              ", ".join(f"{v} ({m.n_vars} features)" for v, m in mdata.mod.items()))
     return mdata
 
 
-def _write_h5ad(data, path) -> Path:
+def _write_data(data, path) -> Path:
     """``data`` to ``path``: an AnnData as .h5ad, a MuData (several views) as .h5mu."""
     from .data.views import is_mudata
 
@@ -386,7 +375,7 @@ def cmd_demo(args) -> int:
     model.fit(adata, annotations=sets, device=args.device, seed=args.seed)
     model.write(adata)
     out.mkdir(parents=True, exist_ok=True)
-    h5ad = _write_h5ad(adata, out / "mesc_spex.h5ad")
+    h5ad = _write_data(adata, out / "mesc_spex.h5ad")
     html = write_report(adata, out, key=model.key, color_by="cell_cycle_stage")
     print(_format_top(model, 10))
     term = "HALLMARK_G2M_CHECKPOINT"
@@ -466,10 +455,7 @@ def cmd_fit(args) -> int:
             text = text.replace(spelled, "--allow-missing")
         raise ValueError(text.replace("allow_missing=True", "--allow-missing")) from None
     model.write(adata, key=key)
-    if multiview:
-        _write_h5ad(adata, args.out)
-    else:
-        _write_h5ad(adata, args.out)
+    _write_data(adata, args.out)
     if args.save_model:
         log.info("saved the model to %s", model.save(args.save_model))
     report = None
@@ -507,7 +493,7 @@ def cmd_simulate(args) -> int:
     if unused:
         raise ValueError(f"simulate {args.kind} does not take {', '.join(unused)}")
     adata = simulator(**given)
-    _write_h5ad(adata, args.out)
+    _write_data(adata, args.out)
     print(f"simulated {args.kind}: {adata.n_obs} cells x {adata.n_vars} genes; wrote {args.out}")
     return 0
 

@@ -14,7 +14,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 __all__ = ["Matrix", "CovariateNames", "as_matrix", "aligned_centred", "check_counts", "check_variance",
-           "covariate_design", "new_covariates", "intervention_groups", "ordered_levels", "read_h5ad",
+           "covariate_design", "new_covariates", "intervention_groups", "ordered_levels", "input_file", "read_h5ad",
            "working_dtype", "looks_like_counts", "highly_variable_mask"]
 
 log = logging.getLogger(__name__)
@@ -541,6 +541,17 @@ def unit_scale(Y) -> float:
 _ANNDATA_READ_ERRORS = (OSError, KeyError, TypeError, ValueError, AttributeError, IndexError)
 
 
+def input_file(path, suffix: str) -> Path:
+    """``path`` as a Path after checking it is a file: missing is a ``FileNotFoundError``, a directory a
+    ``ValueError`` asking for a ``suffix`` file."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"input file {str(p)!r} does not exist")
+    if p.is_dir():
+        raise ValueError(f"{str(p)!r} is a directory; pass an {suffix} file")
+    return p
+
+
 def read_h5ad(path):
     """Read an AnnData ``.h5ad`` file. A missing path is a ``FileNotFoundError``; a directory, a file that is not
     HDF5, an HDF5 file that is not AnnData (no ``obs`` / ``var``) or one anndata cannot decode is a ``ValueError``
@@ -548,11 +559,7 @@ def read_h5ad(path):
     import anndata as ad
     import h5py
 
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"input file {str(p)!r} does not exist")
-    if p.is_dir():
-        raise ValueError(f"{str(p)!r} is a directory; pass an .h5ad file")
+    p = input_file(path, ".h5ad")
     try:
         with h5py.File(p, "r") as f:
             keys, encoding = sorted(f.keys()), f.attrs.get("encoding-type")

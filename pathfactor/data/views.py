@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .inputs import as_matrix
+from .inputs import as_matrix, input_file
 
-__all__ = ["Views", "is_mudata", "is_multiview", "read_views", "per_view"]
+__all__ = ["Views", "is_mudata", "is_multiview", "read_h5mu", "read_views", "per_view"]
 
 
 @dataclass
@@ -100,3 +100,17 @@ def read_views(data, layer=None, use_highly_variable: bool | None = False) -> Vi
             Y = full
         dense.append(Y)
     return Views(names, dense, var_names, cells, obs, left_out)
+
+
+def read_h5mu(path):
+    """Read a MuData ``.h5mu`` file (mudata is imported here). A missing path is a ``FileNotFoundError``; no mudata
+    package, a directory or a file mudata cannot read is a ``ValueError`` naming the problem."""
+    try:
+        import mudata
+    except ImportError:
+        raise ValueError("reading .h5mu needs the mudata package: pip install mudata") from None
+    p = input_file(path, ".h5mu")
+    try:
+        return mudata.read_h5mu(p)
+    except (OSError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot read {str(p)!r} as h5mu ({type(err).__name__}: {err})") from None
