@@ -80,8 +80,9 @@ def fit(path: str, batch_size: int, max_epochs: int, tol: float, seed: int, thre
     peak = peak_rss_mb()
     K = len(sets)
     truth = np.asarray(adata.varm["mask_true"])[:, :K]
-    W = model.loadings_.to_numpy()
-    corr = column_correlation(np.asarray(adata.obsm["X_true"]), model.factor_scores_.to_numpy()).mean()
+    names = list(sets)  # the annotated factors, in the truth's order (the default sparse factors come after)
+    W = model.loadings_[names].to_numpy()
+    corr = column_correlation(np.asarray(adata.obsm["X_true"]), model.factor_scores_[names].to_numpy()).mean()
     return {"mode": "in-memory" if in_memory else "streamed", "seconds": round(t.seconds, 2),
             "peak_rss_mb": round(peak, 1), "epochs": len(model.history_), "converged": bool(model.converged_),
             "f1": round(mask_f1(truth, W[:, :K]), 4),

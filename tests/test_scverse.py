@@ -19,7 +19,7 @@ import scanpy as sc  # noqa: E402
 import pathfactor as pf  # noqa: E402
 from pathfactor import cli  # noqa: E402
 from pathfactor.data.genesets import GeneSets  # noqa: E402
-from pathfactor.models import REGISTRY  # noqa: E402
+from pathfactor.models import MODEL_MODULES, model_class  # noqa: E402
 from pathfactor.models.anndata_io import N_OBS_FACTORS, SCANPY_KEYS, names  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("torch_one_thread"),
@@ -159,8 +159,8 @@ def test_params_reach_the_constructor_and_fit():
 # ============================================================================ keys: never over another tool's
 def test_default_keys_are_not_scanpys():
     assert pf.models.PCA.key == "pf_pca"
-    for cls in REGISTRY.values():
-        assert cls.key not in SCANPY_KEYS, cls
+    for name in MODEL_MODULES:
+        assert model_class(name).key not in SCANPY_KEYS, name
 
 
 def test_pca_leaves_scanpys_pca_alone():

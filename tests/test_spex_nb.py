@@ -160,9 +160,35 @@ def test_count_likelihood_refuses_what_cannot_be_counts(sim):
         model.fit(negative, annotations=sets)
     with pytest.raises(ValueError, match="likelihood must be"):
         pf.models.Spex(likelihood="zip", progress=False).fit(adata, annotations=sets)
-    with pytest.raises(ValueError, match="batch_size=None"):
-        pf.models.Spex(likelihood="nb", batch_size=100, progress=False).fit(adata, annotations=sets)
+    with pytest.raises(ValueError, match="posterior='blocked'"):
+        pf.models.Spex(likelihood="nb", posterior="mean-field", progress=False).fit(adata, annotations=sets)
     empty = adata.copy()
     empty.X[3] = 0
     with pytest.raises(ValueError, match="library size 0"):
         model.fit(empty, annotations=sets)
+
+
+def test_minibatches_of_cells_give_the_full_batch_fit_without_its_caches(sim):
+    """batch_size: every pass goes through blocks of cells (no N x G cache is kept); the updates are the exact
+    full-batch ones, so the ELBO path, loadings and dispersions are the one-block fit's to rounding."""
+    adata, sets, _, _ = sim
+    fits = [pf.models.Spex(likelihood="nb", min_set_size=5, max_epochs=12, tol=0, batch_size=size, dtype="float64",
+                           progress=False).fit(adata, annotations=sets, seed=1) for size in (None, 37)]
+    full, blocked = fits
+    np.testing.assert_allclose(blocked.history_, full.history_, rtol=1e-10)
+    assert all(b >= a - 1e-9 * abs(a) for a, b in zip(blocked.history_, blocked.history_[1:]))
+    np.testing.assert_allclose(blocked.loadings_.to_numpy(), full.loadings_.to_numpy(), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(blocked.dispersion_.to_numpy(), full.dispersion_.to_numpy(), rtol=1e-6)
+
+
+def test_blocked_state_keeps_no_cell_by_gene_cache():
+    g = torch.Generator().manual_seed(0)
+    Y = torch.poisson(torch.full((50, 8), 2.0, dtype=torch.float64), generator=g)
+    args = (Y, torch.zeros(50, 0, dtype=torch.float64), torch.ones(8, 1, dtype=torch.float64),
+            torch.randn(50, 1, generator=g, dtype=torch.float64))
+    one, blocked = SpexNB(*args), SpexNB(*args, batch_size=16)
+    assert one.cached and one._mean.shape == (50, 8)
+    assert not blocked.cached and blocked._mean is None and blocked._lgamma_y1 is None
+    assert len(blocked._blocks) == 4
+    for _ in range(3):
+        assert blocked.epoch() == pytest.approx(one.epoch(), rel=1e-12)

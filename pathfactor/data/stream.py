@@ -309,41 +309,54 @@ def prepare(X, Z: torch.Tensor, mask: torch.Tensor, n_free: int, device, dtype, 
 
 # --------------------------------------------------------------------------------------------- starting factors
 class _Residual:
-    """The rows of ``Y - sum_i L_i C_i`` (low-rank parts regressed out: L_i this process's rows, C_i r x G),
-    multiplied from the right (``mm``) or the left (``tmm``, summed over processes)."""
+    """The rows of ``R = Y - sum_i L_i C_i`` (low-rank parts regressed out: L_i this process's rows, C_i r x G),
+    multiplied from the right (``mm``) or the left (``tmm``, summed over processes). R is never formed:
+    ``R V = Y V - sum_i L_i (C_i V)`` and ``R^T X = Y^T X - sum_i C_i^T (L_i^T X)``, so a pass costs the data's
+    products and not the N x r x G of subtracting the low-rank parts block by block."""
 
     def __init__(self, source, reduce):
         self.source, self.reduce, self.terms = source, reduce or _identity, []
 
-    def blocks(self):
+    def _blocks_times(self, V: torch.Tensor):
+        """(start, stop, Y_b, R_b V) for each block of this process's rows."""
+        CV = [C @ V for _, C in self.terms]
         start = 0
         for Y, _ in self.source.blocks(slice(None)):
             stop = start + Y.shape[0]
-            for L, C in self.terms:
-                Y = Y - L[start:stop] @ C
-            yield start, stop, Y
+            X = Y @ V
+            for (L, _), cv in zip(self.terms, CV):
+                X = X - L[start:stop] @ cv
+            yield start, stop, Y, X
             start = stop
 
+    def _left(self, s: dict) -> torch.Tensor:
+        """``R^T X`` from the reduced ``s["t"] = Y^T X`` and ``s["l<i>"] = L_i^T X``."""
+        out = s["t"]
+        for i, (_, C) in enumerate(self.terms):
+            out = out - C.T @ s[f"l{i}"]
+        return out
+
     def mm(self, V: torch.Tensor) -> torch.Tensor:
-        parts = [R @ V for _, _, R in self.blocks()]
+        parts = [X for _, _, _, X in self._blocks_times(V)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def tmm(self, X: torch.Tensor) -> torch.Tensor:
-        out = None
-        for start, stop, R in self.blocks():
-            part = R.T @ X[start:stop]
-            out = part if out is None else out + part
-        return self.reduce({"t": out})["t"]
+        YtX, start = None, 0
+        for Y, _ in self.source.blocks(slice(None)):
+            stop = start + Y.shape[0]
+            part = Y.T @ X[start:stop]
+            YtX, start = (part if YtX is None else YtX + part), stop
+        return self._left(self.reduce({"t": YtX, **{f"l{i}": L.T @ X for i, (L, _) in enumerate(self.terms)}}))
 
     def gram(self, V: torch.Tensor):
         """R^T (R V) and the column norms of R V, in one pass."""
-        out, ss = None, None
-        for _, _, R in self.blocks():
-            X = R @ V
-            part, sq = R.T @ X, (X * X).sum(0)
-            out, ss = (part, sq) if out is None else (out + part, ss + sq)
-        s = self.reduce({"t": out, "ss": ss})
-        return s["t"], s["ss"].sqrt()
+        YtX, LtX, ss = None, [0] * len(self.terms), None
+        for start, stop, Y, X in self._blocks_times(V):
+            part, sq = Y.T @ X, (X * X).sum(0)
+            YtX, ss = (part, sq) if YtX is None else (YtX + part, ss + sq)
+            LtX = [acc + L[start:stop].T @ X for acc, (L, _) in zip(LtX, self.terms)]
+        s = self.reduce({"t": YtX, "ss": ss, **{f"l{i}": v for i, v in enumerate(LtX)}})
+        return self._left(s), s["ss"].sqrt()
 
     def regress_out(self, L: torch.Tensor) -> None:
         """Add the least-squares fit of the current residual on L (this process's rows) to the terms."""

@@ -1,14 +1,19 @@
-"""Models on one face: ``fit`` / ``transform`` / ``write`` / ``save``; see ``base.LatentModel``."""
-from .autoencoder import Autoencoder
+"""Models on one face: ``fit`` / ``transform`` / ``write`` / ``save``; see ``base.LatentModel``.
+
+Each model class is imported on first access (``pathfactor.models.Spex`` imports Spex's modules only)."""
 from .base import REGISTRY, LatentModel, load
-from .factor_analysis import FactorAnalysis
-from .gmvae import GMVAE
-from .nmf import NMF
-from .pca import PCA
-from .ppca import PPCA
-from .slalom import Slalom
-from .spex import Spex
-from .supervised import Supervised
-from .vae import VAE
+from .registry import MODEL_MODULES, model_class
 
 __all__ = ["LatentModel", "Autoencoder", "PCA", "PPCA", "FactorAnalysis", "NMF", "Slalom", "Spex", "Supervised", "VAE", "GMVAE", "REGISTRY", "load"]
+
+
+def __getattr__(name: str):
+    if name not in MODEL_MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    cls = model_class(name)
+    globals()[name] = cls
+    return cls
+
+
+def __dir__():
+    return sorted(set(globals()) | set(MODEL_MODULES))

@@ -101,10 +101,11 @@ class SpexNB(Task):
 
     def __init__(self, Y: torch.Tensor, Z: torch.Tensor, s: torch.Tensor, X0: torch.Tensor,
                  slab_confidence: float = 2.0, tau: float | None = 1.0, free_start: bool = True,
-                 library: torch.Tensor | None = None, dispersion: torch.Tensor | None = None, n_nodes: int = 8):
+                 library: torch.Tensor | None = None, dispersion: torch.Tensor | None = None, n_nodes: int = 8,
+                 batch_size: int | None = None):
         dt, dev = Y.dtype, Y.device
         self.K = s.shape[1]
-        self._set_cells(Y, Z, library, n_nodes)
+        self._set_cells(Y, Z, library, n_nodes, batch_size)
         G = self.G
         self.learn_dispersion = dispersion is None
         r = moment_dispersion(Y, self.library) if dispersion is None else torch.as_tensor(dispersion).to(Y)
@@ -132,10 +133,13 @@ class SpexNB(Task):
         self._loading_step()
         self._update_priors()
 
-    def _set_cells(self, Y, Z, library, n_nodes) -> None:
-        """The data and what is computed from them alone."""
+    def _set_cells(self, Y, Z, library, n_nodes, batch_size=None) -> None:
+        """The data and what is computed from them alone; the blocks of cells the passes go through."""
         self.Y, self.Z = Y, Z
         self.N, self.G = Y.shape
+        self.batch_size = None if batch_size is None or batch_size >= self.N else int(batch_size)
+        step = self.batch_size or max(self.N, 1)
+        self._blocks = [slice(lo, min(lo + step, self.N)) for lo in range(0, self.N, step)]
         self.C = Z.shape[1]
         self.D = self.K + self.C + 1
         self.Zf = torch.cat([Z, torch.ones(self.N, 1, dtype=Y.dtype, device=Y.device)], 1)  # fixed columns of f_n
@@ -143,8 +147,14 @@ class SpexNB(Task):
         if bool((self.library <= 0).any()):
             raise ValueError("some cells have no counts (library size 0); remove empty cells before fitting")
         self.offset_cell = torch.log(self.library)
-        self._lgamma_y1 = torch.lgamma(Y + 1)
+        # one block: N x G caches of eta's moments, E[l] and the count constants; blocks: computed block by block
+        self._lgamma_y1 = torch.lgamma(Y + 1) if self.cached else None
         self.nodes = gauss_hermite(n_nodes)
+
+    @property
+    def cached(self) -> bool:
+        """Whether the N x G caches are kept (one block of cells: ``batch_size=None``)."""
+        return len(self._blocks) <= 1
 
     # ----------------------------------------------------------------------------------------- state setters
     def _set_factors(self, mu, Lam) -> None:
@@ -198,87 +208,143 @@ class SpexNB(Task):
         centre = mean + self.beta0[genes][None, :] - log_r[None, :]
         f, s, ss = softplus_expectations(centre, var.sqrt(), self.nodes, derivatives)
         count = Y + r
-        if current:  # log Gamma(y + r) - log Gamma(r) - log y!, kept while r stays
-            if getattr(self, "_const_of", None) is not self.log_r:
-                self._const = torch.lgamma(self.Y + self.r) - torch.lgamma(self.r) - self._lgamma_y1
-                self._const_of = self.log_r
-            const = self._const[cells][:, genes]
-        else:
-            const = torch.lgamma(count) - torch.lgamma(r) - self._lgamma_y1[cells][:, genes]
+        const = self._count_constant(Y, cells, genes, log_r, current)
         ell = const + Y * centre - count * f
         if not derivatives:
             return ell
         return ell, Y - count * s, count * ss, (f, s, ss)
 
+    def _count_constant(self, Y, cells, genes, log_r, current: bool) -> torch.Tensor:
+        """log Gamma(y + r) - log Gamma(r) - log y! of counts ``Y`` (cells x genes); cached while r stays."""
+        if current and self.cached:
+            if getattr(self, "_const_of", None) is not self.log_r:
+                self._const = torch.lgamma(self.Y + self.r) - torch.lgamma(self.r) - self._lgamma_y1
+                self._const_of = self.log_r
+            return self._const[cells][:, genes]
+        r = torch.exp(log_r)
+        lgamma_y1 = self._lgamma_y1[cells][:, genes] if self.cached else torch.lgamma(Y + 1)
+        return torch.lgamma(Y + r) - torch.lgamma(r) - lgamma_y1
+
     def _refresh(self) -> None:
-        """Cache the linear predictor's moments and E[l] at the current state."""
-        self._mean, self._var = self._moments()
-        self._ell = self._expected_loglik(self._mean, self._var)
+        """Each gene's E[l] summed over cells at the current state (and, with one block, the N x G caches of eta's
+        moments and E[l])."""
+        self._mean = self._var = self._ell = None
+        ell_gene = torch.zeros(self.G, dtype=torch.float64, device=self.Y.device)
+        for b in self._blocks:
+            mean, var, ell = self._block_state(b)
+            ell_gene += ell.double().sum(0)
+            if self.cached:
+                self._mean, self._var, self._ell = mean, var, ell
+        self._ell_gene = ell_gene
 
     # ----------------------------------------------------------------------------------------- updates
     def _cell_objective(self, ell_rows, mu, Sigma, logdet) -> torch.Tensor:
         trace = torch.diagonal(Sigma, dim1=1, dim2=2).sum(1)
         return ell_rows.double().sum(1) + 0.5 * (logdet - trace - (mu * mu).sum(1)).double()
 
-    def _gene_objective(self, ell_cols, M, S_diag, logdet, prec) -> torch.Tensor:
-        return ell_cols.double().sum(0) + (0.5 * logdet - 0.5 * (prec * (M * M + S_diag)).sum(1)).double()
+    def _gene_objective(self, ell_sums, M, S_diag, logdet, prec) -> torch.Tensor:
+        """Each gene's share of the ELBO from its E[l] summed over cells (float64, length G')."""
+        return ell_sums + (0.5 * logdet - 0.5 * (prec * (M * M + S_diag)).sum(1)).double()
+
+    def _block_moments(self, b, genes=slice(None)):
+        """eta's mean and variance for the cells of block ``b`` and ``genes`` at the current state."""
+        if self._mean is not None:
+            return self._mean[:, genes], self._var[:, genes]
+        return self._moments(cells=b, genes=genes)
+
+    def _block_state(self, b):
+        """eta's moments and E[l] of the cells of block ``b`` at the current state."""
+        if self._mean is not None:
+            return self._mean, self._var, self._ell
+        mean, var = self._moments(cells=b)
+        return mean, var, self._expected_loglik(mean, var, cells=b)
 
     def _factor_step(self) -> None:
-        """Natural-gradient (Newton) step for every q(x_n, delta_n), each checked on its cell's share of the ELBO."""
+        """Natural-gradient (Newton) step for every q(x_n, delta_n), each checked on its cell's share of the ELBO,
+        block by block; each gene's E[l] summed over the cells is kept for the loading step and the ELBO."""
+        second = self._factor_second(self.M, self.S).reshape(self.G, -1)
+        new = [t.clone() for t in (self.mu, self.Lam_x, self.Sigma, self.logdet_Sigma)]  # rebound, never written
+        ell_gene = torch.zeros(self.G, dtype=torch.float64, device=self.Y.device)
+        for b in self._blocks:
+            ell_gene += self._factor_block(b, second, *new).double().sum(0)
+        self.mu, self.Lam_x, self.Sigma, self.logdet_Sigma = new
+        self._ell_gene = ell_gene
+
+    def _factor_block(self, b: slice, second, mu, Lam, Sigma, logdet) -> torch.Tensor:
+        """The checked steps of the cells of block ``b`` (written into ``mu``, ``Lam``, ``Sigma``, ``logdet``, the
+        new state's tensors); returns their E[l] (cells x genes) at the new factors."""
         K, U = self.K, self.K + 1
-        ell, d1, w, _ = self._expected_loglik(self._mean, self._var, derivatives=True)
-        Mw = self.M[:, :K]
+        mean, var, _ = self._block_state(b)
+        ell, d1, w, _ = self._expected_loglik(mean, var, cells=b, derivatives=True)
+        n, Mw = ell.shape[0], self.M[:, :K]
         eye = torch.eye(U, dtype=Mw.dtype, device=Mw.device)
-        target = eye + (w @ self._factor_second(self.M, self.S).reshape(self.G, -1)).reshape(self.N, U, U)
-        F = self._F()
-        curv = ((w @ self.S[:, :K, :].reshape(self.G, -1)).reshape(self.N, K, self.D) @ F[:, :, None]).squeeze(-1)
-        grad = torch.cat([d1 @ Mw - curv, d1.sum(1, keepdim=True)], 1) - self.mu
-        old = self._cell_objective(ell, self.mu, self.Sigma, self.logdet_Sigma)
-        rho = torch.ones(self.N, dtype=Mw.dtype, device=Mw.device)
-        todo = torch.arange(self.N, device=Mw.device)
-        mu, Lam, Sigma, logdet = self.mu.clone(), self.Lam_x.clone(), self.Sigma.clone(), self.logdet_Sigma.clone()
+        target = eye + (w @ second).reshape(n, U, U)
+        F = self._F(b)
+        curv = ((w @ self.S[:, :K, :].reshape(self.G, -1)).reshape(n, K, self.D) @ F[:, :, None]).squeeze(-1)
+        mu0, Lam0 = self.mu[b], self.Lam_x[b]
+        grad = torch.cat([d1 @ Mw - curv, d1.sum(1, keepdim=True)], 1) - mu0
+        old = self._cell_objective(ell, mu0, self.Sigma[b], self.logdet_Sigma[b])
+        rho = torch.ones(n, dtype=Mw.dtype, device=Mw.device)
+        todo = torch.arange(n, device=Mw.device)
         for _ in range(_MAX_HALVINGS):
             r = rho[todo][:, None, None]
-            Lam_new = (1 - r) * self.Lam_x[todo] + r * target[todo]
+            Lam_new = (1 - r) * Lam0[todo] + r * target[todo]
             L, info = torch.linalg.cholesky_ex(Lam_new)
             Sigma_new = torch.cholesky_inverse(L)
-            mu_new = self.mu[todo] + rho[todo][:, None] * (Sigma_new @ grad[todo][:, :, None]).squeeze(-1)
+            mu_new = mu0[todo] + rho[todo][:, None] * (Sigma_new @ grad[todo][:, :, None]).squeeze(-1)
             logdet_new = -2.0 * torch.log(torch.diagonal(L, dim1=1, dim2=2)).sum(1)
-            mean, var = self._moments(cells=todo, mu=mu_new, Sigma=Sigma_new)
-            ell_new = self._expected_loglik(mean, var, cells=todo)
-            new = self._cell_objective(ell_new, mu_new, Sigma_new, logdet_new)
-            ok = (new >= old[todo]) & (info == 0) & torch.isfinite(new)
+            cells = todo + b.start
+            mean_new, var_new = self._moments(cells=cells, mu=mu_new, Sigma=Sigma_new)
+            ell_new = self._expected_loglik(mean_new, var_new, cells=cells)
+            value = self._cell_objective(ell_new, mu_new, Sigma_new, logdet_new)
+            ok = (value >= old[todo]) & (info == 0) & torch.isfinite(value)
             idx = todo[ok]
-            mu[idx], Lam[idx], Sigma[idx], logdet[idx] = mu_new[ok], Lam_new[ok], Sigma_new[ok], logdet_new[ok]
-            self._mean[idx], self._var[idx], self._ell[idx] = mean[ok], var[ok], ell_new[ok]
+            rows = idx + b.start
+            mu[rows], Lam[rows], Sigma[rows], logdet[rows] = mu_new[ok], Lam_new[ok], Sigma_new[ok], logdet_new[ok]
+            mean[idx], var[idx], ell[idx] = mean_new[ok], var_new[ok], ell_new[ok]
             todo = todo[~ok]
             if not len(todo):
                 break
             rho[todo] = rho[todo] / 2
-        self.mu, self.Lam_x, self.Sigma, self.logdet_Sigma = mu, Lam, Sigma, logdet
+        if self._mean is not None:  # the caches (``mean`` and ``var`` are theirs, written in place)
+            self._ell = ell
+        return ell
 
     def prior_precision(self) -> torch.Tensor:
         """G x D prior precision of theta_g = [w_g, b_g, beta_g]."""
         return torch.cat([weight_precision(self), self.b_prior.mean_inv[None, :].expand(self.G, self.C + 1)], dim=1)
 
     def _loading_step(self) -> None:
-        """Natural-gradient (Newton) step for every q(theta_g), each checked on its gene's share of the ELBO."""
+        """Natural-gradient (Newton) step for every q(theta_g), each checked on its gene's share of the ELBO: one
+        pass over the blocks of cells for the expected gradient and curvature, then one for the candidates (and
+        one more, for fewer genes, per halving)."""
         K, G, D = self.K, self.G, self.D
-        ell, d1, w, _ = self._expected_loglik(self._mean, self._var, derivatives=True)
-        F = self._F()
+        dt, dev = self.M.dtype, self.M.device
+        target = torch.zeros(G, D, D, dtype=dt, device=dev)
+        sig = torch.zeros(G, K, K, dtype=dt, device=dev)
+        grad = torch.zeros(G, D, dtype=dt, device=dev)
+        size_cov = torch.zeros(G, K, dtype=dt, device=dev)
+        for b in self._blocks:
+            mean, var, _ = self._block_state(b)
+            _, d1, w, _ = self._expected_loglik(mean, var, cells=b, derivatives=True)
+            F = self._F(b)
+            n = F.shape[0]
+            F2 = (F[:, :, None] * F[:, None, :]).reshape(n, -1)
+            sig += (w.T @ self.Sigma[b, :K, :K].reshape(n, -1)).reshape(G, K, K)
+            target += (w.T @ F2).reshape(G, D, D)
+            grad += d1.T @ F
+            size_cov += w.T @ self.Sigma[b, :K, K]
         prec = self.prior_precision()
-        F2 = (F[:, :, None] * F[:, None, :]).reshape(self.N, -1)
-        sig = (w.T @ self.Sigma[:, :K, :K].reshape(self.N, -1)).reshape(G, K, K)
-        target = (w.T @ F2).reshape(G, D, D)
         target[:, :K, :K] += sig
         target.diagonal(dim1=1, dim2=2).add_(prec)
-        grad = d1.T @ F - prec * self.M
+        grad -= prec * self.M
         # d Var(eta) / d m_w = 2 (Sigma_xx m_w + Sigma_x,delta): the factors' and the size's covariance
-        grad[:, :K] -= (sig @ self.M[:, :K, None]).squeeze(-1) + w.T @ self.Sigma[:, :K, K]
-        old = self._gene_objective(ell, self.M, self.S_diag, self.logdet_S, prec)
-        rho = torch.ones(G, dtype=F.dtype, device=F.device)
-        todo = torch.arange(G, device=F.device)
+        grad[:, :K] -= (sig @ self.M[:, :K, None]).squeeze(-1) + size_cov
+        old = self._gene_objective(self._ell_gene, self.M, self.S_diag, self.logdet_S, prec)
+        rho = torch.ones(G, dtype=dt, device=dev)
+        todo = torch.arange(G, device=dev)
         M, P, S, logdet = self.M.clone(), self.P.clone(), self.S.clone(), self.logdet_S.clone()
+        ell_gene = self._ell_gene.clone()
         for _ in range(_MAX_HALVINGS):
             r = rho[todo][:, None, None]
             P_new = (1 - r) * self.P[todo] + r * target[todo]
@@ -286,19 +352,25 @@ class SpexNB(Task):
             _, S_new, logdet_new = natural_gaussian(P_new, torch.zeros_like(grad[todo]))
             M_new = self.M[todo] + rho[todo][:, None] * (S_new @ grad[todo][:, :, None]).squeeze(-1)
             S_diag_new = torch.diagonal(S_new, dim1=1, dim2=2)
-            mean, var = self._moments(genes=todo, M=M_new, S=S_new)
-            ell_new = self._expected_loglik(mean, var, genes=todo)
-            new = self._gene_objective(ell_new, M_new, S_diag_new, logdet_new, prec[todo])
-            ok = (new >= old[todo]) & torch.isfinite(new)
+            sums = torch.zeros(len(todo), dtype=torch.float64, device=dev)
+            for b in self._blocks:
+                mean, var = self._moments(cells=b, genes=todo, M=M_new, S=S_new)
+                ell_new = self._expected_loglik(mean, var, cells=b, genes=todo)
+                sums += ell_new.double().sum(0)
+            value = self._gene_objective(sums, M_new, S_diag_new, logdet_new, prec[todo])
+            ok = (value >= old[todo]) & torch.isfinite(value)
             idx = todo[ok]
             M[idx], P[idx], S[idx], logdet[idx] = M_new[ok], P_new[ok], S_new[ok], logdet_new[ok]
-            self._mean[:, idx], self._var[:, idx], self._ell[:, idx] = mean[:, ok], var[:, ok], ell_new[:, ok]
+            ell_gene[idx] = sums[ok]
+            if self._mean is not None:  # one block: its last moments are every cell's
+                self._mean[:, idx], self._var[:, idx], self._ell[:, idx] = mean[:, ok], var[:, ok], ell_new[:, ok]
             todo = todo[~ok]
             if not len(todo):
                 break
             rho[todo] = rho[todo] / 2
         self.M, self.P, self.S, self.logdet_S = M, P, S, logdet
         self.S_diag = torch.diagonal(S, dim1=1, dim2=2).clone()
+        self._ell_gene = ell_gene
 
     def _update_priors(self) -> None:
         """Closed-form updates of the horseshoe's scales and the slabs given q(W)."""
@@ -314,35 +386,46 @@ class SpexNB(Task):
         self.varsigma2 = ((self.log_r - self.rho0) ** 2).mean().clamp_min(DISPERSION_SD_FLOOR ** 2)
 
     def _dispersion_step(self) -> None:
-        """One Newton step on each log r_g (its expected log-likelihood plus the log-normal prior), checked."""
+        """One Newton step on each log r_g (its expected log-likelihood plus the log-normal prior), checked; the
+        gradient and curvature are summed over the blocks of cells, and so is each candidate's E[l]."""
         r = self.r
-        ell, _, _, (f, s, ss) = self._expected_loglik(self._mean, self._var, derivatives=True)
-        Y, count = self.Y, self.Y + r
-        dig = torch.digamma(count) - torch.digamma(r)
-        tri = torch.polygamma(1, count) - torch.polygamma(1, r)
-        # d l / d log r and d^2 l / d log r^2 with psi = eta - log r (derived in the module docstring's terms)
-        g = r * dig - Y + count * s - r * f
-        h = r * dig + r * r * tri - r * f + 2 * r * s - count * ss
-        grad = g.sum(0) - (self.log_r - self.rho0) / self.varsigma2
-        hess = h.sum(0) - 1.0 / self.varsigma2
+        grad = torch.zeros(self.G, dtype=torch.float64, device=r.device)
+        hess = torch.zeros_like(grad)
+        for b in self._blocks:
+            mean, var = self._block_moments(b)
+            _, _, _, (f, s, ss) = self._expected_loglik(mean, var, cells=b, derivatives=True)
+            Y = self.Y[b]
+            count = Y + r
+            dig = torch.digamma(count) - torch.digamma(r)
+            tri = torch.polygamma(1, count) - torch.polygamma(1, r)
+            # d l / d log r and d^2 l / d log r^2 with psi = eta - log r (derived in the module docstring's terms)
+            grad += (r * dig - Y + count * s - r * f).double().sum(0)
+            hess += (r * dig + r * r * tri - r * f + 2 * r * s - count * ss).double().sum(0)
+        grad = (grad - (self.log_r - self.rho0) / self.varsigma2).to(r.dtype)
+        hess = (hess - 1.0 / self.varsigma2).to(r.dtype)
         step = torch.where(hess < 0, -grad / hess.clamp_max(-1e-12), grad.sign() * 0.5).clamp(-2.0, 2.0)
-        old = ell.double().sum(0) + self._dispersion_log_prior(self.log_r).double()
+        old = self._ell_gene + self._dispersion_log_prior(self.log_r).double()
         rho = torch.ones_like(step)
         todo = torch.arange(self.G, device=step.device)
-        log_r = self.log_r.clone()
+        log_r, ell_gene = self.log_r.clone(), self._ell_gene.clone()
         for _ in range(_MAX_HALVINGS):
             cand = (self.log_r[todo] + rho[todo] * step[todo]).clamp(*LOG_R_RANGE)
-            ell_new = self._expected_loglik(self._mean[:, todo], self._var[:, todo], genes=todo, log_r=cand)
-            new = ell_new.double().sum(0) + self._dispersion_log_prior(cand).double()
+            sums = torch.zeros(len(todo), dtype=torch.float64, device=step.device)
+            for b in self._blocks:
+                mean, var = self._block_moments(b, todo)
+                ell_new = self._expected_loglik(mean, var, cells=b, genes=todo, log_r=cand)
+                sums += ell_new.double().sum(0)
+            new = sums + self._dispersion_log_prior(cand).double()
             ok = (new >= old[todo]) & torch.isfinite(new)
             idx = todo[ok]
-            log_r[idx] = cand[ok]
-            self._ell[:, idx] = ell_new[:, ok]
+            log_r[idx], ell_gene[idx] = cand[ok], sums[ok]
+            if self._ell is not None:
+                self._ell[:, idx] = ell_new[:, ok]
             todo = todo[~ok]
             if not len(todo):
                 break
             rho[todo] = rho[todo] / 2
-        self.log_r = log_r
+        self.log_r, self._ell_gene = log_r, ell_gene
         self._update_dispersion_prior()
 
     def _shear(self) -> None:
@@ -383,7 +466,7 @@ class SpexNB(Task):
         K = self.K
         trace = torch.diagonal(self.Sigma, dim1=1, dim2=2).sum(1)
         x_term = 0.5 * (self.N * (K + 1) + self.logdet_Sigma.sum() - trace.sum() - (self.mu * self.mu).sum())
-        total = self._ell.double().sum() + x_term.double() + loading_terms(self).double()
+        total = self._ell_gene.sum() + x_term.double() + loading_terms(self).double()
         if self.learn_dispersion:
             total = total + self._dispersion_log_prior(self.log_r).double().sum()
         return total

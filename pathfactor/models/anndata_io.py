@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .registry import REGISTRY
+from .registry import is_model_name
 
 __all__ = ["N_OBS_FACTORS", "SCANPY_KEYS", "VARM_SUFFIXES", "names", "scalar", "is_result", "result_keys",
            "resolve_key", "check_key", "obs_columns", "clear_previous", "Results", "read_results"]
@@ -73,7 +73,7 @@ def is_result(entry) -> bool:
     if not isinstance(entry, Mapping) or "factor_names" not in entry:
         return False
     model = scalar(entry.get("model"))
-    return isinstance(model, str) and model in REGISTRY
+    return is_model_name(model)
 
 
 def result_keys(adata) -> list[str]:

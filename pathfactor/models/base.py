@@ -19,7 +19,7 @@ from ..evaluate import ACTIVE_FRACTION, membership_probability, refined_annotati
 from ..data.inputs import as_matrix, looks_like_counts
 from ..train import keeps_global_random_state, resolve_device, seed_everything
 from . import anndata_io
-from .registry import REGISTRY
+from .registry import REGISTRY, model_class, model_names
 from .persist import (ARRAY_FILE, FORMAT, FORMAT_VERSION, MODEL_FILE, array_record, corrupted, read_arrays, read_meta,
                       write_model)
 
@@ -285,9 +285,9 @@ def load(path) -> LatentModel:
         raise ValueError(f"{path} is not a saved pathfactor model (needs {MODEL_FILE} and {ARRAY_FILE}){hint}")
     meta = read_meta(path)
     meta_file = path / MODEL_FILE
-    cls = REGISTRY.get(meta["model"])
+    cls = model_class(meta["model"]) if isinstance(meta["model"], str) else None
     if cls is None:
-        raise ValueError(f"{path} holds an unknown model {meta['model']!r}; known: {sorted(REGISTRY)}")
+        raise ValueError(f"{path} holds an unknown model {meta['model']!r}; known: {model_names()}")
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(meta["params"]) - set(accepted))
     if unknown:

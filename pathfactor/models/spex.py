@@ -105,6 +105,10 @@ class Spex(MultiViewSpex, LatentModel):
         from the totals. The ELBO is exact and rises monotonically to the full-batch optimum, so ``tol`` works as
         for full batches; an epoch costs one global update per batch, and fewer epochs are needed. The stored
         shares take about ``K / batch_size`` times the data's memory (K factors; see ``_spex_vi``).
+        With ``likelihood="nb"`` a batch is a block of cells that every pass goes through in turn: the updates and
+        the ELBO stay the exact full-batch ones (the same fit, to rounding), and no cells x genes cache is kept, so
+        the memory is the counts plus one block's temporaries; an epoch recomputes what the caches held (about
+        twice the work).
     posterior : "blocked" (default): one joint Gaussian over each gene's loadings and covariate effects;
         "mean-field": q(W) q(B) apart, as MuVI does (seed 000's comparison: biased B, too-narrow intervals).
     likelihood : "normal" (default; also spelled "gaussian"; log-normalised or scaled data) or "nb": raw counts
@@ -189,9 +193,8 @@ class Spex(MultiViewSpex, LatentModel):
             raise ValueError(f"likelihood must be 'normal' (or 'gaussian': log-normalised data), 'nb' or 'poisson' "
                              f"(raw counts), 'bernoulli' (0/1 data) or a dict {{view: likelihood}}, "
                              f"got {self.likelihood!r}")
-        if self.likelihood == "nb" and (self.batch_size is not None or self.posterior != "blocked"):
-            raise ValueError("likelihood='nb' fits all cells at once with the blocked posterior; "
-                             "leave batch_size=None and posterior='blocked'")
+        if self.likelihood == "nb" and self.posterior != "blocked":
+            raise ValueError("likelihood='nb' is fitted with the blocked posterior; leave posterior='blocked'")
         if self.coupling is not None and (not np.isfinite(self.coupling) or self.coupling < 0):
             raise ValueError(f"coupling must be None (exact full covariances) or a number >= 0, got {self.coupling!r}")
         check_view_weights(self.view_weights)
@@ -294,12 +297,12 @@ class Spex(MultiViewSpex, LatentModel):
         mask_t = torch.as_tensor(mask, dtype=dt, device=dev)
         if self.likelihood == "nb":
             check_counts(matrix, "negative binomial")
-            counts = torch.as_tensor(matrix.dense(np.float64), device=dev).to(dt)
+            counts = torch.as_tensor(matrix.dense(np.float64 if dt == torch.float64 else np.float32), device=dev)
             Y, gene_mean = _log_normalised(counts), None
             data_sd = 1.0  # loadings act on the log-mean: slab widths and tau are in log units
         elif streamed:  # Y is a row source; same gene means, sd and start as below, from passes over the rows
             prep = stream.prepare(matrix.Y, Zt, mask_t, H, dev, dt, reduce=reduce,
-                                  rows=None if comm is None else comm.shard(N), block_rows=self.batch_size)
+                                  rows=None if comm is None else comm.shard(N))
             Y, gene_mean, data_sd, X0 = prep.source, prep.gene_mean, prep.data_sd, prep.X0
         else:  # fitted on Y / unit, a power of two near the data's sd: exact, and no value is too small for dt
             mean, var = matrix.moments()
@@ -314,7 +317,8 @@ class Spex(MultiViewSpex, LatentModel):
         effects = None if groups is None else ProgramEffects(torch.as_tensor(groups), len(levels) - 1, K,
                                                              blocked=self.posterior == "blocked", dtype=dt, device=dev)
         if self.likelihood == "nb":
-            vi = SpexNB(counts, Zt, s_t, X0, slab_confidence=self.slab_confidence, tau=tau)
+            del Y  # the log-normalised copy served the start only
+            vi = SpexNB(counts, Zt, s_t, X0, slab_confidence=self.slab_confidence, tau=tau, batch_size=self.batch_size)
         else:
             vi = SpexVI(Y, Zt, s_t, X0, slab_confidence=self.slab_confidence, tau=tau, batch_size=self.batch_size,
                         generator=generator, posterior=self.posterior, reduce=reduce, unit=data_sd, effects=effects,
