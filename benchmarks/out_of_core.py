@@ -105,6 +105,7 @@ def main() -> None:
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--keep", default=None, metavar="PATH", help="write the file here, keep it (default: temp)")
+    p.add_argument("--reuse", action="store_true", help="with --keep: fit the file already there (same arguments)")
     p.add_argument("--in-memory", action="store_true", help="also fit the same file read into memory")
     p.add_argument("--out", default=str(RESULTS / "out_of_core.jsonl"), help="append the JSON lines here ('' = don't)")
     p.add_argument("--fit", default=None, help=argparse.SUPPRESS)  # the child process: fit this file
@@ -119,7 +120,8 @@ def main() -> None:
     path = Path(args.keep) if args.keep else Path(tmp.name) / "sim.h5ad"
     try:
         with Timer() as w:
-            write_simulation(path, args.cells, args.genes, args.factors, args.noise, args.sigma2, args.seed)
+            if not (args.reuse and path.exists()):
+                write_simulation(path, args.cells, args.genes, args.factors, args.noise, args.sigma2, args.seed)
         size_mb = os.path.getsize(path) / 2**20
         for mode in ["streamed"] + (["in-memory"] if args.in_memory else []):
             cmd = [sys.executable, __file__, "--fit", str(path), "--mode", mode, "--batch-size", str(args.batch_size),

@@ -305,7 +305,7 @@ def test_shear_in_minibatch_mode_keeps_the_likelihood_and_raises_the_elbo(torch_
     vi._update_noise_and_priors(stats)
     before_resid, before = vi.sq_resid.clone(), float(vi.elbo())
     vi._shear(stats["A"][: vi.K, vi.K:])
-    assert float(vi.elbo()) > before + 1.0
+    assert float(vi.elbo()) > before + 0.1
     assert float(vi._acc.abs().max()) > 1e-3  # the shear moved
     after = vi._memo_stats()  # the sheared totals
     M, A = vi.M, after["A"]

@@ -145,12 +145,32 @@ def default_block_rows(n_genes: int) -> int:
     return max(16, DEFAULT_BLOCK_ELEMENTS // max(int(n_genes), 1))
 
 
+def _runs(index, min_run: int = 32) -> list[tuple[int, int]] | None:
+    """``index`` (increasing integers) as (start, stop) slices of neighbouring rows when they average at least
+    ``min_run`` rows, else None (a slice is given back as one run)."""
+    if isinstance(index, slice):
+        return None
+    index = np.asarray(index)
+    breaks = np.flatnonzero(np.diff(index) != 1) + 1
+    if len(index) < min_run * (len(breaks) + 1):
+        return None
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(index)]])
+    return [(int(index[a]), int(index[b - 1]) + 1) for a, b in zip(starts, stops)]
+
+
 def _read(X, index, n_genes: int, dtype=np.float64) -> np.ndarray:
     """Rows ``index`` (a slice, or increasing integers) of ``X`` as a dense, writable array of ``dtype`` (float32 or
     float64, via float32)."""
     if not isinstance(index, slice) and len(index) == 0:
         return np.zeros((0, n_genes), dtype=dtype)
-    block = X[index]
+    runs = _runs(index)
+    if runs is not None:  # long runs of neighbouring rows: one slice each (HDF5 reads scattered rows slowly)
+        parts = [X[start:stop] for start, stop in runs]
+        parts = [p.toarray() if sp.issparse(p) else np.asarray(p) for p in parts]
+        block = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    else:
+        block = X[index]
     if sp.issparse(block):
         block = block.toarray()
     block = np.asarray(block, dtype=np.float32)
