@@ -57,12 +57,12 @@ class Timer:
     """``with Timer() as t: ...``; then ``t.seconds`` (wall clock, ``time.perf_counter``)."""
 
     def __enter__(self) -> "Timer":
-        self._start = time.perf_counter()
+        self.start = time.perf_counter()
         self.seconds = float("nan")
         return self
 
     def __exit__(self, *exc) -> None:
-        self.seconds = time.perf_counter() - self._start
+        self.seconds = time.perf_counter() - self.start
 
 
 def reset_peak_rss() -> None:

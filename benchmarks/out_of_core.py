@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -68,9 +69,17 @@ def fit(path: str, batch_size: int, max_epochs: int, tol: float, seed: int, thre
     import anndata as ad
 
     import pathfactor as pf
+    import pathfactor.models.spex as spex_module
     from pathfactor.data.simulate import annotation_sets
     from pathfactor.evaluate import mask_f1
 
+    engine, started = spex_module.train, []
+
+    def timed_train(*args, **kwargs):  # when the epochs begin: what comes before is reading, moments and the start
+        started.append(time.perf_counter())
+        return engine(*args, **kwargs)
+
+    spex_module.train = timed_train
     with Timer() as t:
         adata = ad.read_h5ad(path, backed=None if in_memory else "r")
         sets = annotation_sets(adata)
@@ -78,12 +87,23 @@ def fit(path: str, batch_size: int, max_epochs: int, tol: float, seed: int, thre
                                min_set_size=1, max_set_size=10**9)
         model.fit(adata, annotations=sets, seed=seed)
     peak = peak_rss_mb()
+    fit_end = time.perf_counter()
     K = len(sets)
     truth = np.asarray(adata.varm["mask_true"])[:, :K]
     names = list(sets)  # the annotated factors, in the truth's order (the default sparse factors come after)
     W = model.loadings_[names].to_numpy()
     corr = column_correlation(np.asarray(adata.obsm["X_true"]), model.factor_scores_[names].to_numpy()).mean()
+    N, G, D = adata.n_obs, adata.n_vars, model.loadings_.shape[1]
+    epochs = len(model.history_)
+    epoch_seconds = (fit_end - started[0]) / max(epochs, 1) if started else None
+    # an epoch's matrix products: every cell's factor means (Y W: N G D) and the statistics (mu^T Y: N G D), 2 flops a
+    # multiply-add; the per-gene and per-batch algebra is O(G D^2) and left out
+    epoch_flop = 4.0 * N * G * D
     return {"mode": "in-memory" if in_memory else "streamed", "seconds": round(t.seconds, 2),
+            "start_seconds": None if not started else round(started[0] - t.start, 2),
+            "epoch_seconds": None if epoch_seconds is None else round(epoch_seconds, 2),
+            "epoch_tflop": round(epoch_flop / 1e12, 3),
+            "achieved_gflops": None if not epoch_seconds else round(epoch_flop / epoch_seconds / 1e9, 1),
             "peak_rss_mb": round(peak, 1), "epochs": len(model.history_), "converged": bool(model.converged_),
             "f1": round(mask_f1(truth, W[:, :K]), 4),
             "f1_annotation": round(mask_f1(truth, np.asarray(adata.varm["annotation"]).astype(float)), 4),
