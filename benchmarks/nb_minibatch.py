@@ -3,7 +3,7 @@
     python benchmarks/nb_minibatch.py                          # 20000 cells x 1000 genes, 10 programs; batches 2000
     python benchmarks/nb_minibatch.py --cells 3000 --genes 300 --programs 4 --batch-sizes 500 --max-epochs 10
 
-Counts follow the droplet design of ``experiments/nb_low_counts.py``, larger: mean counts 0.05-2 a cell at x = 0
+Counts: ``pathfactor.data.simulate.droplet_counts``, the droplet design of ``experiments/nb_low_counts.py``, larger: mean counts 0.05-2 a cell at x = 0
 (log-uniform), library sizes log-normal (sd 0.3), programs of 40 genes with loading 0.5 on the log mean, the rest
 null genes, NB dispersion ``--r`` for all genes; Spex(likelihood="nb") gets the true sets and learns the
 dispersions. With ``batch_size`` every pass of the fit goes through blocks of that many cells and no cells x genes
@@ -29,32 +29,14 @@ from common import Timer, current_rss_mb, emit, limit_threads, peak_rss_mb, thre
 SET_SIZE, LOADING = 40, 0.5
 
 
-def simulate(n_cells: int, n_genes: int, n_programs: int, r: float, seed: int):
-    """Counts (float32), the true gene sets and loadings (see the module docstring)."""
-    import anndata as ad
-
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((n_cells, n_programs))
-    W = np.zeros((n_genes, n_programs))
-    for k in range(n_programs):
-        W[SET_SIZE * k:SET_SIZE * (k + 1), k] = LOADING
-    size = np.exp(0.3 * rng.standard_normal(n_cells))
-    base = np.exp(rng.uniform(np.log(0.05), np.log(2.0), n_genes))
-    mean = (size / size.mean())[:, None] * base[None, :] * np.exp(X @ W.T - 0.5 * (W ** 2).sum(1))
-    Y = rng.negative_binomial(r, r / (r + mean)).astype(np.float32)
-    keep = Y.sum(1) > 0
-    adata = ad.AnnData(Y[keep])
-    adata.var_names = [f"g{i}" for i in range(n_genes)]
-    adata.obs_names = [f"c{i}" for i in range(int(keep.sum()))]
-    sets = {f"program_{k + 1}": list(adata.var_names[W[:, k] > 0]) for k in range(n_programs)}
-    return adata, sets, W
-
-
 def fit(args, batch_size: int | None) -> dict:
     limit_threads(args.threads)
     import pathfactor as pf
+    from pathfactor.data.simulate import annotation_sets, droplet_counts
 
-    adata, sets, W = simulate(args.cells, args.genes, args.programs, args.r, args.seed)
+    adata = droplet_counts(n_cells=args.cells, n_genes=args.genes, n_programs=args.programs, set_size=SET_SIZE,
+                           loading=LOADING, r=args.r, low=0.05, high=2.0, seed=args.seed)
+    sets, W = annotation_sets(adata), adata.varm["W_true"]
     rss_before = current_rss_mb()
     with Timer() as t:
         model = pf.models.Spex(likelihood="nb", min_set_size=5, batch_size=batch_size, max_epochs=args.max_epochs,

@@ -19,34 +19,21 @@ import json
 import time
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import scipy.special as sp
 import torch
 
 import pathfactor as pf
+from pathfactor.data.simulate import annotation_sets, droplet_counts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def simulate(r: float, seed: int, n_cells=500, n_genes=240, n_programs=3, set_size=40, loading=0.5, low=0.02,
-             high=0.5):
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((n_cells, n_programs))
-    W = np.zeros((n_genes, n_programs))
-    for k in range(n_programs):
-        W[set_size * k:set_size * (k + 1), k] = loading
-    size = np.exp(0.3 * rng.standard_normal(n_cells))
-    size /= size.mean()
-    base = np.exp(rng.uniform(np.log(low), np.log(high), n_genes))     # mean count a cell at x = 0
-    mean = size[:, None] * base[None, :] * np.exp(X @ W.T - 0.5 * (W ** 2).sum(1))
-    Y = rng.negative_binomial(r, r / (r + mean)).astype(np.float32)
-    keep = Y.sum(1) > 0
-    adata = ad.AnnData(Y[keep])
-    adata.var_names = [f"g{i}" for i in range(n_genes)]
-    adata.obs_names = [f"c{i}" for i in range(int(keep.sum()))]
-    sets = {f"program_{k + 1}": list(adata.var_names[W[:, k] > 0]) for k in range(n_programs)}
-    return adata, sets, X[keep], W, mean[keep]
+def simulate(r: float, seed: int, low=0.02, high=0.5):
+    """``pathfactor.data.simulate.droplet_counts`` with this design: (data, sets, X, W, true means)."""
+    adata = droplet_counts(r=r, low=low, high=high, seed=seed)
+    sets = annotation_sets(adata)
+    return adata, sets, adata.obsm["X_true"], adata.varm["W_true"], np.asarray(adata.layers["mean_true"], dtype=np.float64)
 
 
 def oracle_dispersion(Y: np.ndarray, mean: np.ndarray) -> tuple[float, float, float]:

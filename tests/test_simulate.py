@@ -2,20 +2,23 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from pathfactor.data.simulate import SIMULATORS, annotation_sets, noisy_annotations, ppca_interventions
+from pathfactor.data.simulate import (SIMULATORS, annotation_sets, droplet_counts, noisy_annotations,
+                                      ppca_interventions)
 
 SMALL = dict(n_cells=200, n_genes=500, n_factors=8)
 
 
 # --------------------------------------------------------------------------- seeding
-@pytest.mark.parametrize("make, kwargs", [(ppca_interventions, {}), (noisy_annotations, SMALL)])
+@pytest.mark.parametrize("make, kwargs", [(ppca_interventions, {}), (noisy_annotations, SMALL), (droplet_counts, {})])
 def test_same_seed_same_data_other_seed_other_data(make, kwargs):
     a, b, c = make(seed=3, **kwargs), make(seed=3, **kwargs), make(seed=4, **kwargs)
     np.testing.assert_array_equal(a.X, b.X)
     np.testing.assert_array_equal(a.varm["W_true"], b.varm["W_true"])
     np.testing.assert_array_equal(a.obsm["X_true"], b.obsm["X_true"])
     assert not np.allclose(a.X, c.X)
-    assert not np.allclose(a.varm["W_true"], c.varm["W_true"])
+    assert not np.allclose(a.obsm["X_true"][:10], c.obsm["X_true"][:10])
+    if make is not droplet_counts:  # its loadings are the design's, not drawn
+        assert not np.allclose(a.varm["W_true"], c.varm["W_true"])
     if "annotation" in a.varm:
         np.testing.assert_array_equal(a.varm["annotation"], b.varm["annotation"])
 
@@ -191,3 +194,20 @@ def test_ppca_bad_arguments(kwargs):
 def test_annotations_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         noisy_annotations(**{**dict(n_cells=10, n_genes=50, n_factors=2), **kwargs})
+
+
+# --------------------------------------------------------------------------- droplet_counts
+def test_droplet_counts_follow_their_negative_binomial():
+    """Integer counts whose per-gene mean and variance match mean_true and the NB's mean + mean^2 / r, and the
+    programs' sets as the annotation."""
+    a = droplet_counts(n_cells=20000, n_genes=60, n_programs=2, set_size=20, r=5.0, low=0.5, high=2.0, seed=1)
+    Y, mean = np.asarray(a.X, dtype=np.float64), np.asarray(a.layers["mean_true"], dtype=np.float64)
+    assert np.array_equal(Y, np.round(Y)) and Y.min() >= 0
+    null = slice(40, 60)  # genes outside both programs: mean_ng = s_n base_g
+    np.testing.assert_allclose(Y.mean(0), mean.mean(0), rtol=0.03)
+    expected_var = (mean + mean ** 2 / 5.0).mean(0) + mean.var(0)
+    np.testing.assert_allclose(Y[:, null].var(0), expected_var[null], rtol=0.08)
+    assert annotation_sets(a) == {"program_1": [f"g{i}" for i in range(20)],
+                                  "program_2": [f"g{i}" for i in range(20, 40)]}
+    with pytest.raises(ValueError, match="n_genes >="):
+        droplet_counts(n_genes=50, n_programs=3, set_size=20)

@@ -33,7 +33,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-__all__ = ["ppca_interventions", "noisy_annotations", "annotation_sets", "SIMULATORS"]
+__all__ = ["ppca_interventions", "noisy_annotations", "droplet_counts", "annotation_sets", "SIMULATORS"]
 
 #: loadings with an absolute value below this are set to zero (spex-LVM, section 3.1)
 MIN_ABS_LOADING = 0.5
@@ -308,6 +308,48 @@ def noisy_annotations(
         "n_false_negatives": [int(v) for v in n_flip],
         "n_false_positives": [int(v) for v in n_flip],
     }
+    return adata
+
+
+def droplet_counts(n_cells: int = 500, n_genes: int = 240, n_programs: int = 3, set_size: int = 40,
+                   loading: float = 0.5, r: float = 20.0, low: float = 0.02, high: float = 0.5,
+                   library_sd: float = 0.3, seed=0) -> ad.AnnData:
+    """Droplet-like negative-binomial counts with gene programs::
+
+        x_n ~ N(0, I),   w_gk = ``loading`` on program k's ``set_size`` genes (0 elsewhere; the rest are null genes)
+        mean_ng = s_n base_g exp(w_g^T x_n - |w_g|^2 / 2),   y_ng ~ NB(mean_ng, r)
+
+    with ``base_g`` log-uniform in [``low``, ``high``] (mean counts a cell), cell sizes ``s_n`` log-normal (sd
+    ``library_sd``, mean 1). Cells without a count are dropped. Truth: ``obsm["X_true"]``, ``varm["W_true"]``,
+    ``layers["mean_true"]``; the programs' gene sets as ``varm["annotation"]`` (``annotation_sets`` reads them).
+    """
+    n_cells, n_genes = _int("n_cells", n_cells, 1), _int("n_genes", n_genes, 1)
+    n_programs, set_size = _int("n_programs", n_programs, 1), _int("set_size", set_size, 1)
+    if n_programs * set_size > n_genes:
+        raise ValueError(f"{n_programs} programs of {set_size} genes need n_genes >= {n_programs * set_size}")
+    r, low, high = _positive("r", r), _positive("low", low), _positive("high", high)
+    rng = np.random.default_rng(_seed(seed))
+    X = rng.standard_normal((n_cells, n_programs))
+    W = np.zeros((n_genes, n_programs))
+    for k in range(n_programs):
+        W[set_size * k:set_size * (k + 1), k] = loading
+    size = np.exp(library_sd * rng.standard_normal(n_cells))
+    size /= size.mean()
+    base = np.exp(rng.uniform(np.log(low), np.log(high), n_genes))
+    mean = size[:, None] * base[None, :] * np.exp(X @ W.T - 0.5 * (W ** 2).sum(1))
+    Y = rng.negative_binomial(r, r / (r + mean)).astype(np.float32)
+    keep = Y.sum(1) > 0
+    names = [f"program_{k + 1}" for k in range(n_programs)]
+    adata = ad.AnnData(Y[keep])
+    adata.obs_names = [f"c{i}" for i in range(int(keep.sum()))]
+    adata.var_names = [f"g{i}" for i in range(n_genes)]
+    adata.obsm["X_true"] = X[keep]
+    adata.varm["W_true"] = W
+    adata.varm["annotation"] = W > 0
+    adata.layers["mean_true"] = mean[keep].astype(np.float32)
+    adata.uns["simulation"] = {"kind": "droplet_counts", "r": r, "low": low, "high": high, "loading": loading,
+                               "set_size": set_size, "library_sd": library_sd, "seed": _seed(seed),
+                               "annotation_names": names}
     return adata
 
 
