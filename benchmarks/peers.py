@@ -15,7 +15,8 @@ Methods (``--methods``; peers missing from the environment give a line with ``"s
 NMF needs non-negative data: it gets the data minus each gene's minimum (that shift is added back for R^2).
 
 Each line: method, n_cells, n_genes, n_factors, noise, seconds (wall clock of building and fitting the model),
-process_seconds (wall clock of the method's whole fresh process: interpreter start, imports, reading the data, fit),
+process_seconds (wall clock of the method's whole fresh process: interpreter start, imports, reading the data, fit;
+pathfactor's bytecode is written first, as pip writes every installed package's),
 peak_rss_mb (``ru_maxrss`` of a fresh process that read the data and ran this one method), rss_before_fit_mb,
 f1 (``evaluate.mask_f1``, as in ``spex_simulation.py``), factor_correlation (mean |corr| of the factor scores
 with the true factors), r2 (``1 - ||Y - Yhat||^2 / ||Y - mean||^2``), and for reference f1_truth (the true W),
