@@ -95,6 +95,52 @@ def test_backed_rows_come_centred_in_the_batch_order(files):
     np.testing.assert_allclose(rows.sum_squares().numpy(), ((X - mean) ** 2).sum(0), rtol=1e-10)
 
 
+@pytest.mark.parametrize("kind", ["dense", "csr"])
+def test_runs_of_neighbouring_rows_are_read_as_slices_and_come_back_in_order(files, kind, monkeypatch):
+    """A batch dealt in runs of neighbours (as memoized VI deals them) is read with one slice a run, not row by
+    row, and gives the rows of the in-memory matrix in the batch's order."""
+    path, adata = files[kind]
+    X = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
+    X = X.astype(np.float64)
+    mean = X.mean(0)
+    backed = ad.read_h5ad(path, backed="r").X
+    reads = []
+
+    class Counting:
+        shape = backed.shape
+
+        def __getitem__(self, index):
+            reads.append(index)
+            return backed[index]
+
+    rows = stream.BackedRows(Counting(), mean, torch.zeros(240, 0, dtype=torch.float64), torch.float64, "cpu",
+                             block_rows=100)
+    cells = torch.cat([torch.arange(150, 190), torch.arange(10, 50)])  # two runs of 40, out of order
+    Y = torch.cat([y for y, _ in rows.blocks(cells)])
+    np.testing.assert_allclose(Y.numpy(), X[cells.numpy()] - mean, atol=1e-12)
+    assert reads == [slice(10, 50), slice(150, 190)]
+    reads.clear()
+    scattered = torch.arange(0, 240, 3)  # one row in three: read by index
+    Y = torch.cat([y for y, _ in rows.blocks(scattered)])
+    np.testing.assert_allclose(Y.numpy(), X[scattered.numpy()] - mean, atol=1e-12)
+    assert len(reads) == 1 and not isinstance(reads[0], slice)
+
+
+def test_minibatches_are_dealt_in_runs_of_neighbouring_cells():
+    from pathfactor.models._spex_vi import SpexVI
+
+    g = torch.Generator().manual_seed(0)
+    Y = torch.randn(1000, 30, generator=g, dtype=torch.float64)
+    vi = SpexVI(Y - Y.mean(0), torch.zeros(1000, 0, dtype=torch.float64), torch.full((30, 2), 0.5, dtype=torch.float64),
+                torch.randn(1000, 2, generator=g, dtype=torch.float64), batch_size=160, generator=g)
+    batches = vi._batches()
+    assert len(batches) == 7 and sum(len(b) for b in batches) == 1000
+    assert sorted(torch.cat(batches).tolist()) == list(range(1000))
+    for b in batches:  # runs of batch_size // 16 = 10 neighbours, sorted within the batch
+        assert torch.equal(b, b.sort().values)
+        assert int((b.diff() != 1).sum()) + 1 <= len(b) // 10
+
+
 def test_one_pass_gives_the_in_memory_means_and_sd(files):
     path, adata = files["dense"]
     Y = torch.as_tensor(adata.X, dtype=torch.float64)
