@@ -364,3 +364,22 @@ def test_crash_while_writing_keeps_the_previous_model(fits, tmp_path, monkeypatc
     monkeypatch.undo()
     pd.testing.assert_frame_equal(pf.load(path).loadings_, old.loadings_)
     assert sorted(os.listdir(tmp_path)) == ["m"]
+
+
+def test_a_fresh_process_loads_a_model_whose_class_it_has_not_imported(fits, tmp_path):
+    """Model classes import on first use: ``load`` finds the saved model's class by name, and the registry lists
+    every built-in model once asked for."""
+    import subprocess
+    import sys
+
+    name = sorted(fits)[0]
+    model = fits[name][0]
+    model.save(tmp_path / "m")
+    code = ("import sys, pathfactor as pf; m = pf.load(sys.argv[1]); "
+            "print(type(m).__name__, len(pf.models.REGISTRY))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    loaded, registered = done.stdout.split()
+    assert loaded == type(model).__name__
+    assert int(registered) == 10
