@@ -533,7 +533,7 @@ for key, bad, call, expect in [
 S = 'Spex(likelihood="nb"): raw counts'
 NB_NEGATIVE = "the negative binomial likelihood needs non-negative counts but the data have negative values"
 NB_NON_INTEGER = "the negative binomial likelihood needs integer counts but the data have non-integer values"
-NB_STATE = "likelihood='nb' fits all cells at once with the blocked posterior; leave batch_size=None and posterior="
+NB_STATE = "likelihood='nb' is fitted with the blocked posterior; leave posterior='blocked'"
 SPEX_NB = [  # (key, bad input, call, expectation, bug)
     ("negative", "X - 3", lambda c: fit("Spex-nb", adata(counts() - 3)), Raises(ValueError, NB_NEGATIVE), None),
     ("non-integer", "log1p(counts)", lambda c: fit("Spex-nb", adata(np.log1p(counts()))),
@@ -547,8 +547,8 @@ SPEX_NB = [  # (key, bad input, call, expectation, bug)
      None),
     ("constant", "all-ones X", lambda c: fit("Spex-nb", adata(np.ones((N, G), np.float32))), Works(assert_finite),
      None),
-    ("batch-size", "batch_size=4", lambda c: fit("Spex-nb", adata(counts()), {"batch_size": 4}),
-     Raises(ValueError, NB_STATE), None),
+    ("batch-size", "batch_size=4 (blocks of 4 cells)", lambda c: fit("Spex-nb", adata(counts()), {"batch_size": 4}),
+     Works(assert_finite), None),
     ("mean-field", "posterior='mean-field'", lambda c: fit("Spex-nb", adata(counts()), {"posterior": "mean-field"}),
      Raises(ValueError, NB_STATE), None),
     ("covariates", "covariates='grp'", lambda c: fit("Spex-nb", adata(counts()), covariates="grp"),
