@@ -31,6 +31,10 @@ every loading to zero.) Here the expected log-likelihood is computed, not bounde
 * the dispersions are point estimates (maximum a posteriori), one Newton step per sweep on ``log r_g`` with the same
   check; ``rho0`` and ``varsigma^2 >= 0.5^2`` are empirical-Bayes estimates pooling all genes (shrinkage: a gene
   whose counts say little about its dispersion takes the genes' common one).
+* ``batch_size``: every pass goes through blocks of that many cells (the factor steps; the loadings' and the
+  dispersions' expected gradients and curvatures, summed; each candidate's E[l], summed, with one more pass for the
+  genes that halve their step). Each gene's E[l] summed over cells is kept, so the ELBO needs no cells x genes
+  array; the updates are the full-batch ones, and only with one block are eta's moments and E[l] cached (N x G).
 * the horseshoe and slab scales take their closed-form updates (``pathfactor.priors``), and a shear step along the
   likelihood's symmetry ``x_n -> x_n - A [z_n, 1]``, ``[b_g, beta_g] -> [b_g, beta_g] + A^T w_g`` (as in
   ``_spex_vi``) keeps the factors centred and separated from the covariates.
