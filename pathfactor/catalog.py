@@ -64,14 +64,15 @@ def constructor_defaults(class_name: str) -> dict:
 MODEL_OPTIONS = {"n_sparse": "--n-sparse", "n_dense": "--n-dense", "min_set_size": "--min-set-size",
                  "max_set_size": "--max-set-size", "max_epochs": "--max-epochs", "n_factors": "--n-factors",
                  "method": "--method", "posterior": "--posterior", "two_step": "--two-step",
-                 "loss": "--loss", "fpr": "--fpr", "fnr": "--fnr", "n_clusters": "--n-clusters"}
+                 "loss": "--loss", "fpr": "--fpr", "fnr": "--fnr", "n_clusters": "--n-clusters",
+                 "batch_size": "--batch-size"}
 
 _SAME = lambda *names: {n: n for n in names}  # noqa: E731
 
 MODELS: dict[str, ModelSpec] = {
     "spex": ModelSpec(
         load=_model("Spex"),
-        options=_SAME("n_sparse", "n_dense", "min_set_size", "max_set_size", "max_epochs"),
+        options=_SAME("n_sparse", "n_dense", "min_set_size", "max_set_size", "max_epochs", "batch_size"),
         gene_sets="required",
         help="gene-set guided sparse factor analysis (regularised horseshoe, closed-form VI)",
     ),
@@ -86,7 +87,8 @@ MODELS: dict[str, ModelSpec] = {
         help="f-scLVM: spike-and-slab factors with annotation FPR/FNR and ARD (variational Bayes)",
     ),
     "autoencoder": ModelSpec(
-        load=_model("Autoencoder"), options=_SAME("n_sparse", "n_dense", "min_set_size", "max_set_size", "max_epochs"),
+        load=_model("Autoencoder"), options=_SAME("n_sparse", "n_dense", "min_set_size", "max_set_size", "max_epochs",
+                                                  "batch_size"),
         gene_sets="required",
         help="interpretable autoencoder: MLP encoder, linear decoder guided by gene sets (proximal steps)",
     ),
@@ -101,9 +103,10 @@ MODELS: dict[str, ModelSpec] = {
                       help="probabilistic PCA: closed form, EM, MAP or VI"),
     "fa": ModelSpec(load=_model("FactorAnalysis"), options=_SAME("n_factors", "max_epochs"), gene_sets="unused",
                     help="factor analysis (per-gene noise) by EM"),
-    "vae": ModelSpec(load=_model("VAE"), options={"n_factors": "n_latent", "max_epochs": "max_epochs"},
+    "vae": ModelSpec(load=_model("VAE"), options={"n_factors": "n_latent", "max_epochs": "max_epochs",
+                                                  "batch_size": "batch_size"},
                      gene_sets="unused", help="variational autoencoder on counts (--likelihood, default nb)"),
     "gmvae": ModelSpec(load=_model("GMVAE"), options={"n_factors": "n_latent", "max_epochs": "max_epochs",
-                                                      "n_clusters": "n_clusters"},
+                                                      "n_clusters": "n_clusters", "batch_size": "batch_size"},
                        gene_sets="unused", help="Gaussian-mixture VAE: clusters in obs['gmvae_cluster']"),
 }

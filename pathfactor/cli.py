@@ -583,6 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "most frequent level")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--max-epochs", type=int, default=None, metavar="E", help=("maximum training epochs") + _defaults_text("max_epochs"))
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help=("cells a minibatch (spex: memoized VI, or blocks of cells with --likelihood nb; a backed "
+                         "file is read B cells at a time)") + _defaults_text("batch_size"))
     p.add_argument("--min-set-size", type=int, default=None, metavar="N",
                    help=("drop gene sets with fewer matched genes (model default 15)") + _defaults_text("min_set_size"))
     p.add_argument("--max-set-size", type=int, default=None, metavar="N",

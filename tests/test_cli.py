@@ -84,6 +84,24 @@ def test_fit_with_covariates(tmp_path, capsys, one_line_error):
     assert list(res.uns["spex"]["factor_names"]) == ["first", "sparse_1", "sparse_2", "dense_1", "dense_2"]
 
 
+def test_fit_counts_in_blocks_of_cells(tmp_path, capsys, one_line_error):
+    """--batch-size reaches the model: NB-Spex in blocks of cells fits the counts; a model without minibatches
+    refuses it in one line."""
+    counts = simulate.droplet_counts(n_cells=200, n_genes=80, n_programs=2, set_size=20, low=0.5, high=2.0, seed=0)
+    data, out, gmt = tmp_path / "counts.h5ad", tmp_path / "fit.h5ad", tmp_path / "sets.gmt"
+    counts.write_h5ad(data)
+    GeneSets(simulate.annotation_sets(counts)).write_gmt(gmt)
+    rc = main(["fit", str(data), "--gene-sets", str(gmt), "--likelihood", "nb", "--batch-size", "64",
+               "--min-set-size", "5", "--max-epochs", "5", "--out", str(out), "--quiet"])
+    assert rc == 0
+    res = ad.read_h5ad(out)
+    assert res.uns["spex"]["params"]["batch_size"] == 64
+    assert np.isfinite(res.obsm["X_spex"]).all()
+    rc = main(["fit", str(data), "--model", "pca", "--batch-size", "64", "--out", str(out), "--quiet"])
+    assert rc == 2
+    one_line_error("--batch-size", "not apply to --model pca")
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_missing_input_file(tmp_path, capsys, one_line_error):
     rc = main(["fit", str(tmp_path / "nope.h5ad"), "--gene-sets", "hallmark", "--out", str(tmp_path / "o.h5ad")])
