@@ -194,3 +194,27 @@ def test_backed_file_with_highly_variable_genes_is_refused_not_silently_fit_whol
     model = pf.models.Spex(n_dense=2, progress=False, batch_size=50, max_epochs=2).fit(backed,
                                                                                        use_highly_variable=False)
     assert model.loadings_.shape[0] == flagged.n_vars
+
+
+def test_residual_products_equal_those_of_the_formed_residual():
+    """``_Residual`` never forms R = Y - sum_i L_i C_i: its R V, R^T X and gram agree with the explicit matrix
+    (blocks of 7 rows, two regressed-out terms)."""
+    g = torch.Generator().manual_seed(3)
+    Y = torch.randn(50, 12, generator=g).double()  # float32 values: rows are read through float32 exactly
+    source = stream.BackedRows(Y.numpy(), np.zeros(12), torch.zeros(50, 0, dtype=torch.float64), torch.float64,
+                               "cpu", block_rows=7)
+    R = stream._Residual(source, None)
+    L1 = torch.randn(50, 2, generator=g, dtype=torch.float64)
+    R.regress_out(L1)
+    L2 = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    R.regress_out(L2)
+    explicit = Y - L1 @ R.terms[0][1] - L2 @ R.terms[1][1]
+    # each term is the least-squares fit of the residual so far: what is left is orthogonal to L1 and L2
+    assert float((L1.T @ (Y - L1 @ R.terms[0][1])).abs().max()) < 1e-10
+    assert float((L2.T @ explicit).abs().max()) < 1e-10
+    V, X = torch.randn(12, 4, generator=g, dtype=torch.float64), torch.randn(50, 4, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(R.mm(V), explicit @ V, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(R.tmm(X), explicit.T @ X, rtol=1e-12, atol=1e-12)
+    RtRV, norms = R.gram(V)
+    torch.testing.assert_close(RtRV, explicit.T @ (explicit @ V), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(norms, (explicit @ V).norm(dim=0), rtol=1e-12, atol=1e-12)
