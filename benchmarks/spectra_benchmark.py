@@ -17,6 +17,7 @@ runtime benchmark, same design and sizes; GPU / CPU) are printed beside.
     python benchmarks/spectra_benchmark.py                       # 10k and 100k in memory, 200k streamed
     python benchmarks/spectra_benchmark.py --cells 10000 --out ''
     peer-venv/bin/python benchmarks/spectra_benchmark.py --method spectra --cells 10000   # Spectra itself, run here
+    python benchmarks/spectra_benchmark.py --figure-only         # redraw the figure from the results file
 
 Spectra itself (``--method spectra``, package ``scspectra``; its ``est_spectra`` with the defaults and the same
 noisy gene sets, split into "global" and per-cell-type dictionaries as it expects): its loss is a Poisson
@@ -155,26 +156,48 @@ def run_spectra(n_cells: int, seed: int, epochs: int | None) -> dict:
             "peak_rss_mb": round(peak, 1), "spectra_published_gpu_s": gpu, "spectra_published_cpu_s": cpu}
 
 
-def figure(rows: list[dict], path: Path) -> None:
+def figure(rows: list[dict], path: Path, spectra: dict | None = None) -> None:
+    """Spex's measured seconds per size beside Spectra's published CPU and GPU times, and (``spectra``) the time of
+    Spectra itself run here, with its epochs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cells = [r["n_cells"] for r in rows]
     x = np.arange(len(cells))
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.bar(x - 0.27, [r["seconds"] for r in rows], 0.27, label="pathfactor Spex (2 CPU cores, measured)")
-    ax.bar(x, [r["spectra_published_cpu_s"] or np.nan for r in rows], 0.27, label="Spectra, CPU (published)")
-    ax.bar(x + 0.27, [r["spectra_published_gpu_s"] or np.nan for r in rows], 0.27, label="Spectra, GPU (published)")
+    width = 0.2 if spectra else 0.27
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.bar(x - 1.5 * width if spectra else x - width, [r["seconds"] for r in rows], width,
+           label="pathfactor Spex (2 CPU cores, measured)")
+    ax.bar(x - 0.5 * width if spectra else x, [r["spectra_published_cpu_s"] or np.nan for r in rows], width,
+           label="Spectra, CPU (published)")
+    ax.bar(x + 0.5 * width if spectra else x + width, [r["spectra_published_gpu_s"] or np.nan for r in rows], width,
+           label="Spectra, GPU (published)")
+    if spectra:
+        here = [spectra["seconds"] if r["n_cells"] == spectra["n_cells"] else np.nan for r in rows]
+        ax.bar(x + 1.5 * width, here, width,
+               label=f"Spectra run here (2 cores, {spectra['epochs']} of up to 10,000 epochs)")
     ax.set_xticks(x, [f"{c // 1000}k" + (" (streamed)" if r["streamed"] else "") for c, r in zip(cells, rows)])
     ax.set_yscale("log")
     ax.set_ylabel("seconds")
     ax.set_xlabel("cells (2,000 genes)")
     ax.set_title("Spectra's runtime benchmark design")
-    ax.legend(fontsize=8, frameon=False)
+    ax.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def latest(path: Path) -> tuple[list[dict], dict | None]:
+    """The last Spex line per size and the last Spectra line of a results file."""
+    spex, spectra = {}, None
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row["method"] == "Spectra":
+            spectra = row
+        else:
+            spex[row["n_cells"]] = row
+    return [spex[n] for n in sorted(spex)], spectra
 
 
 def main() -> None:
@@ -187,7 +210,12 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "spectra_benchmark.jsonl"))
     p.add_argument("--method", choices=["spex", "spectra"], default="spex")
     p.add_argument("--spectra-epochs", type=int, default=None, help="Spectra's num_epochs (default: its 10,000)")
+    p.add_argument("--figure-only", action="store_true", help="redraw the figure from the --out file's last lines")
     args = p.parse_args()
+    if args.figure_only:
+        rows, spectra = latest(Path(args.out))
+        figure(rows, Path(args.out).with_suffix(".png"), spectra)
+        return
     limit_threads(args.threads)
     if args.method == "spectra":
         for n in args.cells:
@@ -205,7 +233,7 @@ def main() -> None:
             with open(args.out, "a") as fh:
                 fh.write(json.dumps(rows[-1]) + "\n")
     if args.out:
-        figure(rows, Path(args.out).with_suffix(".png"))
+        figure(rows, Path(args.out).with_suffix(".png"), latest(Path(args.out))[1])
 
 
 if __name__ == "__main__":
