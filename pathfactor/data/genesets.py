@@ -24,6 +24,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .inputs import input_file
+
 __all__ = ["GeneSets", "as_gene_sets", "annotation_mask"]
 
 logger = logging.getLogger(__name__)
@@ -58,12 +60,7 @@ def _bad_gzip(path: Path, err: Exception) -> ValueError:
 
 
 def _existing(path) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"gene set file {str(p)!r} does not exist; check the path")
-    if p.is_dir():
-        raise ValueError(f"{str(p)!r} is a directory; pass the path of a .gmt or .json file")
-    return p
+    return input_file(path, "the path of a .gmt or .json file", what="gene set file", advice="; check the path")
 
 
 def _check_text(value: str, what: str) -> None:

@@ -541,14 +541,14 @@ def unit_scale(Y) -> float:
 _ANNDATA_READ_ERRORS = (OSError, KeyError, TypeError, ValueError, AttributeError, IndexError)
 
 
-def input_file(path, suffix: str) -> Path:
-    """``path`` as a Path after checking it is a file: missing is a ``FileNotFoundError``, a directory a
-    ``ValueError`` asking for a ``suffix`` file."""
+def input_file(path, wanted: str, what: str = "input file", advice: str = "") -> Path:
+    """``path`` as a Path after checking it is a file: missing is a ``FileNotFoundError`` ("<what> '<path>' does not
+    exist<advice>"), a directory a ``ValueError`` asking for ``wanted`` (e.g. "an .h5ad file")."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"input file {str(p)!r} does not exist")
+        raise FileNotFoundError(f"{what} {str(p)!r} does not exist{advice}")
     if p.is_dir():
-        raise ValueError(f"{str(p)!r} is a directory; pass an {suffix} file")
+        raise ValueError(f"{str(p)!r} is a directory; pass {wanted}")
     return p
 
 
@@ -559,7 +559,7 @@ def read_h5ad(path):
     import anndata as ad
     import h5py
 
-    p = input_file(path, ".h5ad")
+    p = input_file(path, "an .h5ad file")
     try:
         with h5py.File(p, "r") as f:
             keys, encoding = sorted(f.keys()), f.attrs.get("encoding-type")

@@ -109,7 +109,7 @@ def read_h5mu(path):
         import mudata
     except ImportError:
         raise ValueError("reading .h5mu needs the mudata package: pip install mudata") from None
-    p = input_file(path, ".h5mu")
+    p = input_file(path, "an .h5mu file")
     try:
         return mudata.read_h5mu(p)
     except (OSError, KeyError, TypeError) as err:
