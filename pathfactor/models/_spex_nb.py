@@ -235,7 +235,8 @@ class SpexNB(Task):
         self._mean = self._var = self._ell = None
         ell_gene = torch.zeros(self.G, dtype=torch.float64, device=self.Y.device)
         for b in self._blocks:
-            mean, var, ell = self._block_state(b)
+            mean, var = self._moments(cells=b)
+            ell = self._expected_loglik(mean, var, cells=b)
             ell_gene += ell.double().sum(0)
             if self.cached:
                 self._mean, self._var, self._ell = mean, var, ell
@@ -256,13 +257,6 @@ class SpexNB(Task):
             return self._mean[:, genes], self._var[:, genes]
         return self._moments(cells=b, genes=genes)
 
-    def _block_state(self, b):
-        """eta's moments and E[l] of the cells of block ``b`` at the current state."""
-        if self._mean is not None:
-            return self._mean, self._var, self._ell
-        mean, var = self._moments(cells=b)
-        return mean, var, self._expected_loglik(mean, var, cells=b)
-
     def _factor_step(self) -> None:
         """Natural-gradient (Newton) step for every q(x_n, delta_n), each checked on its cell's share of the ELBO,
         block by block; each gene's E[l] summed over the cells is kept for the loading step and the ELBO."""
@@ -278,7 +272,7 @@ class SpexNB(Task):
         """The checked steps of the cells of block ``b`` (written into ``mu``, ``Lam``, ``Sigma``, ``logdet``, the
         new state's tensors); returns their E[l] (cells x genes) at the new factors."""
         K, U = self.K, self.K + 1
-        mean, var, _ = self._block_state(b)
+        mean, var = self._block_moments(b)  # the caches themselves with one block: written in place below
         ell, d1, w, _ = self._expected_loglik(mean, var, cells=b, derivatives=True)
         n, Mw = ell.shape[0], self.M[:, :K]
         eye = torch.eye(U, dtype=Mw.dtype, device=Mw.device)
@@ -329,7 +323,7 @@ class SpexNB(Task):
         grad = torch.zeros(G, D, dtype=dt, device=dev)
         size_cov = torch.zeros(G, K, dtype=dt, device=dev)
         for b in self._blocks:
-            mean, var, _ = self._block_state(b)
+            mean, var = self._block_moments(b)
             _, d1, w, _ = self._expected_loglik(mean, var, cells=b, derivatives=True)
             F = self._F(b)
             n = F.shape[0]
