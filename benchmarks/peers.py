@@ -63,35 +63,57 @@ INSTALL_HINT = "pip install -r benchmarks/requirements-peers.txt"
 # ---------------------------------------------------------------------------------------------- data
 @dataclass
 class Data:
-    """One simulated data set as every method sees it."""
+    """One simulated data set as every method sees it: plain arrays, so that reading it imports nothing a method
+    does not import itself (a worker reads them from an ``.npz``; each method then pays for its own imports)."""
 
-    adata: object  # AnnData from noisy_annotations
+    Y: np.ndarray  # cells x genes, float32
+    genes: list[str]
+    terms: list[str]
+    annotation: np.ndarray  # genes x terms, the noisy annotation
+    X_true: np.ndarray
+    W_true: np.ndarray
+    mask_true: np.ndarray
 
-    @cached_property
-    def Y(self) -> np.ndarray:
-        return np.ascontiguousarray(np.asarray(self.adata.X, dtype=np.float32))
+    @classmethod
+    def from_adata(cls, adata) -> "Data":
+        """From ``noisy_annotations``' AnnData (the true factors are its first ``n_factors`` columns)."""
+        K = int(adata.uns["simulation"]["n_factors"])
+        return cls(Y=np.ascontiguousarray(np.asarray(adata.X, dtype=np.float32)),
+                   genes=[str(g) for g in adata.var_names],
+                   terms=[str(t) for t in np.atleast_1d(adata.uns["simulation"]["annotation_names"])],
+                   annotation=np.asarray(adata.varm["annotation"], dtype=bool),
+                   X_true=np.asarray(adata.obsm["X_true"])[:, :K], W_true=np.asarray(adata.varm["W_true"])[:, :K],
+                   mask_true=np.asarray(adata.varm["mask_true"], dtype=bool)[:, :K])
+
+    def save(self, path: Path) -> None:
+        np.savez(path, **{name: np.asarray(getattr(self, name)) for name in self.__dataclass_fields__})
+
+    @classmethod
+    def load(cls, path) -> "Data":
+        with np.load(path) as saved:
+            fields = {name: saved[name] for name in cls.__dataclass_fields__}
+        return cls(**{**fields, "genes": [str(g) for g in fields["genes"]],
+                      "terms": [str(t) for t in fields["terms"]]})
+
+    @property
+    def K(self) -> int:
+        return self.X_true.shape[1]
 
     @cached_property
     def mean(self) -> np.ndarray:
         return self.Y.mean(axis=0, dtype=np.float64)
 
-    @property
-    def K(self) -> int:
-        return int(self.adata.uns["simulation"]["n_factors"])
-
     @cached_property
-    def terms(self) -> list[str]:
-        return [str(t) for t in np.atleast_1d(self.adata.uns["simulation"]["annotation_names"])]
+    def frame(self):
+        """The data as a cells x genes DataFrame (the gene names a gene-set model matches the sets to)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.Y, columns=self.genes, copy=False)
 
     @cached_property
     def sets(self) -> dict[str, list[str]]:
-        from pathfactor.data.simulate import annotation_sets
-
-        return annotation_sets(self.adata)
-
-    @cached_property
-    def annotation(self) -> np.ndarray:
-        return np.asarray(self.adata.varm["annotation"], dtype=bool)
+        genes = np.asarray(self.genes, dtype=object)
+        return {term: [str(g) for g in genes[self.annotation[:, k]]] for k, term in enumerate(self.terms)}
 
     @cached_property
     def nonnegative(self) -> tuple[np.ndarray, np.ndarray]:
@@ -100,9 +122,7 @@ class Data:
         return self.Y - low, low.astype(np.float64)
 
     def truth(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        K = self.K
-        return (np.asarray(self.adata.obsm["X_true"])[:, :K], np.asarray(self.adata.varm["W_true"])[:, :K],
-                np.asarray(self.adata.varm["mask_true"], dtype=bool)[:, :K])
+        return self.X_true, self.W_true, self.mask_true
 
 
 def fingerprint(Y: np.ndarray) -> str:
@@ -133,7 +153,7 @@ def _pathfactor(cls_name: str, annotated: bool, nonnegative: bool = False):
         if nonnegative:
             matrix, offset = data.nonnegative
         else:
-            matrix, offset = data.adata, data.mean
+            matrix, offset = data.frame, data.mean
         with Timer() as t:
             model = cls(**params).fit(matrix, **fit_args)
         columns = data.terms if annotated else list(model.loadings_.columns)
@@ -293,16 +313,16 @@ def benchmark(size: str, noise: float, methods, opts, out=None) -> list[dict]:
     from pathfactor.data.simulate import noisy_annotations
 
     N, G, K = parse_size(size)
-    data = Data(noisy_annotations(n_cells=N, n_genes=G, n_factors=K, noise=noise, seed=opts.seed))
+    data = Data.from_adata(noisy_annotations(n_cells=N, n_genes=G, n_factors=K, noise=noise, seed=opts.seed))
     X_true, W_true, mask_true = data.truth()
     base = {"n_cells": N, "n_genes": G, "n_factors": K, "noise": noise, "seed": opts.seed,
             "threads": opts.threads, "device": opts.device, "data": fingerprint(data.Y)}
     reference = reference_scores(data.Y, X_true, W_true, mask_true, data.annotation)
     records = []
     with tempfile.TemporaryDirectory(prefix="pathfactor-peers-") as tmp:
-        path = Path(tmp) / "data.h5ad"
+        path = Path(tmp) / "data.npz"
         if opts.isolate:
-            data.adata.write_h5ad(path)
+            data.save(path)
             compile_bytecode()
         for method in methods:
             try:
@@ -355,9 +375,7 @@ def main(argv=None) -> list[dict]:
         raise SystemExit("--threads must be >= 1")
     limit_threads(opts.threads)
     if opts.worker:  # one method in this fresh process, data read from --data
-        import anndata as ad
-
-        record = run_method(opts.worker, Data(ad.read_h5ad(opts.data)), opts)
+        record = run_method(opts.worker, Data.load(opts.data), opts)
         print(json.dumps(record, default=lambda v: v.item() if isinstance(v, np.generic) else str(v)), flush=True)
         return [record]
     records = []

@@ -84,6 +84,19 @@ def test_peers_isolated_worker_reports_its_own_peak():
     assert record["factor_correlation"] > 0.5
 
 
+def test_peers_data_file_round_trips_without_anndata(tmp_path):
+    from pathfactor.data.simulate import noisy_annotations
+
+    data = peers.Data.from_adata(noisy_annotations(n_cells=30, n_genes=40, n_factors=3, noise=0.2, seed=1))
+    data.save(tmp_path / "data.npz")
+    back = peers.Data.load(tmp_path / "data.npz")
+    assert back.genes == data.genes and back.terms == data.terms and back.sets == data.sets and back.K == 3
+    for name in ("Y", "annotation", "X_true", "W_true", "mask_true"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(data, name))
+    assert back.Y.dtype == np.float32 and back.annotation.dtype == bool
+    assert list(back.frame.columns) == data.genes and np.shares_memory(back.frame.to_numpy(), back.Y)
+
+
 def test_scaling_sweeps_share_the_base_and_draw_the_figure(tmp_path):
     out, fig = tmp_path / "scaling.json", tmp_path / "scaling.png"
     scaling.main(["--base", "120x150x4", "--cells", "80", "120", "--genes", "150", "--factors", "3", "4",
