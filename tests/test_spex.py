@@ -8,7 +8,8 @@ import torch
 import pathfactor as pf
 from pathfactor.data.simulate import annotation_sets, noisy_annotations, ppca_interventions
 from pathfactor.evaluate import mask_f1
-from pathfactor.models._spex_vi import SpexVI
+from pathfactor.models._spex_vi import SpexVI, starting_slab_rate
+from pathfactor.priors import RandomSlab
 from pathfactor.models.spex import starting_factors
 
 
@@ -178,6 +179,8 @@ def test_bad_arguments_get_clear_errors(sim):
         pf.models.Spex(n_dense=1, progress=False).fit(cov, covariates="batch")
     with pytest.raises(ValueError, match="n_sparse must be"):
         fit(model=dict(n_sparse=-1))
+    with pytest.raises(ValueError, match="start must be 'informed', 'wide' or 'prior'"):
+        fit(model=dict(n_dense=1, start="free"))
     with pytest.raises(ValueError, match="layer 'counts' is not in adata.layers"):
         fit(model=dict(n_dense=1), layer="counts")
     with pytest.raises(RuntimeError, match="not fitted"):
@@ -195,6 +198,39 @@ def test_accepts_numpy_dataframe_and_sparse(sim):
     np.testing.assert_allclose(m1.loadings_.to_numpy(), m2.loadings_.to_numpy(), rtol=1e-4, atol=1e-5)
     m3 = pf.models.Spex(progress=False, n_dense=2, max_epochs=5).fit(np.asarray(sim.X))
     assert m3.loadings_.index[0] == "gene_0"
+
+
+def test_informed_start_puts_every_slab_at_least_as_wide_as_its_data_information():
+    """E[1/c^2] <= d_g at the start, equal where the annotation's slab is narrower; wide slabs stay."""
+    G, K = 60, 3
+    s = torch.full((G, K), 1e-3, dtype=torch.float64)
+    s[:20, 0] = 1.0
+    information = torch.linspace(10.0, 1e8, G, dtype=torch.float64)
+    start = {name: RandomSlab(s, alpha=2.0) for name in ("informed", "wide", "prior")}
+    for name, slab in start.items():
+        slab.q.rate = starting_slab_rate(slab, name, information if name == "informed" else None)
+    precision = {name: slab.mean_inv for name, slab in start.items()}
+    inside, d = s > 0.5, information[:, None].expand(G, K)
+    narrow_prior = precision["prior"] > d                     # the annotation's slab is narrower than d allows
+    assert torch.all(precision["informed"] <= d * (1 + 1e-12))
+    torch.testing.assert_close(precision["informed"][narrow_prior], d[narrow_prior])
+    torch.testing.assert_close(precision["informed"][~narrow_prior], precision["prior"][~narrow_prior])
+    assert narrow_prior[~inside].any() and not narrow_prior[~inside].all()   # both cases occur outside the sets
+    torch.testing.assert_close(precision["wide"], precision["prior"][inside].max().expand(G, K))
+    with pytest.raises(ValueError, match="start must be"):
+        starting_slab_rate(start["prior"], "dense")
+
+
+def test_starts_reach_the_same_programs_and_the_informed_start_is_no_slower():
+    sim = noisy_annotations(n_cells=1500, n_genes=500, n_factors=15, noise=0.2, sigma2=1.0, seed=4)
+    truth, sets = sim.varm["mask_true"], annotation_sets(sim)
+    fits = {start: pf.models.Spex(start=start, n_sparse=0, min_set_size=5, progress=False).fit(sim, annotations=sets)
+            for start in ("informed", "wide")}
+    f1 = {start: mask_f1(truth, m.loadings_.to_numpy()) for start, m in fits.items()}
+    n_obs = 1500 * 500
+    assert f1["informed"] > 0.9 and abs(f1["informed"] - f1["wide"]) < 0.01, f1
+    assert abs(fits["informed"].elbo_ - fits["wide"].elbo_) / n_obs < 1e-3
+    assert len(fits["informed"].history_) <= len(fits["wide"].history_)
 
 
 def test_minibatch_memoized_vi_recovers_the_annotation_too(sim):

@@ -171,6 +171,31 @@ class _Shares:
         setattr(self, f"loc{i}", loc)
 
 
+def starting_slab_rate(slab, start: str, information: torch.Tensor | None = None) -> torch.Tensor:
+    """The rate of q(c^2) for the first loading update (it only decides where the coordinate ascent starts).
+
+    ``"informed"``: each weight's slab starts no narrower than the width at which its prior precision
+    E[1/c^2] equals its data's information d_g = N E[1/sigma2_g] E[x^2] (from the starting factors and the total
+    variance). In one dimension, with q(c^2) of shape a and E[w^2] ~ m^2, the update m <- w_hat d / (d + 2a / m^2)
+    has the zero fixed point and, iff t^2 = w_hat^2 d >= 8a, a stable one near w_hat and an unstable one between
+    them with m_u <= w_hat / 2, i.e. at prior precision >= d. Started at precision d, every weight that can be
+    active therefore converges to its non-zero solution, as from a dense start, while the weights that cannot
+    start pinned instead of crossing from a dense solution, whose slow rotation towards the sparse one took
+    most of the epochs (``benchmarks/start.py``). Once d outgrows the annotation's narrow slab (many cells),
+    this is the annotation's own widths.
+    ``"wide"`` (``Spex``'s default): every slab at the widest annotated width (a dense start). ``"prior"``: the
+    annotation's widths.
+    ``information``: d_g (G), for "informed". ``slab``: a ``priors.RandomSlab`` before its first update.
+    """
+    if start not in ("informed", "wide", "prior"):
+        raise ValueError(f"start must be 'informed', 'wide' or 'prior', got {start!r}")
+    if start == "wide":
+        return torch.full_like(slab.q.rate, float(slab.rate0.max()))
+    if start == "prior":
+        return slab.q.rate
+    return torch.maximum(slab.q.rate, slab.q.shape / information[:, None])
+
+
 class SpexVI(Task):
     """The variational state and its updates. ``Y`` (N x G) and ``Z`` (N x C) are centred tensors.
 
@@ -198,7 +223,7 @@ class SpexVI(Task):
 
     def __init__(self, Y: torch.Tensor, Z: torch.Tensor, s: torch.Tensor, X0: torch.Tensor,
                  slab_confidence: float = 0.5, noise_prior: tuple[float, float] = (1.0, 0.01),
-                 tau: float | None = None, free_start: bool = True, batch_size: int | None = None,
+                 tau: float | None = None, start: str = "wide", batch_size: int | None = None,
                  generator: torch.Generator | None = None, posterior: str = "blocked",
                  reduce=None, unit: float = 1.0, effects=None, coupling: float | None = None):
         self.data = Y if hasattr(Y, "blocks") else TensorRows(Y, Z)
@@ -240,16 +265,24 @@ class SpexVI(Task):
         self.tau = (HalfCauchy((self.K,), s0=float(unit), count=self.G, dtype=dt, device=dev) if tau is None
                     else FixedScale((self.K,), tau, dtype=dt, device=dev))
         self.slab = RandomSlab(s.to(dt), alpha=slab_confidence)
-        if free_start:  # first loadings under the widest slab everywhere: the data, not the start, decide gains
-            self.slab.q.rate = torch.full_like(self.slab.q.rate, float(self.slab.rate0.max()))
         self.sigma2 = InverseGamma(torch.full((self.G,), self.a0 + 0.5 * self.N, dtype=dt, device=dev),
                                    (yy / self.N).clamp_min(1e-6 * float(var)) * (self.a0 + 0.5 * self.N))
+        self._start_slabs(start)
         if self.batch_size is None:
             stats = self._stats(slice(None), self.mu)
         else:
             stats = self._memoize_start()
         self._update_loadings(stats)
         self._update_noise_and_priors(stats)
+
+    def _start_slabs(self, start: str) -> None:
+        """The slabs of the first loading update (``starting_slab_rate``), d_g from the starting factors and the
+        total variance."""
+        information = None
+        if start == "informed":
+            x2 = self._summed(mu2=(self.mu * self.mu).sum())["mu2"] / (self.N * max(self.K, 1))
+            information = self.N * self.sigma2.mean_inv * x2.clamp_min(1e-12)
+        self.slab.q.rate = starting_slab_rate(self.slab, start, information)
 
     # ----------------------------------------------------------------------------------------- pieces
     @property
