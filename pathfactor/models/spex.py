@@ -132,7 +132,8 @@ class Spex(MultiViewSpex, LatentModel):
         factors) "informed" gives the same mask F1 (+-0.0002) and ELBO (at most 1.2e-4 per observation lower) in
         1.5-2.3x fewer epochs and 2.4-3.6x less time, because the dense start rotates slowly towards the sparse
         solution on many cells; on the real sets (mESC, Kang, pbmc68k, Spectra's sample) "wide" ends at a higher
-        ELBO on three of four (by 1.5e-3 to 3.3e-3 per observation), so it stays the default. Counts
+        ELBO on three of four (by 1.5e-3 to 3.3e-3 per observation), so it stays the default; with 100,000
+        simulated cells "prior" converged in 59 epochs, "informed" in 184 and "wide" not in 300. Counts
         (``likelihood="nb"``) start wide unless "prior".
     max_epochs, tol : stop after ``max_epochs`` sweeps or when the ELBO's relative change stays below ``tol``.
     progress : show a progress bar.
