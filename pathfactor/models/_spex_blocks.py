@@ -181,28 +181,34 @@ def conjugate_gradient_means(A: torch.Tensor, psi: torch.Tensor, prec: torch.Ten
     """m_g = P_g^-1 h_g for all genes by conjugate gradients preconditioned with S_g, from ``start``. Each iterate
     lowers 1/2 m^T P m - h^T m for every gene (so the ELBO rises even when stopped early); stops when every gene's
     preconditioned residual sqrt(r^T S r) is below ``rtol`` times sqrt(h^T S h)."""
+    psi_col = psi[:, None]
+
     def product(V):
-        return psi[:, None] * (V @ A) + prec * V
+        out = (V @ A).mul_(psi_col)
+        return out.addcmul_(prec, V)
+
+    def dot(U, V):
+        return torch.linalg.vecdot(U, V)
 
     tiny = torch.finfo(h.dtype).tiny
     x = start.clone()
     r = h - product(x)
     z = cov.apply(r)
     p = z.clone()
-    rz = (r * z).sum(1)
+    rz = dot(r, z)
     # stop on the preconditioned residual r^T S r (free: CG needs it anyway), relative to h^T S h
-    target = rtol**2 * (h * cov.apply(h)).sum(1).clamp_min(tiny)
+    target = rtol**2 * dot(h, cov.apply(h)).clamp_min(tiny)
     for _ in range(max_iter):
         if bool((rz <= target).all()):
             break
         Pp = product(p)
-        curvature = (p * Pp).sum(1)
-        alpha = torch.where(curvature > 0, rz / curvature.clamp_min(tiny), torch.zeros_like(rz))
-        x = x + alpha[:, None] * p
-        r = r - alpha[:, None] * Pp
+        curvature = dot(p, Pp)
+        alpha = torch.where(curvature > 0, rz / curvature.clamp_min(tiny), torch.zeros_like(rz))[:, None]
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, Pp, value=-1.0)
         z = cov.apply(r)
-        rz_new = (r * z).sum(1)
-        beta = torch.where(rz > 0, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
-        p = z + beta[:, None] * p
+        rz_new = dot(r, z)
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))[:, None]
+        p = z.addcmul_(beta, p)
         rz = rz_new
     return x
