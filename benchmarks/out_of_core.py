@@ -63,7 +63,8 @@ def write_simulation(path: Path, n_cells: int, n_genes: int, n_factors: int, noi
         obsm.attrs["encoding-type"], obsm.attrs["encoding-version"] = "array", "0.2.0"
 
 
-def fit(path: str, batch_size: int, max_epochs: int, tol: float, seed: int, threads: int, in_memory: bool) -> dict:
+def fit(path: str, batch_size: int, max_epochs: int, tol: float, seed: int, threads: int, in_memory: bool,
+        start: str = "wide") -> dict:
     """Fit Spex to ``path`` (streamed from disk, or read into memory) and score it against the truth."""
     limit_threads(threads)
     import anndata as ad
@@ -84,7 +85,7 @@ def fit(path: str, batch_size: int, max_epochs: int, tol: float, seed: int, thre
         adata = ad.read_h5ad(path, backed=None if in_memory else "r")
         sets = annotation_sets(adata)
         model = pf.models.Spex(batch_size=batch_size, max_epochs=max_epochs, tol=tol, progress=False,
-                               min_set_size=1, max_set_size=10**9)
+                               min_set_size=1, max_set_size=10**9, start=start)
         model.fit(adata, annotations=sets, seed=seed)
     peak = peak_rss_mb()
     fit_end = time.perf_counter()
@@ -99,7 +100,7 @@ def fit(path: str, batch_size: int, max_epochs: int, tol: float, seed: int, thre
     # an epoch's matrix products: every cell's factor means (Y W: N G D) and the statistics (mu^T Y: N G D), 2 flops a
     # multiply-add; the per-gene and per-batch algebra is O(G D^2) and left out
     epoch_flop = 4.0 * N * G * D
-    return {"mode": "in-memory" if in_memory else "streamed", "seconds": round(t.seconds, 2),
+    return {"mode": "in-memory" if in_memory else "streamed", "start": start, "seconds": round(t.seconds, 2),
             "start_seconds": None if not started else round(started[0] - t.start, 2),
             "epoch_seconds": None if epoch_seconds is None else round(epoch_seconds, 2),
             "epoch_tflop": round(epoch_flop / 1e12, 3),
@@ -124,6 +125,7 @@ def main() -> None:
     p.add_argument("--max-epochs", type=int, default=6)
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--start", default="wide", choices=["wide", "informed", "prior"], help="Spex's start")
     p.add_argument("--keep", default=None, metavar="PATH", help="write the file here, keep it (default: temp)")
     p.add_argument("--reuse", action="store_true", help="with --keep: fit the file already there (same arguments)")
     p.add_argument("--in-memory", action="store_true", help="also fit the same file read into memory")
@@ -133,7 +135,7 @@ def main() -> None:
     args = p.parse_args()
     if args.fit:
         print(json.dumps(fit(args.fit, args.batch_size, args.max_epochs, args.tol, args.seed, args.threads,
-                             args.mode == "in-memory")), flush=True)
+                             args.mode == "in-memory", args.start)), flush=True)
         return
 
     tmp = None if args.keep else tempfile.TemporaryDirectory(prefix="pathfactor-ooc-")
@@ -146,7 +148,7 @@ def main() -> None:
         for mode in ["streamed"] + (["in-memory"] if args.in_memory else []):
             cmd = [sys.executable, __file__, "--fit", str(path), "--mode", mode, "--batch-size", str(args.batch_size),
                    "--max-epochs", str(args.max_epochs), "--tol", str(args.tol), "--seed", str(args.seed),
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), "--start", args.start]
             done = subprocess.run(cmd, env=thread_env(args.threads), capture_output=True, text=True)
             if done.returncode:
                 raise RuntimeError(f"the {mode} fit failed:\n{done.stderr[-3000:]}")
