@@ -8,7 +8,8 @@ import torch
 import pathfactor as pf
 from pathfactor.data.simulate import annotation_sets, noisy_annotations, ppca_interventions
 from pathfactor.evaluate import mask_f1
-from pathfactor.models._spex_vi import SpexVI, starting_slab_rate
+from pathfactor.models._spex_prior import starting_slab_rate
+from pathfactor.models._spex_vi import SpexVI
 from pathfactor.priors import RandomSlab
 from pathfactor.models.spex import starting_factors
 
@@ -179,7 +180,7 @@ def test_bad_arguments_get_clear_errors(sim):
         pf.models.Spex(n_dense=1, progress=False).fit(cov, covariates="batch")
     with pytest.raises(ValueError, match="n_sparse must be"):
         fit(model=dict(n_sparse=-1))
-    with pytest.raises(ValueError, match="start must be 'informed', 'wide' or 'prior'"):
+    with pytest.raises(ValueError, match="start must be one of 'wide', 'informed', 'prior'"):
         fit(model=dict(n_dense=1, start="free"))
     with pytest.raises(ValueError, match="layer 'counts' is not in adata.layers"):
         fit(model=dict(n_dense=1), layer="counts")
@@ -219,6 +220,22 @@ def test_informed_start_puts_every_slab_at_least_as_wide_as_its_data_information
     torch.testing.assert_close(precision["wide"], precision["prior"][inside].max().expand(G, K))
     with pytest.raises(ValueError, match="start must be"):
         starting_slab_rate(start["prior"], "dense")
+    with pytest.raises(ValueError, match="start='informed' needs each gene's information"):
+        starting_slab_rate(start["prior"], "informed")
+
+
+@pytest.mark.parametrize("fit_args", [dict(model=dict(likelihood="nb")), dict(allow_missing=True)])
+def test_informed_start_is_refused_where_it_is_not_derived(fit_args):
+    """Counts, several views and missing entries have no d_g: asked for, the informed start fails loudly."""
+    rng = np.random.default_rng(0)
+    counts = ad.AnnData(rng.poisson(2.0, (60, 30)).astype(np.float32))
+    if "allow_missing" in fit_args:
+        counts.X[0, 0] = np.nan
+    data_args = {k: v for k, v in fit_args.items() if k != "model"}
+    model = pf.models.Spex(n_sparse=2, start="informed", progress=False, **fit_args.get("model", {}))
+    with pytest.raises(ValueError, match="start='informed' needs each gene's information"):
+        model.fit(counts, **data_args)
+    model.set_params(start="prior").fit(counts, **data_args)  # the annotation's widths are fine there
 
 
 def test_starts_reach_the_same_programs_and_the_informed_start_is_no_slower():

@@ -220,7 +220,7 @@ class MultiViewSpex:
                        torch.as_tensor(s, dtype=dt, device=dev), X0, offset=offset, dispersion=dispersion,
                        slab_confidence=self.slab_confidence, tau_scale=torch.as_tensor(tau_scale),
                        learn_tau=torch.tensor([self.global_scale is None or liks[n] == "normal" for n in names]),
-                       view_weights=torch.as_tensor(weights))
+                       view_weights=torch.as_tensor(weights), start=self.start)
         feature_names = (list(views.var_names[0]) if len(names) == 1
                          else [f"{n}:{g}" for n, vn in zip(names, views.var_names) for g in vn])
         owner = None

@@ -48,7 +48,7 @@ import torch
 
 from ..priors import FixedScale, HalfCauchy, RandomSlab
 from ..train import Task
-from ._spex_prior import loading_terms, update_scales, weight_precision
+from ._spex_prior import loading_terms, starting_slab_rate, update_scales, weight_precision
 from ._spex_vi import best_shear, natural_gaussian, ridge_eigen, sheared_loadings
 
 INTERCEPT_SD = 10.0      # beta_g ~ N(beta0_g, 10^2): flat on the log scale
@@ -104,7 +104,7 @@ class SpexNB(Task):
         return float(self.N * self.G)
 
     def __init__(self, Y: torch.Tensor, Z: torch.Tensor, s: torch.Tensor, X0: torch.Tensor,
-                 slab_confidence: float = 2.0, tau: float | None = 1.0, free_start: bool = True,
+                 slab_confidence: float = 2.0, tau: float | None = 1.0, start: str = "wide",
                  library: torch.Tensor | None = None, dispersion: torch.Tensor | None = None, n_nodes: int = 8,
                  batch_size: int | None = None):
         dt, dev = Y.dtype, Y.device
@@ -124,8 +124,7 @@ class SpexNB(Task):
         self.tau = (HalfCauchy((self.K,), count=G, dtype=dt, device=dev) if tau is None
                     else FixedScale((self.K,), tau, dtype=dt, device=dev))
         self.slab = RandomSlab(s.to(dt), alpha=slab_confidence)
-        if free_start:
-            self.slab.q.rate = torch.full_like(self.slab.q.rate, float(self.slab.rate0.max()))
+        self.slab.q.rate = starting_slab_rate(self.slab, start)
         # a tiny starting spread: the first steps are accepted from any point, then every step is checked
         U0 = torch.cat([X0.to(dt), torch.zeros(self.N, 1, dtype=dt, device=dev)], 1)   # [x_n, delta_n]
         eye = torch.eye(self.K + 1, dtype=dt, device=dev)

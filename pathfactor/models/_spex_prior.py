@@ -16,6 +16,9 @@ from ..priors import gaussian_prior_terms, regularised_horseshoe_terms, slab_sha
 
 _LOG_2PI = math.log(2 * math.pi)
 
+#: where a fit may start its slabs (``starting_slab_rate``)
+STARTS = ("wide", "informed", "prior")
+
 
 def _per_gene(vi, t: torch.Tensor) -> torch.Tensor:
     """A global-scale quantity (K, or V x K with one scale per view and factor: ``vi.view_of`` maps each gene to
@@ -66,3 +69,32 @@ def loading_terms(vi) -> torch.Tensor:
                                    b.scale2.mean_log[None, :].expand_as(Ew2_B))
     entropy = 0.5 * (Ew2.numel() * (1 + _LOG_2PI) + vi.logdet_S.sum())
     return w_prior + b_prior + entropy + vi.lam.elbo() + vi.tau.elbo() + vi.slab.elbo() + b.elbo()
+
+
+def starting_slab_rate(slab, start: str, information: torch.Tensor | None = None) -> torch.Tensor:
+    """The rate of q(c^2) for the first loading update (it only decides where the coordinate ascent starts).
+
+    ``"informed"``: each weight's slab starts no narrower than the width at which its prior precision
+    E[1/c^2] equals its data's information d_g = N E[1/sigma2_g] E[x^2] (from the starting factors and the total
+    variance). In one dimension, with q(c^2) of shape a and E[w^2] ~ m^2, the update m <- w_hat d / (d + 2a / m^2)
+    has the zero fixed point and, iff t^2 = w_hat^2 d >= 8a, a stable one near w_hat and an unstable one between
+    them with m_u <= w_hat / 2, i.e. at prior precision >= d. Started at precision d, every weight that can be
+    active therefore converges to its non-zero solution, as from a dense start, while the weights that cannot
+    start pinned instead of crossing from a dense solution, whose slow rotation towards the sparse one took
+    most of the epochs (``benchmarks/start.py``). Once d outgrows the annotation's narrow slab (many cells),
+    this is the annotation's own widths.
+    ``"wide"`` (``Spex``'s default): every slab at the widest annotated width (a dense start). ``"prior"``: the
+    annotation's widths.
+    ``information``: d_g (G), for "informed". ``slab``: a ``priors.RandomSlab`` before its first update. (Gaussian likelihood: ``_spex_vi``; the count
+    and multi-view engines start "wide" or "prior".)
+    """
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {', '.join(map(repr, STARTS))}, got {start!r}")
+    if start == "wide":
+        return torch.full_like(slab.q.rate, float(slab.rate0.max()))
+    if start == "prior":
+        return slab.q.rate
+    if information is None:
+        raise ValueError("start='informed' needs each gene's information d_g, derived for the Gaussian likelihood "
+                         "of one complete view; counts, several views and missing entries start 'wide' or 'prior'")
+    return torch.maximum(slab.q.rate, slab.q.shape / information[:, None])

@@ -76,7 +76,7 @@ import torch
 from ..data.stream import TensorRows
 from ..priors import FixedScale, HalfCauchy, InverseGamma, RandomSlab, SharedVariance
 from ._spex_blocks import GeneCovariances, batched_inverse, conjugate_gradient_means, coupled_weights, factorise
-from ._spex_prior import loading_terms, update_scales, weight_precision
+from ._spex_prior import loading_terms, starting_slab_rate, update_scales, weight_precision
 from ..train import Task, one_thread
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -169,31 +169,6 @@ class _Shares:
     def put(self, i: int, xy: torch.Tensor, loc: torch.Tensor) -> None:
         setattr(self, f"xy{i}", xy)
         setattr(self, f"loc{i}", loc)
-
-
-def starting_slab_rate(slab, start: str, information: torch.Tensor | None = None) -> torch.Tensor:
-    """The rate of q(c^2) for the first loading update (it only decides where the coordinate ascent starts).
-
-    ``"informed"``: each weight's slab starts no narrower than the width at which its prior precision
-    E[1/c^2] equals its data's information d_g = N E[1/sigma2_g] E[x^2] (from the starting factors and the total
-    variance). In one dimension, with q(c^2) of shape a and E[w^2] ~ m^2, the update m <- w_hat d / (d + 2a / m^2)
-    has the zero fixed point and, iff t^2 = w_hat^2 d >= 8a, a stable one near w_hat and an unstable one between
-    them with m_u <= w_hat / 2, i.e. at prior precision >= d. Started at precision d, every weight that can be
-    active therefore converges to its non-zero solution, as from a dense start, while the weights that cannot
-    start pinned instead of crossing from a dense solution, whose slow rotation towards the sparse one took
-    most of the epochs (``benchmarks/start.py``). Once d outgrows the annotation's narrow slab (many cells),
-    this is the annotation's own widths.
-    ``"wide"`` (``Spex``'s default): every slab at the widest annotated width (a dense start). ``"prior"``: the
-    annotation's widths.
-    ``information``: d_g (G), for "informed". ``slab``: a ``priors.RandomSlab`` before its first update.
-    """
-    if start not in ("informed", "wide", "prior"):
-        raise ValueError(f"start must be 'informed', 'wide' or 'prior', got {start!r}")
-    if start == "wide":
-        return torch.full_like(slab.q.rate, float(slab.rate0.max()))
-    if start == "prior":
-        return slab.q.rate
-    return torch.maximum(slab.q.rate, slab.q.shape / information[:, None])
 
 
 class SpexVI(Task):

@@ -73,7 +73,7 @@ from ..priors import HalfCauchy, InverseGamma, RandomSlab, SharedVariance
 from ..train import Task
 from ._spex_blocks import GeneCovariances, batched_inverse
 from ._spex_nb import gauss_hermite, softplus_expectations
-from ._spex_prior import loading_terms, update_scales, weight_precision
+from ._spex_prior import loading_terms, starting_slab_rate, update_scales, weight_precision
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -130,7 +130,7 @@ class SpexViews(Task):
     (counts) or None; ``dispersion``: r_g of NB features (G; ignored elsewhere). ``Z``: N x C centred covariates.
     ``s``: G x K slab widths; ``X0``: starting factors; ``tau_scale``: each view's global scale tau (one per view),
     held fixed, or where ``learn_tau`` (one flag, or one per view) the scale of its half-Cauchy prior, tau_vk then
-    learned per factor.
+    learned per factor. ``start``: the slabs of the first update, "wide" or "prior" (``starting_slab_rate``).
     """
 
     state_exclude = ("Y", "Z", "F_fixed", "observed", "view_of", "offset", "r", "nodes", "b", "log_C",
@@ -147,7 +147,7 @@ class SpexViews(Task):
                  dispersion: torch.Tensor | None = None, slab_confidence: float = 2.0,
                  tau_scale: torch.Tensor | None = None, learn_tau=False,
                  noise_prior: tuple[float, float] = (1.0, 0.01),
-                 view_weights=None):
+                 view_weights=None, start: str = "wide"):
         """``noise_prior``: (a0, f) of the noise variances' prior (the class docstring: a floor at f times the
         typical variance, which keeps a feature nonzero in a single cell from collapsing its noise)."""
         dt, dev = Y.dtype, Y.device
@@ -170,7 +170,7 @@ class SpexViews(Task):
         self.tau = ViewScales(HalfCauchy((V, self.K), s0=tau_scale[:, None], dtype=dt, device=dev),
                               tau_scale.to(dev), learn)
         self.slab = RandomSlab(s.to(dt), alpha=slab_confidence)
-        self.slab.q.rate = torch.full_like(self.slab.q.rate, float(self.slab.rate0.max()))   # free start
+        self.slab.q.rate = starting_slab_rate(self.slab, start)
         shape = self.a0 + 0.5 * self.n_obs
         self.sigma2 = InverseGamma(shape, (self._yy / self.n_obs.clamp_min(1)).clamp_min(1e-6) * shape)
         # the start: factors X0 with no covariance; pseudo-observations from intercept-only predictors

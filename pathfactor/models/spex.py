@@ -27,6 +27,7 @@ from ..train import fingerprint, resolve_device, seed_everything, train
 from ._spex_effects import ProgramEffects, group_effects
 from ._spex_multiview import MultiViewSpex, check_view_weights, needs_views, view_likelihoods
 from ._spex_nb import SpexNB, nb_factor_scores
+from ._spex_prior import STARTS
 from ._spex_vi import SpexVI
 from .base import LatentModel, factor_layout
 from .persist import expect_shapes
@@ -134,8 +135,7 @@ class Spex(MultiViewSpex, LatentModel):
         solution on many cells; on the real sets (mESC, Kang, pbmc68k, Spectra's sample) "wide" ends at a higher
         ELBO on three of four (by 1.5e-3 to 3.3e-3 per observation), so it stays the default; with 100,000
         simulated cells "prior" converged in 59 epochs, "informed" in 184 and "wide" not in 300. Counts
-        (``likelihood="nb"``) start wide unless "prior"; several views or missing entries (``_spex_views``) keep
-        that engine's own start.
+        (``likelihood="nb"``), several views and missing entries take "wide" or "prior" ("informed" is refused).
     max_epochs, tol : stop after ``max_epochs`` sweeps or when the ELBO's relative change stays below ``tol``.
     progress : show a progress bar.
     dtype : "float32" (default) or "float64".
@@ -200,8 +200,8 @@ class Spex(MultiViewSpex, LatentModel):
             raise ValueError(f"batch_size must be None or an integer >= 2, got {self.batch_size!r}")
         if self.posterior not in ("blocked", "mean-field"):
             raise ValueError(f"posterior must be 'blocked' or 'mean-field', got {self.posterior!r}")
-        if self.start not in ("informed", "wide", "prior"):
-            raise ValueError(f"start must be 'informed', 'wide' or 'prior', got {self.start!r}")
+        if self.start not in STARTS:
+            raise ValueError(f"start must be one of {', '.join(map(repr, STARTS))}, got {self.start!r}")
         if isinstance(self.likelihood, dict):
             view_likelihoods(self.likelihood, [str(v) for v in self.likelihood])
         elif self.likelihood not in ("normal", "gaussian", "nb", "poisson", "bernoulli"):
@@ -334,7 +334,7 @@ class Spex(MultiViewSpex, LatentModel):
         if self.likelihood == "nb":
             del Y  # the log-normalised copy served the start only
             vi = SpexNB(counts, Zt, s_t, X0, slab_confidence=self.slab_confidence, tau=tau, batch_size=self.batch_size,
-                        free_start=self.start != "prior")
+                        start=self.start)
         else:
             vi = SpexVI(Y, Zt, s_t, X0, slab_confidence=self.slab_confidence, tau=tau, batch_size=self.batch_size,
                         generator=generator, posterior=self.posterior, reduce=reduce, unit=data_sd, effects=effects,
