@@ -24,11 +24,11 @@ from common import RESULTS, emit, limit_threads  # noqa: E402
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
-def fit(adata, sets, start: str, seed: int):
+def fit(adata, sets, start: str, seed: int, min_set_size: int = 15):
     import pathfactor as pf
 
     began = time.perf_counter()
-    model = pf.models.Spex(start=start, min_set_size=1 if "simulation" in adata.uns else 15, progress=False)
+    model = pf.models.Spex(start=start, min_set_size=min_set_size, progress=False)
     model.fit(adata, annotations=sets, seed=seed)
     n_obs = model.factor_scores_.shape[0] * model.loadings_.shape[0]
     return model, {"start": start, "epochs": len(model.history_), "converged": bool(model.converged_),
@@ -46,7 +46,7 @@ def simulations(args) -> None:
             terms = [str(t) for t in np.atleast_1d(sim.uns["simulation"]["annotation_names"])]
             truth = np.asarray(sim.varm["mask_true"], dtype=bool)[:, :args.factors]
             for start in args.starts:
-                model, row = fit(sim, annotation_sets(sim), start, seed)
+                model, row = fit(sim, annotation_sets(sim), start, seed, min_set_size=1)
                 emit({"data": f"simulation {n_cells}x{args.genes}x{args.factors}", "noise": args.noise, "seed": seed,
                       **row, "f1": round(mask_f1(truth, model.loadings_[terms].to_numpy()), 4)}, args.out)
 

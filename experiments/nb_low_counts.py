@@ -33,7 +33,8 @@ def simulate(r: float, seed: int, low=0.02, high=0.5):
     """``pathfactor.data.simulate.droplet_counts`` with this design: (data, sets, X, W, true means)."""
     adata = droplet_counts(r=r, low=low, high=high, seed=seed)
     sets = annotation_sets(adata)
-    return adata, sets, adata.obsm["X_true"], adata.varm["W_true"], np.asarray(adata.layers["mean_true"], dtype=np.float64)
+    mean = np.asarray(adata.layers["mean_true"], dtype=np.float64)
+    return adata, sets, adata.obsm["X_true"], adata.varm["W_true"], mean
 
 
 def oracle_dispersion(Y: np.ndarray, mean: np.ndarray) -> tuple[float, float, float]:
