@@ -14,6 +14,7 @@ update of mean-field variational inference is closed form (no sampling, no learn
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,46 @@ __all__ = ["InverseGamma", "HalfCauchy", "FixedScale", "SharedVariance", "Random
            "slab_share", "regularised_horseshoe_terms"]
 
 _LOG_2PI = 1.8378770664093453
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+#: below this many entries the library's special functions are as fast
+_SERIES_MIN_SIZE = 4096
+
+
+def digamma_lgamma(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(digamma(x), lgamma(x)) for x > 0, together.
+
+    For large float32 tensors with x <= 1e8 (the shapes of a fit's G x K scale posteriors) this is
+    about 2x faster than ``torch.digamma`` plus ``torch.lgamma``. It shifts x to y = x + 4 through
+    x (x+1) (x+2) (x+3) = u (u + 2), u = x (x + 3), then sums the asymptotic (Stirling) series at y >= 4.
+    The series is truncated after its y^-10 (digamma) and y^-7 (lgamma) terms, which puts the error at float32
+    rounding (about 1e-6 relative; ``tests/test_priors.py``). Other inputs use torch's functions."""
+    if x.dtype != torch.float32 or x.numel() < _SERIES_MIN_SIZE or not bool(x.max() <= 1e8):
+        return torch.digamma(x), torch.lgamma(x)
+    u = (x + 3).mul_(x)
+    product = (u + 2).mul_(u)                      # x (x+1) (x+2) (x+3)
+    y = x + 4
+    log_y = torch.log(y)
+    inv = y.reciprocal()
+    inv2 = inv * inv
+    # digamma(y) = log y - 1/(2y) - 1/(12 y^2) + 1/(120 y^4) - 1/(252 y^6) + 1/(240 y^8) - 1/(132 y^10)
+    digamma = inv2 * (-1 / 132)
+    digamma.add_(1 / 240).mul_(inv2).sub_(1 / 252).mul_(inv2).add_(1 / 120).mul_(inv2).sub_(1 / 12).mul_(inv2)
+    digamma.add_(log_y).add_(inv, alpha=-0.5)
+    # digamma(x) = digamma(y) - sum_{i<4} 1 / (x + i), and that sum is P'/P = 2 (2x + 3)(u + 1) / P
+    digamma.sub_(u.add_(1).mul_(x * 4 + 6).div_(product))
+    # lgamma(y) = (y - 1/2) log y - y + log(2 pi)/2 + 1/(12 y) - 1/(360 y^3) + 1/(1260 y^5) - 1/(1680 y^7)
+    lgamma = inv2 * (-1 / 1680)
+    lgamma.add_(1 / 1260).mul_(inv2).sub_(1 / 360).mul_(inv2).add_(1 / 12).mul_(inv)
+    lgamma.addcmul_(y.sub_(0.5), log_y).sub_(y).add_(_HALF_LOG_2PI - 0.5)
+    return digamma, lgamma.sub_(product.log_())       # lgamma(x) = lgamma(y) - log P
+
+
+def _broadcast_sum(x, shape) -> torch.Tensor:
+    """sum of ``x`` broadcast to ``shape`` (a number or a tensor)."""
+    x = torch.as_tensor(x)
+    if x.shape == shape:
+        return x.sum()
+    return torch.broadcast_to(x, shape).sum()
 
 
 @dataclass
@@ -36,7 +77,7 @@ class InverseGamma:
         rates, and these special functions dominate the ELBO's cost for large G x K)."""
         cached = getattr(self, "_special", None)
         if cached is None or cached[0] is not self.shape:
-            cached = (self.shape, torch.digamma(self.shape), torch.lgamma(self.shape))
+            cached = (self.shape, *digamma_lgamma(self.shape))
             self._special = cached
         return cached[1], cached[2]
 
@@ -70,6 +111,26 @@ class InverseGamma:
         rate0 = torch.as_tensor(rate0, dtype=self.shape.dtype)
         log_rate0 = torch.log(rate0) if mean_log_rate0 is None else mean_log_rate0
         return shape0 * log_rate0 - torch.lgamma(shape0) - (shape0 + 1) * self.mean_log - rate0 * self.mean_inv
+
+    def elbo_sum(self, shape0, rate0, mean_log_rate0=None) -> torch.Tensor:
+        """sum(E_q[log IG(v; shape0, rate0)] + H[q]), i.e. minus KL(q || prior) when ``rate0`` is fixed; arguments
+        as :meth:`expected_log_prior`. The same number in fewer passes over the entries: with a, b = shape, rate,
+
+            sum[shape0 E log rate0 - lgamma(shape0) - shape0 log b + (shape0 - a) digamma(a) - E[rate0] a / b + a
+                + lgamma(a)]."""
+        a, b = self.shape, self.rate
+        digamma, lgamma = self._of_shape()
+        shape0 = torch.as_tensor(shape0, dtype=a.dtype, device=a.device)
+        rate0 = torch.as_tensor(rate0, dtype=a.dtype, device=a.device)
+        log_rate0 = torch.log(rate0) if mean_log_rate0 is None else mean_log_rate0
+        shape = torch.broadcast_shapes(b.shape, shape0.shape, rate0.shape, torch.as_tensor(log_rate0).shape)
+        log_b = self._log_rate()
+        log_b_term = log_b.sum() * shape0 if shape0.dim() == 0 and log_b.shape == shape else shape0 * log_b
+        terms = [_broadcast_sum(shape0 * log_rate0, shape), -_broadcast_sum(torch.lgamma(shape0), shape),
+                 -_broadcast_sum(log_b_term, shape) if log_b_term.dim() else -log_b_term,
+                 _broadcast_sum((shape0 - a) * digamma, shape), -_broadcast_sum(rate0 * self.mean_inv, shape),
+                 _broadcast_sum(a, shape), _broadcast_sum(lgamma, shape)]
+        return sum(terms)
 
 
 class HalfCauchy:
@@ -119,7 +180,8 @@ class HalfCauchy:
 
     def elbo(self) -> torch.Tensor:
         """:meth:`terms`, summed."""
-        return self.terms().sum()
+        s2, nu = self.scale2, self.aux
+        return s2.elbo_sum(0.5, nu.mean_inv, -nu.mean_log) + nu.elbo_sum(0.5, 1.0 / self.s0**2)
 
 
 class FixedScale:
@@ -159,8 +221,7 @@ class SharedVariance:
         self.scale2.rate = self.b0 + 0.5 * sum_w2
 
     def elbo(self) -> torch.Tensor:
-        q = self.scale2
-        return (q.expected_log_prior(self.a0, self.b0) + q.entropy()).sum()
+        return self.scale2.elbo_sum(self.a0, self.b0)
 
 
 @dataclass
@@ -196,7 +257,7 @@ class RandomSlab:
         self.q.rate = self.rate0 + 0.5 * E_w2
 
     def elbo(self) -> torch.Tensor:
-        return (self.q.expected_log_prior(self.alpha, self.rate0) + self.q.entropy()).sum()
+        return self.q.elbo_sum(self.alpha, self.rate0)
 
 
 def gaussian_prior_terms(E_w2: torch.Tensor, mean_inv_var: torch.Tensor, mean_log_var: torch.Tensor) -> torch.Tensor:

@@ -95,3 +95,37 @@ def test_normalised_horseshoe_bound_is_tight_at_its_share_and_below_elsewhere():
             loose = regularised_horseshoe_terms(w2[i], 1 / a[i], torch.log(a[i]), 1 / c[i], torch.log(c[i]),
                                                 torch.tensor(other, dtype=torch.float64))
             assert loose <= exact[i] + 1e-12
+
+
+@pytest.mark.parametrize("lo, hi", [(1e-3, 0.5), (0.5, 1.5), (0.5, 100.0), (100.0, 1e6), (1e6, 1e8)])
+def test_series_special_functions_match_torch_at_float32_precision(lo, hi):
+    from pathfactor.priors import digamma_lgamma
+    x = torch.rand(50_000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * (hi - lo) + lo
+    digamma, lgamma = digamma_lgamma(x.float())
+    assert digamma.dtype == torch.float32
+    for fast, exact in ((digamma, torch.digamma(x)), (lgamma, torch.lgamma(x))):
+        assert float(((fast.double() - exact).abs() / exact.abs().clamp_min(1.0)).max()) < 3e-6
+
+
+def test_special_functions_outside_the_series_range_are_torch_s():
+    from pathfactor.priors import digamma_lgamma
+    for x in (torch.tensor([0.3, 2.0, 1e9]), torch.rand(10_000, dtype=torch.float64) + 0.5,
+              torch.full((10_000,), 3e8)):
+        digamma, lgamma = digamma_lgamma(x)
+        assert torch.equal(digamma, torch.digamma(x)) and torch.equal(lgamma, torch.lgamma(x))
+
+
+@pytest.mark.parametrize("prior", [(0.5, 0.7, None), ("tensor", "tensor", None), (1.5, "tensor", "tensor")])
+def test_elbo_sum_is_expected_log_prior_plus_entropy(prior):
+    gen = torch.Generator().manual_seed(3)
+    a = torch.rand(40, 7, dtype=torch.float64, generator=gen) + 0.5
+    b = torch.rand(40, 7, dtype=torch.float64, generator=gen) + 0.1
+    q = InverseGamma(a, b)
+    shape0, rate0, log_rate0 = (torch.rand(40, 7, dtype=torch.float64, generator=gen) + 0.2 if v == "tensor" else v
+                                for v in prior)
+    expected = (q.expected_log_prior(shape0, rate0, log_rate0) + q.entropy()).sum()
+    assert q.elbo_sum(shape0, rate0, log_rate0).item() == pytest.approx(expected.item(), rel=1e-12)
+    # a prior shared along one axis broadcasts as the per-entry terms do
+    row = torch.rand(7, dtype=torch.float64, generator=gen) + 0.3
+    assert q.elbo_sum(0.5, row).item() == pytest.approx((q.expected_log_prior(0.5, row) + q.entropy()).sum().item(),
+                                                        rel=1e-12)

@@ -104,13 +104,30 @@ class GeneCovariances:
             flat.index_add_(0, idx, (weights[genes, None, None] * S).reshape(-1))
         return out
 
+    def _block_entries(self) -> torch.Tensor:
+        """The flat (g * D + k) positions of the blocks' weights in a G x D matrix, bucket after bucket in
+        ``buckets()`` order (computed once: conjugate gradients apply S every iteration)."""
+        cached = getattr(self, "_entries", None)   # a tuple: no part of a task's state (``train._walk``)
+        if cached is None or cached[0] is not self.cols or cached[1] is not self.order:
+            D = self.var.shape[1]
+            parts = [(genes[:, None] * D + cols).reshape(-1) for genes, cols, _ in self.buckets()]
+            cached = (self.cols, self.order, torch.cat(parts) if parts else self.cols.new_zeros(0))
+            self._entries = cached
+        return cached[2]
+
     def apply(self, R: torch.Tensor) -> torch.Tensor:
-        """S_g r_g for every gene (R: G x D)."""
+        """S_g r_g for every gene (R: G x D): one gather of the blocks' entries, a batched product per block size,
+        one scatter back."""
         out = self.var * R
+        entries = self._block_entries()
+        if not len(entries):
+            return out
+        r, start, products = R.reshape(-1).index_select(0, entries), 0, []
         for genes, cols, S in self.buckets():
-            r = R[genes[:, None], cols]
-            out[genes[:, None], cols] = (S @ r.unsqueeze(-1)).squeeze(-1)
-        return out
+            n, s = cols.shape
+            products.append((S @ r[start:start + n * s].view(n, s, 1)).view(-1))
+            start += n * s
+        return out.view(-1).index_copy_(0, entries, torch.cat(products)).view_as(out)
 
     def trace_with(self, A: torch.Tensor) -> torch.Tensor:
         """G: tr(A S_g)."""
@@ -182,6 +199,9 @@ def conjugate_gradient_means(A: torch.Tensor, psi: torch.Tensor, prec: torch.Ten
     lowers 1/2 m^T P m - h^T m for every gene (so the ELBO rises even when stopped early); stops when every gene's
     preconditioned residual sqrt(r^T S r) is below ``rtol`` times sqrt(h^T S h)."""
     psi_col = psi[:, None]
+    # row-major: each gene's weights adjacent (h often arrives as a transpose, and a column-major solve runs its
+    # row-wise products and dots strided, several times slower)
+    h, start = h.contiguous(), start.contiguous()
 
     def product(V):
         out = (V @ A).mul_(psi_col)

@@ -607,7 +607,7 @@ class SpexVI(Task):
         logdet_Sx = torch.logdet(self.Sigma_x)
         misfit = self._mu2 if self.effects is None else self.effects.prior_misfit(self.mu)
         x_term = 0.5 * (N * K + N * logdet_Sx - N * torch.trace(self.Sigma_x) - misfit)
-        noise = (s2.expected_log_prior(self.a0, self.b0) + s2.entropy()).sum()
+        noise = s2.elbo_sum(self.a0, self.b0)
         effects = 0.0 if self.effects is None else self.effects.elbo()
         return lik + x_term + noise + loading_terms(self) + effects
 
