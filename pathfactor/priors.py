@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = ["InverseGamma", "HalfCauchy", "FixedScale", "SharedVariance", "RandomSlab", "gaussian_prior_terms",
@@ -83,8 +84,14 @@ class InverseGamma:
 
     @property
     def mean_inv(self) -> torch.Tensor:
-        """E[1/v] = shape / rate."""
-        return self.shape / self.rate
+        """E[1/v] = shape / rate, computed once per (shape, rate) pair (a sweep and its ELBO read it many times).
+        Like every cache here it is keyed on the tensors' identity: updates assign new tensors, never write in
+        place."""
+        cached = getattr(self, "_inv", None)
+        if cached is None or cached[0] is not self.shape or cached[1] is not self.rate:
+            cached = (self.shape, self.rate, self.shape / self.rate)
+            self._inv = cached
+        return cached[2]
 
     def _log_rate(self) -> torch.Tensor:
         """log(rate), computed once per rate tensor (read by several terms of a sweep)."""
@@ -123,7 +130,9 @@ class InverseGamma:
         shape0 = torch.as_tensor(shape0, dtype=a.dtype, device=a.device)
         rate0 = torch.as_tensor(rate0, dtype=a.dtype, device=a.device)
         log_rate0 = torch.log(rate0) if mean_log_rate0 is None else mean_log_rate0
-        shape = torch.broadcast_shapes(b.shape, shape0.shape, rate0.shape, torch.as_tensor(log_rate0).shape)
+        # numpy's, not torch.broadcast_shapes (whose first call imports sympy: half a second)
+        shape = torch.Size(np.broadcast_shapes(tuple(b.shape), tuple(shape0.shape), tuple(rate0.shape),
+                                               tuple(torch.as_tensor(log_rate0).shape)))
         log_b = self._log_rate()
         log_b_term = log_b.sum() * shape0 if shape0.dim() == 0 and log_b.shape == shape else shape0 * log_b
         terms = [_broadcast_sum(shape0 * log_rate0, shape), -_broadcast_sum(torch.lgamma(shape0), shape),
@@ -162,7 +171,9 @@ class HalfCauchy:
         """``count``: the weights' effective number per scale (a tensor like ``R``; default: the constructor's)."""
         if count is not None:
             self.count = count
-            self.scale2.shape = 0.5 * count + 0.5 + torch.zeros_like(self.scale2.rate)
+            rate = self.scale2.rate
+            shape = torch.as_tensor(0.5 * count + 0.5, dtype=rate.dtype, device=rate.device)
+            self.scale2.shape = shape if shape.shape == rate.shape else shape + torch.zeros_like(rate)
         a, b = 0.5 * self.count + 0.5, 1.0 / self.s0**2
         R = R.clamp_min(torch.finfo(R.dtype).tiny)
         h = 1.0 + R * b - a
