@@ -77,17 +77,22 @@ def gauss_hermite(n: int):
 
 def softplus_expectations(centre, sd, nodes, derivatives: bool):
     """E[softplus(psi)] and, with ``derivatives``, E[sigmoid(psi)] and E[sigmoid(psi) sigmoid(-psi)] for
-    psi ~ N(centre, sd^2), by quadrature."""
+    psi ~ N(centre, sd^2), by quadrature.
+
+    At each node t: sigmoid(t) = exp(t - softplus(t)) and sigmoid(t) sigmoid(-t) = exp(t - 2 softplus(t)), so
+    neither is a difference of numbers near 1 (droplet counts put psi far below 0, where 1 - sigmoid(-t) loses
+    float32's digits), and each node costs one softplus and two exps, mostly in place."""
     f = torch.zeros_like(centre)
     s = torch.zeros_like(centre) if derivatives else None
     ss = torch.zeros_like(centre) if derivatives else None
     for x, w in nodes:
-        sp = torch.nn.functional.softplus(centre + sd * x)
+        t = torch.add(centre, sd, alpha=x) if x else centre.clone()
+        sp = torch.nn.functional.softplus(t)
         f.add_(sp, alpha=w)
-        if derivatives:  # 1 - sigmoid(psi) = exp(-softplus(psi))
-            rest = torch.exp(-sp)
-            s.add_(1 - rest, alpha=w)
-            ss.add_((1 - rest) * rest, alpha=w)
+        if derivatives:
+            t.sub_(sp)                              # log sigmoid(t)
+            s.add_(torch.exp(t), alpha=w)
+            ss.add_(t.sub_(sp).exp_(), alpha=w)     # exp(log sigmoid(t) - softplus(t)) = sigmoid(t) sigmoid(-t)
     return f, s, ss
 
 
