@@ -73,6 +73,18 @@ def test_conjugate_gradients_reach_the_exact_means_and_descend_every_step():
         previous = now
 
 
+def test_conjugate_gradients_give_row_major_means_whatever_the_layout_of_h():
+    """h often arrives as a transpose (psi * (F^T Y)^T); the solve runs on row-major copies and returns one."""
+    A, psi, prec, h, P = _problem()
+    cov = factorise(A, psi, prec, coupled_weights(A, psi, prec), coupling=0.05)
+    h_columns = h.T.contiguous().T                                       # same values, column-major
+    assert not h_columns.is_contiguous()
+    got = conjugate_gradient_means(A, psi, prec, h_columns, torch.zeros_like(h_columns), cov, rtol=0.0, max_iter=4)
+    assert got.is_contiguous()
+    np.testing.assert_allclose(got, conjugate_gradient_means(A, psi, prec, h, torch.zeros_like(h), cov, rtol=0.0,
+                                                             max_iter=4), rtol=1e-12)
+
+
 def test_spex_in_the_block_family_matches_the_exact_fit():
     sim = noisy_annotations(n_cells=300, n_genes=400, n_factors=12, noise=0.2, seed=1)
     sets = annotation_sets(sim)
