@@ -81,11 +81,11 @@ class TensorRows:
             return
         yield self.Y[cells], self.Z[cells]
 
-    def sum_squares(self, rows: int = 4096) -> torch.Tensor:
-        """sum_n y_ng^2 (in blocks of rows: no N x G temporary)."""
+    def sum_squares(self) -> torch.Tensor:
+        """sum_n y_ng^2, over the blocks of :meth:`blocks` (a temporary of one block, about ``BLOCK_VALUES``
+        values, not thousands of rows)."""
         total = torch.zeros(self.G, dtype=self.dtype, device=self.device)
-        for start in range(0, self.N, rows):
-            block = self.Y[start:start + rows]
+        for block, _ in self.blocks(slice(None)):
             total += (block * block).sum(0)
         return total
 
