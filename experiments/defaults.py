@@ -12,6 +12,9 @@ separate the known groups (AUROC, as oriented: no flipping):
   B_memory and for CD8_T.
 
     python experiments/defaults.py [--out experiments/results/defaults.json]
+    python experiments/defaults.py --slab-confidence 0.5 2 10
+        # the default (n_sparse, n_dense) with each slab confidence instead of the grid; writes
+        # experiments/results/defaults_slab_confidence.json
 """
 from __future__ import annotations
 
@@ -67,17 +70,27 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--data", type=Path, default=SHARED_DATA)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=RESULTS / "defaults.json")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--slab-confidence", type=float, nargs="+", default=None,
+                   help="fit (2, 0) with each of these slab_confidence values instead of the (n_sparse, n_dense) grid")
     args = p.parse_args()
+    if args.slab_confidence:
+        settings = [(2, 0, c) for c in args.slab_confidence]
+        args.out = args.out or RESULTS / "defaults_slab_confidence.json"
+    else:
+        settings = [(n_sparse, n_dense, None) for n_sparse, n_dense in GRID]
+        args.out = args.out or RESULTS / "defaults.json"
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     rows = []
     for name, adata, sets, column, targets in cases(args.data):
-        for n_sparse, n_dense in GRID:
+        for n_sparse, n_dense, confidence in settings:
             start = time.perf_counter()
-            model = pf.models.Spex(n_sparse=n_sparse, n_dense=n_dense, progress=False).fit(adata, annotations=sets)
+            extra = {} if confidence is None else {"slab_confidence": confidence}
+            model = pf.models.Spex(n_sparse=n_sparse, n_dense=n_dense, progress=False, **extra).fit(
+                adata, annotations=sets)
             n_obs = model.factor_scores_.shape[0] * model.loadings_.shape[0]
-            rows.append({"data": name, "n_sparse": n_sparse, "n_dense": n_dense,
+            rows.append({"data": name, "n_sparse": n_sparse, "n_dense": n_dense, **extra,
                          "elbo_per_obs": round(model.elbo_ / n_obs, 5), "auroc": score(model, adata, column, targets),
                          "factors": model.loadings_.shape[1], "epochs": len(model.history_),
                          "seconds": round(time.perf_counter() - start, 1)})
@@ -86,7 +99,9 @@ def main() -> None:
     for name in dict.fromkeys(r["data"] for r in rows):
         mine = [r for r in rows if r["data"] == name]
         best = max(mine, key=lambda r: r["elbo_per_obs"])
-        chosen[name] = {"by_elbo": [best["n_sparse"], best["n_dense"]], "auroc": best["auroc"]}
+        chosen[name] = {"by_elbo": [best["n_sparse"], best["n_dense"]] + ([best["slab_confidence"]] if
+                                                                        "slab_confidence" in best else []),
+                        "auroc": best["auroc"]}
     print(json.dumps({"chosen_by_elbo": chosen}, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"fits": rows, "chosen_by_elbo": chosen}, indent=1) + "\n")
