@@ -58,12 +58,14 @@ def digamma_lgamma(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return digamma, lgamma.sub_(product.log_())       # lgamma(x) = lgamma(y) - log P
 
 
-def _broadcast_sum(x, shape) -> torch.Tensor:
-    """sum of ``x`` broadcast to ``shape`` (a number or a tensor)."""
-    x = torch.as_tensor(x)
-    if x.shape == shape:
-        return x.sum()
-    return torch.broadcast_to(x, shape).sum()
+def _sum_product(x, y, shape) -> torch.Tensor:
+    """sum of x * y broadcast to ``shape``; a 0-d factor multiplies the other's sum (no temporary)."""
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    if y.dim() == 0 and x.shape == shape:
+        return x.sum() * y
+    if x.dim() == 0 and y.shape == shape:
+        return y.sum() * x
+    return torch.broadcast_to(x * y, shape).sum()
 
 
 @dataclass
@@ -133,12 +135,11 @@ class InverseGamma:
         # numpy's, not torch.broadcast_shapes (whose first call imports sympy: half a second)
         shape = torch.Size(np.broadcast_shapes(tuple(b.shape), tuple(shape0.shape), tuple(rate0.shape),
                                                tuple(torch.as_tensor(log_rate0).shape)))
-        log_b = self._log_rate()
-        log_b_term = log_b.sum() * shape0 if shape0.dim() == 0 and log_b.shape == shape else shape0 * log_b
-        terms = [_broadcast_sum(shape0 * log_rate0, shape), -_broadcast_sum(torch.lgamma(shape0), shape),
-                 -_broadcast_sum(log_b_term, shape) if log_b_term.dim() else -log_b_term,
-                 _broadcast_sum((shape0 - a) * digamma, shape), -_broadcast_sum(rate0 * self.mean_inv, shape),
-                 _broadcast_sum(a, shape), _broadcast_sum(lgamma, shape)]
+        one = torch.ones((), dtype=a.dtype, device=a.device)
+        terms = [_sum_product(shape0, log_rate0, shape), -_sum_product(torch.lgamma(shape0), one, shape),
+                 -_sum_product(shape0, self._log_rate(), shape), _sum_product(shape0 - a, digamma, shape),
+                 -_sum_product(rate0, self.mean_inv, shape), _sum_product(a, one, shape),
+                 _sum_product(lgamma, one, shape)]
         return sum(terms)
 
 

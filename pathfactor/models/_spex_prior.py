@@ -85,8 +85,8 @@ def starting_slab_rate(slab, start: str, information: torch.Tensor | None = None
     this is the annotation's own widths.
     ``"wide"`` (``Spex``'s default): every slab at the widest annotated width (a dense start). ``"prior"``: the
     annotation's widths.
-    ``information``: d_g (G), for "informed". ``slab``: a ``priors.RandomSlab`` before its first update. (Gaussian likelihood: ``_spex_vi``; the count
-    and multi-view engines start "wide" or "prior".)
+    ``information``: d_g (G), for "informed" (Gaussian likelihood: ``_spex_vi``; the count and multi-view engines
+    start "wide" or "prior"). ``slab``: a ``priors.RandomSlab`` before its first update.
     """
     if start not in STARTS:
         raise ValueError(f"start must be one of {', '.join(map(repr, STARTS))}, got {start!r}")
