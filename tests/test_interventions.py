@@ -55,7 +55,7 @@ def test_blocked_update_is_the_exact_marginal_posterior():
     D = eff.prior_precision().numpy()
     Sigma_x = np.linalg.inv(np.eye(K) + W.T @ W / s2)
     u = Y @ W / s2 @ Sigma_x
-    eff.update(eff.group_sums(torch.as_tensor(u)), torch.as_tensor(Sigma_x))
+    eff.update(torch.as_tensor(u), torch.as_tensor(Sigma_x))
     # brute force over theta = (c, beta_1, ..., beta_L)
     Vinv = np.linalg.inv(W @ W.T + s2 * np.eye(G))
     P = np.diag(np.concatenate([np.ones(K), D.ravel()]))
@@ -90,10 +90,69 @@ def test_mean_field_is_narrower_than_blocked_for_a_weak_factor():
     sds = {}
     for blocked in (True, False):
         eff = ProgramEffects(codes, 1, K, blocked=blocked, dtype=torch.float64)
-        eff.update(eff.group_sums(u), Sigma_x)
-        sds[blocked] = eff.effects()[1][0].numpy()
+        eff.update(u, Sigma_x)
+        sds[blocked] = torch.diagonal(eff.beta_cov, dim1=1, dim2=2).sqrt()[0].numpy()
     assert sds[True][1] > 1.5 * sds[False][1]
     assert sds[True][0] == pytest.approx(sds[False][0], rel=0.05)
+
+
+def _linear_map_sandwich(codes, L, K, u, Sigma_x):
+    """Brute force: E[beta] as an explicit linear map of the levels' sums (a Jacobian), then sum_g A_g Cov(s_g) A_g^T."""
+    def beta_of(sums):
+        eff = ProgramEffects(torch.as_tensor(codes), L, K, blocked=True, dtype=torch.float64)
+        eff.group_sums = lambda rows: sums  # the update reads the rows through their sums only
+        eff.update(torch.zeros(len(codes), K, dtype=torch.float64), Sigma_x)
+        return eff.beta
+    sums0 = torch.zeros(L + 1, K, dtype=torch.float64)
+    A = torch.autograd.functional.jacobian(beta_of, sums0)               # L x K x (L+1) x K
+    var = torch.zeros(L, K, dtype=torch.float64)
+    for g in range(L + 1):
+        rows = u[codes == g]
+        C = torch.as_tensor(np.cov(rows.numpy().T, ddof=1) * len(rows)) if len(rows) > 1 else torch.zeros(K, K)
+        Ag = A[:, :, g, :]
+        var += torch.einsum("lka,ab,lkb->lk", Ag, C.double(), Ag)
+    return var.sqrt()
+
+
+def test_robust_sd_is_the_sandwich_of_the_linear_estimate():
+    rng = np.random.default_rng(5)
+    N, K, L = 120, 3, 3
+    codes = rng.integers(0, L + 1, size=N)
+    codes[:L + 1] = np.arange(L + 1)
+    codes[L + 1] = 0
+    G = rng.normal(size=(K, K))
+    Sigma_x = torch.as_tensor(np.linalg.inv(np.eye(K) + G @ G.T))
+    u = torch.as_tensor(rng.standard_t(3, size=(N, K)))
+    eff = ProgramEffects(torch.as_tensor(codes), L, K, blocked=True, dtype=torch.float64)
+    eff.update(u, Sigma_x)
+    np.testing.assert_allclose(eff.robust_sd().numpy(), _linear_map_sandwich(codes, L, K, u, Sigma_x).numpy(),
+                               rtol=1e-8)
+
+
+def test_robust_sd_matches_the_model_when_the_model_holds_and_grows_with_an_outlier():
+    """Rows drawn from the model (u_n ~ N(R m_g, R)): the sandwich sd is q's (the prior's share is small at 4,000
+    cells). One cell with a huge score in a small level: q's sd stays, the reported sd grows and the call goes."""
+    rng = np.random.default_rng(6)
+    N, K, L = 4000, 3, 2
+    codes = rng.choice(L + 1, size=N, p=[0.5, 0.25, 0.25])
+    Sigma_x = np.diag([0.05, 0.3, 0.8])
+    R = np.eye(K) - Sigma_x
+    m = np.zeros((L + 1, K))
+    u = rng.multivariate_normal(np.zeros(K), R, size=N) + (m @ R)[codes]
+    eff = ProgramEffects(torch.as_tensor(codes), L, K, blocked=True, dtype=torch.float64)
+    eff.update(torch.as_tensor(u), torch.as_tensor(Sigma_x))
+    model_sd = torch.diagonal(eff.beta_cov, dim1=1, dim2=2).sqrt().numpy()
+    np.testing.assert_allclose(eff.robust_sd().numpy(), model_sd, rtol=0.12)
+    small = np.r_[np.zeros(400, int), np.ones(30, int), np.full(30, 2)]
+    u = rng.multivariate_normal(np.zeros(K), R, size=small.size)
+    u[400, 0] = 30 * R[0, 0]                                    # one cell of level 1 with a factor-0 score of 30
+    eff = ProgramEffects(torch.as_tensor(small), L, K, blocked=True, dtype=torch.float64)
+    eff.update(torch.as_tensor(u), torch.as_tensor(Sigma_x))
+    bhat, sd = eff.effects()
+    model_sd = torch.diagonal(eff.beta_cov, dim1=1, dim2=2).sqrt()
+    assert float(bhat[0, 0]) > 0.8 and float(bhat[0, 0] / model_sd[0, 0]) > 4  # q alone would call it
+    assert float(sd[0, 0]) > 4 * float(model_sd[0, 0])
+    assert float(eff.shrunk()[2][0, 0]) > 0.05
 
 
 @pytest.mark.parametrize("posterior", ["blocked", "mean-field"])

@@ -126,6 +126,7 @@ class ProgramEffects:
         self.logdet_P = torch.zeros((), **kw)                    # log det of q(theta)'s precision
         self.J = torch.zeros(K, K, **kw)                         # x_n = a_n + J m_n + eps at the last update
         self.Sigma_x = torch.zeros(K, K, **kw)
+        self.rows = None                                         # the rows of the last update (``robust_sd``)
 
     # ------------------------------------------------------------------ pieces
     def group_sums(self, rows: torch.Tensor) -> torch.Tensor:
@@ -142,9 +143,12 @@ class ProgramEffects:
         return self.mean[self.groups]
 
     # ------------------------------------------------------------------ updates
-    def update(self, u_sums: torch.Tensor, Sigma_x: torch.Tensor) -> None:
-        """q(theta) from each level's sums of u_n ((L+1) x K; ``Sigma_x h_n`` blocked, ``E[x_n]`` mean-field).
-        Sets the coupling J of q(X, theta) (the factors' means then follow as ``u_n + J E[m_n]`` blocked)."""
+    def update(self, rows: torch.Tensor, Sigma_x: torch.Tensor) -> None:
+        """q(theta) from the cells' rows u_n (N x K; ``Sigma_x h_n`` blocked, ``E[x_n]`` mean-field), which enter
+        through each level's sums (the rows are kept for :meth:`robust_sd`). Sets the coupling J of q(X, theta)
+        (the factors' means then follow as ``u_n + J E[m_n]`` blocked)."""
+        self.rows = rows
+        u_sums = self.group_sums(rows)
         K, dt = self.K, Sigma_x.dtype
         eye = torch.eye(K, dtype=dt, device=Sigma_x.device)
         Sigma_x = 0.5 * (Sigma_x + Sigma_x.T)
@@ -162,6 +166,7 @@ class ProgramEffects:
         m_c = Cc @ rhs_c
         beta = (H @ (s[1:] - n[1:, None] * (m_c @ R))[:, :, None]).squeeze(-1)
         IX = eye - X
+        self._solve = (H, X, Cc)
         self.beta = beta
         self.beta_cov = H + X @ Cc @ X.transpose(1, 2)
         self.mean = torch.cat([m_c[None, :], m_c[None, :] + beta], 0)
@@ -192,9 +197,37 @@ class ProgramEffects:
         return priors + entropy
 
     # ------------------------------------------------------------------ results
+    def robust_sd(self) -> torch.Tensor:
+        """L x K: the sd of E[beta] from the spread of the cells' rows within each level (a sandwich estimate).
+
+        E[beta_l] is linear in the levels' sums s_g of the rows: ``beta_l = H_l s_l - X_l C_c (s_0 + sum_m
+        (I - X_m^T) s_m)`` (``update``). Each s_g is a sum of n_g independent cells, so Cov(s_g) = n_g S_g with S_g
+        the rows' covariance within level g, estimated from the data instead of taken from the model (under the
+        model, S_g = R and this is q's own covariance, less the prior's share). Factor scores are rarely Gaussian
+        within a level: one rare cell with a score of 30 among 30 cells moves their mean by 1, which q, with its
+        N(m, I) prior, reads as a certain effect, and this sd does not."""
+        H, X, Cc = self._solve
+        K, dt, dev = self.K, self.rows.dtype, self.rows.device
+        eye = torch.eye(K, dtype=dt, device=dev)
+        order = torch.argsort(self.groups, stable=True)
+        sizes = self.n.long().tolist()
+        C = torch.zeros(self.L + 1, K, K, dtype=dt, device=dev)       # Cov(s_g) = n_g S_g
+        for g, cells in enumerate(torch.split(order, sizes)):
+            if sizes[g] > 1:
+                d = self.rows[cells] - self.rows[cells].mean(0)
+                C[g] = d.T @ d * (sizes[g] / (sizes[g] - 1))
+        Y = torch.cat([eye[None], eye - X.transpose(1, 2)], 0)          # s_g's coefficient in C_c's right-hand side
+        M = (Y @ C @ Y.transpose(1, 2)).sum(0)
+        XC = X @ Cc
+        HCY = H @ C[1:] @ Y[1:].transpose(1, 2) @ XC.transpose(1, 2)
+        V = H @ C[1:] @ H - HCY - HCY.transpose(1, 2) + XC @ M @ XC.transpose(1, 2)
+        return torch.diagonal(V, dim1=1, dim2=2).clamp_min(0).sqrt()
+
     def effects(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(E[beta], sd[beta]) under q, each L x K: the effects' likelihood summaries for the shrinkage."""
-        return self.beta, torch.diagonal(self.beta_cov, dim1=1, dim2=2).clamp_min(0).sqrt()
+        """(E[beta], sd), each L x K: the effects' likelihood summaries for the shrinkage. The sd is the larger of
+        q's and :meth:`robust_sd`: no more certain than the model, nor than the cells' own spread says."""
+        model_sd = torch.diagonal(self.beta_cov, dim1=1, dim2=2).clamp_min(0).sqrt()
+        return self.beta, torch.maximum(model_sd, self.robust_sd())
 
     def shrunk(self):
         """The effects after adaptive shrinkage (:func:`adaptive_shrinkage`): (mean, sd, lfsr), each L x K."""
@@ -205,5 +238,5 @@ class ProgramEffects:
 def group_effects(u: torch.Tensor, Sigma_x: torch.Tensor, codes: torch.Tensor, n_levels: int) -> ProgramEffects:
     """q(c, beta) of groups of cells with the global factors held fixed (blocked; ``u``: N x K rows Sigma_x h_n)."""
     effects = ProgramEffects(codes, n_levels, u.shape[1], blocked=True, dtype=u.dtype, device=u.device)
-    effects.update(effects.group_sums(u), Sigma_x)
+    effects.update(u, Sigma_x)
     return effects

@@ -427,11 +427,11 @@ class SpexVI(Task):
         eff, Sx = self.effects, self.Sigma_x
         u = (self.Y @ Wpsi - self.Z @ QzK) @ Sx                     # Sigma_x h_n
         if eff.blocked:
-            eff.update(eff.group_sums(u), Sx)
+            eff.update(u, Sx)
             mu = u + eff.cell_means() @ Sx
         else:
             mu = u + eff.cell_means() @ Sx
-            eff.update(eff.group_sums(mu), Sx)
+            eff.update(mu, Sx)
         stats = self._added(self._block_sums(self.Y, self.Z, mu, True), True)
         stats["A"][: self.K, : self.K] += eff.x_covariance_sum()
         return mu, stats
