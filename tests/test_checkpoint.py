@@ -302,7 +302,10 @@ def test_convergence_does_not_depend_on_the_data_units():
     Y = np.abs(sim.X)
     fits = [pf.models.NMF(n_factors=3, progress=False).fit(Y * s) for s in (1.0, 2.0**-13, 1e-4, 1e3)]
     epochs = [len(m.history_) for m in fits]
-    assert epochs[0] == epochs[1] > 3 and max(epochs) - min(epochs) <= 2  # 1e-4 and 1e3 round values differently
+    assert epochs[0] == epochs[1] > 3  # a power of two changes no digit
+    # 1e-4 and 1e3 round values differently, and how near tol the last epochs sit depends on the CPU's arithmetic:
+    # a few epochs either way, never the handful that an absolute floor gave small losses
+    assert all(abs(e - epochs[0]) <= 0.1 * epochs[0] for e in epochs), epochs
     np.testing.assert_array_equal(fits[1].relevance_, fits[0].relevance_)  # a power of two changes no digit
     for m in fits[2:]:
         np.testing.assert_allclose(m.relevance_, fits[0].relevance_, rtol=0.02)
