@@ -138,21 +138,37 @@ def kang_replication(data: Path, seed: int = 0) -> dict:
             "cell_types": len(within), "cell_types_with_the_call's_sign": same_sign, "within_cell_types": within}
 
 
-def kang_pseudo_guides(data: Path, n_guides: int = 20, seed: int = 0) -> dict:
-    """A null screen on real cells: the CTRL cells dealt at random to a reference (40 %) and ``n_guides`` pseudo
-    guides, so no level can move a program; every call at lfsr < 0.05 is false."""
+def kang_pseudo_guides(data: Path, n_guides: int = 20, n_stim_guides: int = 3, seed: int = 0) -> dict:
+    """A screen built from real cells, with known answers: the CTRL cells dealt at random to a reference (40 %)
+    and ``n_guides`` null pseudo-guides (no such guide can move a program: every call on one is false), plus
+    ``n_stim_guides`` guides of ~30 STIM cells each (a strong perturbation in a guide-sized group: each should
+    raise the interferon program)."""
     adata = load_kang_log(data)
-    adata = adata[(adata.obs["stim"] == "CTRL").to_numpy()].copy()
     rng = np.random.default_rng(seed)
+    stim = (adata.obs["stim"] == "STIM").to_numpy()
     guides = ["non-targeting"] + [f"G{i:02d}" for i in range(n_guides)]
-    adata.obs["guide"] = rng.choice(guides, adata.n_obs, p=[0.4] + [0.6 / n_guides] * n_guides)
+    label = np.where(stim, "", rng.choice(guides, adata.n_obs, p=[0.4] + [0.6 / n_guides] * n_guides)).astype(object)
+    n_ctrl_guide = int(round(0.6 / n_guides * (~stim).sum()))
+    picked = rng.choice(np.flatnonzero(stim), n_stim_guides * n_ctrl_guide, replace=False)
+    for i, cells in enumerate(np.array_split(picked, n_stim_guides)):
+        label[cells] = f"STIM{i}"
+    adata = adata[label != ""].copy()
+    adata.obs["guide"] = label[label != ""]
     model = pf.models.Spex(progress=False, min_set_size=10).fit(
         adata, annotations=pf.datasets.gene_sets("hallmark"), interventions="guide", reference="non-targeting")
-    lfsr = model.intervention_effects_lfsr_
-    return {"cells": adata.n_obs, "guides": n_guides, "effects_tested": int(lfsr.size),
-            "called_lfsr_below_0.05": int((lfsr < 0.05).to_numpy().sum()),
-            "called_lfsr_below_0.01": int((lfsr < 0.01).to_numpy().sum()),
-            "min_lfsr": float(f"{lfsr.to_numpy().min():.3g}")}
+    lfsr, eff = model.intervention_effects_lfsr_, model.intervention_effects_
+    null = [g for g in lfsr.columns if g.startswith("G")]
+    stim_guides = [g for g in lfsr.columns if g.startswith("STIM")]
+    interferon = [f for f in lfsr.index if "INTERFERON" in f]
+    return {"cells": adata.n_obs, "null_guides": len(null), "cells_per_stim_guide": n_ctrl_guide,
+            "null_effects_tested": int(lfsr[null].size),
+            "null_called_lfsr_below_0.05": int((lfsr[null] < 0.05).to_numpy().sum()),
+            "null_called_lfsr_below_0.01": int((lfsr[null] < 0.01).to_numpy().sum()),
+            "null_min_lfsr": float(f"{lfsr[null].to_numpy().min():.3g}"),
+            "stim_guides": {g: {"interferon": {f: [round(float(eff.at[f, g]), 2), float(f"{lfsr.at[f, g]:.3g}")]
+                                               for f in interferon},
+                                "other_programs_called_lfsr_below_0.01": int(
+                                    (lfsr[g].drop(interferon) < 0.01).sum())} for g in stim_guides}}
 
 
 def eccite_hashtags(data: Path) -> dict:
