@@ -257,6 +257,9 @@ def test_transform_refuses_unknown_levels(fitted, screen):
     ({"interventions": "nope"}, "not a column"),
     ({"interventions": "target", "reference": "zz"}, "not a level"),
     ({"interventions": "target", "covariates": "target"}, "both a covariate"),
+    ({"interventions": "target", "covariates": "copy"}, r"\['g1', 'g2', 'g3'\] are fully explained.*'copy'"),
+    ({"interventions": "target", "covariates": ["batch", "guide"]}, r"\['g2'\] are fully explained"),
+    ({"interventions": "target", "covariates": "is_reference"}, r"\['g1', 'g2', 'g3'\] are fully explained"),
     ({"interventions": "one"}, "single level"),
     ({"interventions": "gap"}, "missing values"),
 ])
@@ -265,6 +268,11 @@ def test_bad_interventions_are_refused(screen, kwargs, match):
     adata = adata.copy()
     adata.obs["one"] = "x"
     adata.obs["gap"] = adata.obs["target"].where(np.arange(adata.n_obs) % 7 > 0)
+    adata.obs["copy"] = adata.obs["target"].astype(str)
+    # two guides of g2 (nested in the target), the other targets' cells share one guide with other targets' cells
+    target = adata.obs["target"].to_numpy()
+    adata.obs["guide"] = np.where(target == "g2", np.where(np.arange(adata.n_obs) % 2, "g2a", "g2b"), "other")
+    adata.obs["is_reference"] = (target == "NT").astype(float)  # all the levels' common shift is the covariate's
     with pytest.raises(ValueError, match=match):
         Spex(n_sparse=0, min_set_size=5, progress=False, max_epochs=2).fit(adata, annotations=sets, **kwargs)
 

@@ -14,7 +14,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 __all__ = ["Matrix", "CovariateNames", "as_matrix", "aligned_centred", "check_counts", "check_variance",
-           "covariate_design", "new_covariates", "intervention_groups", "ordered_levels", "input_file", "read_h5ad",
+           "covariate_design", "new_covariates", "intervention_groups", "levels_explained_by", "ordered_levels", "input_file", "read_h5ad",
            "working_dtype", "looks_like_counts", "highly_variable_mask"]
 
 log = logging.getLogger(__name__)
@@ -472,6 +472,26 @@ def intervention_groups(obs: pd.DataFrame | None, column, n_cells: int,
         raise ValueError(f"interventions {name!r} have a single level {levels}; there is nothing to compare")
     codes = pd.Categorical(_as_strings(values), categories=levels).codes.astype(np.int64)
     return codes, levels
+
+
+def levels_explained_by(codes: np.ndarray, levels: list[str], Z: np.ndarray, tol: float = 1e-6) -> list[str]:
+    """The intervention levels (``codes`` as :func:`intervention_groups` gives them) whose indicators t_l, alone or
+    in combination, are linear combinations of an intercept and the covariate design ``Z``: their effects on the
+    programs and the covariates' effects on the genes cannot be told apart. With Q an orthonormal basis of [1, Z],
+    the residuals' Gram matrix is diag(n) - S S^T (S: each level's sum of Q's rows); a level is explained when it
+    takes part in an eigenvector of the normalised Gram with eigenvalue <= ``tol``."""
+    if Z.shape[1] == 0:
+        return []
+    Q, R = np.linalg.qr(np.hstack([np.ones((len(Z), 1)), np.asarray(Z, dtype=np.float64)]))
+    Q = Q[:, np.abs(np.diag(R)) > 1e-10 * np.abs(R).max()]  # rank-deficient Z: its span only
+    sums = np.zeros((len(levels), Q.shape[1]))
+    np.add.at(sums, codes, Q)
+    n = np.bincount(codes, minlength=len(levels)).astype(np.float64)[1:]
+    scale = 1.0 / np.sqrt(n)
+    gram = np.eye(len(n)) - (scale[:, None] * sums[1:]) @ (scale[:, None] * sums[1:]).T
+    values, vectors = np.linalg.eigh(gram)
+    null = vectors[:, values <= tol]
+    return [lv for lv, weight in zip(levels[1:], np.abs(null).max(1, initial=0.0)) if weight > 1e-3]
 
 
 def _encode(obs, columns, n_cells: int, levels: dict) -> tuple[np.ndarray, list[str]]:

@@ -21,7 +21,7 @@ from ..data.genesets import annotation_mask
 from ..data.views import is_mudata
 from ..data.stream import TensorRows
 from ..data.inputs import (Matrix, aligned_centred, as_matrix, check_counts, covariate_design, highly_variable_mask,
-                           intervention_groups, new_covariates)
+                           intervention_groups, levels_explained_by, new_covariates)
 from ..evaluate import orient
 from ..train import fingerprint, resolve_device, seed_everything, train
 from ._spex_effects import ProgramEffects, group_effects
@@ -291,6 +291,12 @@ class Spex(MultiViewSpex, LatentModel):
                 raise ValueError(f"{interventions!r} is both a covariate and the interventions: its effects on the "
                                  "genes (B) and on the programs (W beta) cannot be told apart; pass it once")
             groups, levels = intervention_groups(obs, interventions, N, intervention_ref)
+            explained = levels_explained_by(groups, levels, Z)
+            if explained:
+                raise ValueError(f"intervention level(s) {explained[:5]} are fully explained by the covariates "
+                                 f"{_column_names(covariates) or 'given'} (a copy of the column, or levels nested in "
+                                 "a covariate's): their effects on the programs and the covariates' effects on the "
+                                 "genes cannot be told apart; drop those covariates or fit without interventions")
         A, H = mask.shape[1], self.n_sparse + self.n_dense
         K = A + H
         if K == 0:
