@@ -468,7 +468,9 @@ def cmd_fit(args) -> int:
     if multiview:
         shape = f"{adata.n_obs} cells; views " + ", ".join(f"{v} ({m.n_vars} features)" for v, m in adata.mod.items())
     else:
-        shape = f"{adata.n_obs} cells x {adata.n_vars} genes"
+        left_out = len(getattr(model, "genes_left_out_", None) or ())
+        shape = f"{adata.n_obs} cells x {adata.n_vars - left_out} genes" + (
+            f" (the highly variable of {adata.n_vars}; --all-genes fits every gene)" if left_out else "")
     print(f"{type(model).__name__}: {len(model.factor_kinds_)} factors ({n_ann} annotated), "
           f"{int(model.active_.sum())} active; {shape}")
     for line in _reference_lines(model, interventions, reference) + _intervention_lines(model):

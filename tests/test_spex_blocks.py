@@ -51,6 +51,11 @@ def test_all_coupled_is_the_exact_posterior_and_none_coupled_is_diagonal():
     exact, logdet = batched_inverse(P)
     full = GeneCovariances.full(exact, logdet)
     np.testing.assert_allclose(full.logdet(), everything.logdet(), rtol=1e-10)
+    assert full.dense().data_ptr() == full.S.data_ptr()  # the full family in gene order: its storage, viewed
+    np.testing.assert_array_equal(full.dense(), exact)
+    shuffled = GeneCovariances(full.order.flip(0), full.sizes, full.cols, exact.flip(0).reshape(-1), logdet.flip(0),
+                               full.var)
+    np.testing.assert_array_equal(shuffled.dense(), exact)  # another gene order goes the general way
     nothing = factorise(A, psi, prec, torch.zeros_like(prec), coupling=0.0)
     np.testing.assert_allclose(nothing.dense(), torch.diag_embed(1 / torch.diagonal(P, dim1=1, dim2=2)), rtol=1e-12)
 

@@ -141,7 +141,11 @@ class GeneCovariances:
         return out
 
     def dense(self) -> torch.Tensor:
-        """G x D x D."""
+        """G x D x D (read only: the full family's own storage, viewed, when it is already in gene order)."""
+        G, D = self.var.shape
+        if self.S.numel() == G * D * D and bool((self.order == torch.arange(G, device=self.order.device)).all()) \
+                and bool((self.cols.view(G, D) == torch.arange(D, device=self.cols.device)).all()):
+            return self.S.view(G, D, D)
         out = torch.diag_embed(self.var)
         for genes, cols, S in self.buckets():
             out[genes[:, None, None], cols[:, :, None], cols[:, None, :]] = S
