@@ -249,6 +249,9 @@ def test_methods_paragraph(adata, figures, tmp_path):
     assert "pathfactor 0.9.1" in methods and "seed: 7." in methods and "converged after 42 epochs" in methods
     adata.uns[KEY]["converged"] = False
     assert "did not converge within 42 epochs" in write_report(adata, tmp_path, key=KEY).read_text()
+    adata.uns[KEY]["genes_left_out"] = np.array(adata.var_names[:15])  # as a fit on var["highly_variable"] leaves
+    html = write_report(adata, tmp_path, key=KEY).read_text()
+    assert html.count("60 cells × 25 genes fitted (those marked highly_variable of 40") == 2  # header, methods
 
 
 def test_gene_set_links(adata, figures, tmp_path):

@@ -115,6 +115,19 @@ def test_heatmap_shows_called_factors_most_confident_first(figures, tmp_path, as
     assert '<a href="#factor-F1">F1</a>' in section(html)  # factors with a section are linked
 
 
+def test_calls_list_the_factors_leading_genes_and_which_way_the_effect_moves_them(figures, tmp_path):
+    effects = np.array([[0.0, 0.0], [0.0, -0.9], [0.8, 0.0], [0.0, 0.0]])
+    lfsr = np.array([[0.9, 0.9], [0.4, 1e-6], [0.01, 0.9], [0.9, 0.9]])
+    adata = results(effects=effects, lfsr=lfsr)
+    W = np.zeros((adata.n_vars, 4))
+    W[[3, 7, 5, 9], 1] = [2.0, -1.5, 1.0, 0.1]   # F1: G3 and G5 load up, G7 down; G9 is the 4th, not shown
+    W[[0, 1], 2] = [-1.0, 0.5]                   # F2: two genes only (a zero loading is no leading gene)
+    adata.varm[f"{KEY}_loadings"] = W
+    rows = table_rows(section(write_report(adata, tmp_path).read_text()))
+    assert rows[0][:2] == ["F1", "g2"] and rows[0][5] == "G3 ↓, G7 ↑, G5 ↓"  # an effect of -0.9 lowers G3 and G5
+    assert rows[1][:2] == ["F2", "g1"] and rows[1][5] == "G0 ↓, G1 ↑"
+
+
 def test_no_calls_and_many_levels(figures, tmp_path):
     rng = np.random.default_rng(1)
     levels = [f"L{i}" for i in range(60)]

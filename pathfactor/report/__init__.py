@@ -100,7 +100,7 @@ def write_report(adata, out_dir, key: str = "spex", color_by: str | None = None,
         parts.append(sections.scatter(res, pair, adata.obs[color_by] if color_by else None, order))
     parts.append(sections.factors(chosen, table, res, refined_table, groups, order, colors, top_genes, open_factors))
     if res.interventions is not None:
-        parts.append(sections.interventions(res.interventions, set(chosen)))
+        parts.append(sections.interventions(res.interventions, set(chosen), res.loadings))
     if res.covariates is not None and res.covariates.shape[1]:
         parts.append(sections.covariates(res.covariates, min(top_genes, 10)))
     parts.append(sections.methods(res, adata))

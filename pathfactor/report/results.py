@@ -61,7 +61,7 @@ class Results:
     covariates: pd.DataFrame | None  # genes x covariates
     params: dict = field(default_factory=dict)
     measure: str = "R^2"  # what relevance measures
-    fit: dict = field(default_factory=dict)  # version, seed, converged, n_epochs (None when not recorded)
+    fit: dict = field(default_factory=dict)  # version, seed, converged, n_epochs (None when not recorded), genes_left_out
     urls: dict = field(default_factory=dict)  # gene set name -> URL
     loadings_sd: pd.DataFrame | None = None  # genes x factors posterior sds, where the model has them
     interventions: Interventions | None = None  # effects of interventions on the factors (Spex, Supervised)
@@ -242,6 +242,7 @@ def load(adata, key: str, gene_set_urls=None) -> Results:
         covariates = _table(effects, genes, cov_names, f"adata.varm['{key}_covariate_effects']")
     params = {str(k): scalar(v) for k, v in dict(meta.get("params", {}) or {}).items()}
     fit = {name: scalar(meta.get(name, None)) for name in ("version", "seed", "converged", "n_epochs")}
+    fit["genes_left_out"] = int(np.size(meta.get("genes_left_out", [])))  # outside var["highly_variable"]
     sd = None
     if f"{key}_loadings_sd" in adata.varm:
         sd = _table(adata.varm[f"{key}_loadings_sd"], genes, names, f"adata.varm['{key}_loadings_sd']").astype(float)

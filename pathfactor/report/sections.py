@@ -22,6 +22,10 @@ MAX_VIEW_FACTORS = 20
 def data_text(res: Results, adata) -> str:
     """What the model was fitted on: cells x genes, or the cells and each view's features and likelihood."""
     if res.views is None:
+        left_out = int(res.fit.get("genes_left_out") or 0)
+        if left_out:
+            return (f"{adata.n_obs:,} cells × {adata.n_vars - left_out:,} genes fitted (those marked "
+                    f"highly_variable of {adata.n_vars:,}; the others have zero loadings)")
         return f"{adata.n_obs:,} cells × {adata.n_vars:,} genes"
     parts = []
     for view, w in res.views.loadings.items():
@@ -359,8 +363,19 @@ def _effects_shown(eff: Interventions) -> tuple[list, list, bool]:
     return factors, levels, called
 
 
-def interventions(eff: Interventions, sectioned: set) -> str:
-    """Heatmap of the interventions' effects on the factors with their calls, and a table of the strongest calls."""
+def _leading_genes(loadings: pd.DataFrame, factor: str, effect: float, n: int = 3) -> str:
+    """The ``n`` genes with the largest loadings on ``factor``, each with the way the effect moves it (the sign of
+    w_gk beta_lk: its share of the level's shift of the gene, seed 000's W beta)."""
+    if factor not in loadings.columns:
+        return ""
+    w = loadings[factor]
+    top = w.abs().nlargest(n).index
+    return ", ".join(f"{escape(str(g))} {'↑' if w[g] * effect > 0 else '↓'}" for g in top if w[g] != 0)
+
+
+def interventions(eff: Interventions, sectioned: set, loadings: pd.DataFrame) -> str:
+    """Heatmap of the interventions' effects on the factors with their calls, and a table of the strongest calls
+    with each factor's leading genes."""
     n_factors, n_levels = eff.effects.shape
     factors, levels, called = _effects_shown(eff)
     ref = escape(eff.reference)
@@ -387,7 +402,8 @@ def interventions(eff: Interventions, sectioned: set) -> str:
     body = "\n".join(
         f'<tr><td class="name">{label(str(r.factor))}</td><td>{escape(str(r.level))}</td>'
         f'<td class="num">{_signed(r.effect)}</td><td class="num">{h.significant(r.sd)}</td>'
-        f'<td class="num">{_lfsr_text(r.lfsr)}</td></tr>' for r in shown.itertuples())
+        f'<td class="num">{_lfsr_text(r.lfsr)}</td><td>{_leading_genes(loadings, str(r.factor), r.effect)}</td></tr>'
+        for r in shown.itertuples())
     caption = (f"The {len(shown)} strongest of {n_calls} calls (lfsr &lt; {LFSR_CALL:g}), most confident first:"
                if called else "The 10 effects with the smallest lfsr (none is a call):")
     return f"""<h2 id="interventions">Interventions</h2>
@@ -396,10 +412,12 @@ def interventions(eff: Interventions, sectioned: set) -> str:
 of the factor's spread within a level (posterior mean after adaptive shrinkage, which keeps effects the data do
 not support at 0), in the factor's own orientation: positive means the level raises the factor's score. The <b>lfsr</b> (local false sign
 rate) is the posterior probability that the effect's sign is wrong; a dot marks the effects with
-lfsr &lt; {LFSR_CALL:g} (<i>calls</i>). Shown: {picked}.</p>
+lfsr &lt; {LFSR_CALL:g} (<i>calls</i>). Shown: {picked}. <b>Leading genes</b>: the factor's three largest
+loadings, with the way the effect moves each gene (↑ up, ↓ down); read an effect with its genes, since genes shared
+by several gene sets can carry one response into several factors.</p>
 <div class="figs">{img}</div>
 <p>{caption}</p>
-<table><tr><th>factor</th><th>level</th><th>effect</th><th>sd</th><th>lfsr</th></tr>
+<table><tr><th>factor</th><th>level</th><th>effect</th><th>sd</th><th>lfsr</th><th>leading genes</th></tr>
 {body}
 </table>"""
 
