@@ -336,6 +336,9 @@ def _intervention_lines(model, n: int = 5, alpha: float = 0.05) -> list[str]:
         return []
     effects, lines = model.intervention_effects_, []
     for level in lfsr.columns:
+        if lfsr[level].isna().all():
+            lines.append(f"{level} vs {model.intervention_reference_}: no lfsr (a single cell)")
+            continue
         called = lfsr.index[lfsr[level] < alpha]
         top = effects.loc[called, level].abs().sort_values(ascending=False).index[:n]
         shown = ", ".join(f"{f} {effects.at[f, level]:+.2f}" for f in top)

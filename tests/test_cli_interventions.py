@@ -154,9 +154,11 @@ def test_fit_prints_what_each_level_moves(tmp_path, capsys):
 
     class Fitted:
         intervention_reference_ = "NT"
-        intervention_effects_ = pd.DataFrame({"g1": [1.5, 0.01], "g2": [0.0, -0.02]}, index=["P0", "P1"])
-        intervention_effects_lfsr_ = pd.DataFrame({"g1": [1e-9, 0.6], "g2": [0.9, 0.7]}, index=["P0", "P1"])
+        intervention_effects_ = pd.DataFrame({"g1": [1.5, 0.01], "g2": [0.0, -0.02], "g3": [30.0, 0.0]},
+                                             index=["P0", "P1"])
+        intervention_effects_lfsr_ = pd.DataFrame({"g1": [1e-9, 0.6], "g2": [0.9, 0.7], "g3": [np.nan, np.nan]},
+                                                  index=["P0", "P1"])
 
     lines = _intervention_lines(Fitted())
     assert lines == ["g1 vs NT: 1 factor(s) moved at lfsr < 0.05 (largest: P0 +1.50)",
-                     "g2 vs NT: 0 factor(s) moved at lfsr < 0.05"]
+                     "g2 vs NT: 0 factor(s) moved at lfsr < 0.05", "g3 vs NT: no lfsr (a single cell)"]

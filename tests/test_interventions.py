@@ -155,6 +155,48 @@ def test_robust_sd_matches_the_model_when_the_model_holds_and_grows_with_an_outl
     assert float(eff.shrunk()[2][0, 0]) > 0.05
 
 
+def test_a_level_of_one_cell_gets_no_sd_and_no_call():
+    """One cell has no spread to read: a single-cell level with a score of 30 is not called (q alone, with its
+    N(m, I) prior, would call it), its sd and lfsr are NaN, and the other levels are shrunk among themselves."""
+    rng = np.random.default_rng(7)
+    K = 2
+    codes = np.r_[np.zeros(300, int), np.ones(60, int), [2], np.full(60, 3)]
+    u = rng.normal(size=(codes.size, K))
+    u[codes == 1, 0] += 1.0                                     # a real effect
+    u[300 + 60, 0] = 30.0                                       # the one cell of level 2
+    Sigma_x = torch.eye(K, dtype=torch.float64) * 0.1
+    eff = ProgramEffects(torch.as_tensor(codes), 3, K, blocked=True, dtype=torch.float64)
+    eff.update(torch.as_tensor(u), Sigma_x)
+    assert torch.isnan(eff.robust_sd()[1]).all() and torch.isfinite(eff.robust_sd()[[0, 2]]).all()
+    mean, sd, lfsr = eff.shrunk()
+    assert torch.isnan(sd[1]).all() and torch.isnan(lfsr[1]).all()
+    assert float(mean[1, 0]) == pytest.approx(float(eff.beta[1, 0]))     # E[beta] kept, unshrunk
+    assert float(lfsr[0, 0]) < 1e-6 and float(lfsr[2].min()) > 0.05
+    bhat, bsd = eff.effects()
+    rest = adaptive_shrinkage(bhat[[0, 2]], bsd[[0, 2]])
+    np.testing.assert_allclose(lfsr[[0, 2]].numpy(), rest[2].numpy(), rtol=1e-10)
+    single_reference = ProgramEffects(torch.as_tensor(np.r_[0, codes[300:]]), 3, K, blocked=True, dtype=torch.float64)
+    single_reference.update(torch.as_tensor(u[299:]), Sigma_x)
+    assert torch.isnan(single_reference.shrunk()[2]).all()
+
+
+def test_fits_warn_of_single_cell_levels(screen, tmp_path):
+    adata, sets = screen
+    adata = adata.copy()
+    target = adata.obs["target"].astype(str).to_numpy()
+    target[0] = "lonely"
+    adata.obs["target"] = target
+    with pytest.warns(UserWarning, match=r"level\(s\) \['lonely'\] have a single cell"):
+        m = Spex(n_sparse=0, min_set_size=5, progress=False).fit(adata, annotations=sets, interventions="target",
+                                                                 reference="NT")
+    assert m.intervention_effects_lfsr_["lonely"].isna().all()
+    assert m.intervention_effects_lfsr_.drop(columns="lonely").notna().all().all()
+    with pytest.warns(UserWarning, match="'target' level"):
+        m.compare(adata, groupby="target", reference="NT")
+    back = pf.load(m.save(tmp_path / "model"))  # NaN is a value there ("not estimable"), and saves
+    pd.testing.assert_frame_equal(back.intervention_effects_lfsr_, m.intervention_effects_lfsr_)
+
+
 @pytest.mark.parametrize("posterior", ["blocked", "mean-field"])
 def test_elbo_rises_with_interventions_and_covariates(screen, posterior):
     adata, sets = screen

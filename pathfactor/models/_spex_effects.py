@@ -205,7 +205,8 @@ class ProgramEffects:
         the rows' covariance within level g, estimated from the data instead of taken from the model (under the
         model, S_g = R and this is q's own covariance, less the prior's share). Factor scores are rarely Gaussian
         within a level: one rare cell with a score of 30 among 30 cells moves their mean by 1, which q, with its
-        N(m, I) prior, reads as a certain effect, and this sd does not."""
+        N(m, I) prior, reads as a certain effect, and this sd does not. A level of one cell has no spread to
+        read (nor has any level, when the reference has one cell): its sd is NaN, not a guess."""
         H, X, Cc = self._solve
         K, dt, dev = self.K, self.rows.dtype, self.rows.device
         eye = torch.eye(K, dtype=dt, device=dev)
@@ -221,18 +222,27 @@ class ProgramEffects:
         XC = X @ Cc
         HCY = H @ C[1:] @ Y[1:].transpose(1, 2) @ XC.transpose(1, 2)
         V = H @ C[1:] @ H - HCY - HCY.transpose(1, 2) + XC @ M @ XC.transpose(1, 2)
-        return torch.diagonal(V, dim1=1, dim2=2).clamp_min(0).sqrt()
+        sd = torch.diagonal(V, dim1=1, dim2=2).clamp_min(0).sqrt()
+        single = (self.n[1:] < 2) | (self.n[0] < 2)
+        return sd.masked_fill(single[:, None], float("nan"))
 
     def effects(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(E[beta], sd), each L x K: the effects' likelihood summaries for the shrinkage. The sd is the larger of
-        q's and :meth:`robust_sd`: no more certain than the model, nor than the cells' own spread says."""
+        q's and :meth:`robust_sd`: no more certain than the model, nor than the cells' own spread says (NaN for
+        a level of one cell)."""
         model_sd = torch.diagonal(self.beta_cov, dim1=1, dim2=2).clamp_min(0).sqrt()
-        return self.beta, torch.maximum(model_sd, self.robust_sd())
+        return self.beta, torch.maximum(model_sd, self.robust_sd())  # NaN wins
 
     def shrunk(self):
-        """The effects after adaptive shrinkage (:func:`adaptive_shrinkage`): (mean, sd, lfsr), each L x K."""
-        mean, sd, lfsr, _, _ = adaptive_shrinkage(*self.effects())
-        return mean, sd, lfsr
+        """The effects after adaptive shrinkage (:func:`adaptive_shrinkage`): (mean, sd, lfsr), each L x K. The
+        effects with no sd (levels of one cell) take no part in the shrinkage and keep E[beta], with sd and lfsr
+        NaN."""
+        beta, sd = self.effects()
+        known = torch.isfinite(sd)
+        mean, out_sd, lfsr = beta.clone(), torch.full_like(sd, float("nan")), torch.full_like(sd, float("nan"))
+        if bool(known.any()):
+            mean[known], out_sd[known], lfsr[known], _, _ = adaptive_shrinkage(beta[known], sd[known])
+        return mean, out_sd, lfsr
 
 
 def group_effects(u: torch.Tensor, Sigma_x: torch.Tensor, codes: torch.Tensor, n_levels: int) -> ProgramEffects:

@@ -5,7 +5,8 @@ Format v2. ``model.json`` records, for ``arrays.npz``, its byte size and sha256 
 :func:`read_meta` reads the JSON under a size cap and a nesting-depth guard; :func:`array_record` checks the
 declared shapes against what the metadata imply (cells, genes, factors, covariates); :func:`read_arrays` checks
 the file's size and sha256, then each member's size and ``.npy`` header before reading its data (members must be
-stored, not compressed: no zip bomb), and refuses NaN / Inf. Nothing is ever unpickled. Every fault is a
+stored, not compressed: no zip bomb), and refuses NaN / Inf (NaN only where it means "not estimable",
+:data:`NOT_ESTIMABLE`). Nothing is ever unpickled. Every fault is a
 ``ValueError`` naming the file and the fault. Format v1 (pathfactor before checksums) is refused: save it again.
 """
 from __future__ import annotations
@@ -53,6 +54,17 @@ def corrupted(where, what: str) -> ValueError:
     return ValueError(f"{where} {what}; the saved model is corrupted or incomplete: save it again")
 
 
+#: the arrays in which NaN is a value, "not estimable": an intervention level of one cell has no sd or lfsr
+NOT_ESTIMABLE = frozenset({"extra_effects_sd", "extra_effects_lfsr", "extra_estimates_sd", "extra_gene_effects_sd"})
+
+
+def _invalid_values(name: str, a: np.ndarray) -> bool:
+    """Whether float array ``name`` holds a value no model writes: infinities anywhere, NaN outside NOT_ESTIMABLE."""
+    if a.dtype.kind != "f":
+        return False
+    return bool(np.isinf(a).any()) if name in NOT_ESTIMABLE else not bool(np.isfinite(a).all())
+
+
 # ---------------------------------------------------------------------------------------------------- write
 def write_model(path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     """Write ``meta`` (plus the record of ``arrays``) and ``arrays`` to directory ``path``, atomically.
@@ -72,7 +84,7 @@ def write_model(path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         if not _NAME.match(name) or not _DTYPE.match(a.dtype.str):
             raise ValueError(f"cannot save array {name!r} of dtype {a.dtype}: only bool, integer and float arrays "
                              "with names of letters, digits and _ are saved")
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
+        if _invalid_values(name, a):
             raise ValueError(f"cannot save: the model's array {name!r} holds NaN or infinite values")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(target, "tmp")
@@ -276,7 +288,7 @@ def read_arrays(directory: Path, record: dict) -> dict[str, np.ndarray]:
                           for name, (dtype, shape) in record["arrays"].items()}
         except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError) as err:
             raise corrupted(array_file, f"cannot be read ({type(err).__name__}: {err})") from err
-    bad = [k for k, a in arrays.items() if a.dtype.kind == "f" and not np.isfinite(a).all()]
+    bad = [k for k, a in arrays.items() if _invalid_values(k, a)]
     if bad:
         raise corrupted(array_file, f"holds NaN or infinite values in {bad}")
     return arrays

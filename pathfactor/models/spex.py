@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -59,6 +60,17 @@ def _column_names(columns) -> list:
     if isinstance(columns, (list, tuple)):
         return [c for c in columns if isinstance(c, str)]
     return []
+
+
+def _warn_single_cell_levels(codes: np.ndarray, levels: list, what: str) -> None:
+    """Levels of one cell have no spread of their own to read an effect's sd from (``ProgramEffects.robust_sd``):
+    say so, since their effects then come without sd or lfsr (with a single-cell reference, every level's)."""
+    single = [str(levels[i]) for i in np.flatnonzero(np.bincount(codes, minlength=len(levels)) == 1)]
+    if single:
+        warnings.warn(f"{what} level(s) {single[:5]}{' ...' if len(single) > 5 else ''} have a single cell: one "
+                      "cell cannot tell a level's effect from its own variation, so "
+                      + ("every level's effects get" if str(levels[0]) in single else "their effects get")
+                      + " no sd or lfsr (NaN); pool such levels or drop their cells", UserWarning, stacklevel=3)
 
 
 def _digest(codes: np.ndarray) -> str:
@@ -291,6 +303,7 @@ class Spex(MultiViewSpex, LatentModel):
                 raise ValueError(f"{interventions!r} is both a covariate and the interventions: its effects on the "
                                  "genes (B) and on the programs (W beta) cannot be told apart; pass it once")
             groups, levels = intervention_groups(obs, interventions, N, intervention_ref)
+            _warn_single_cell_levels(groups, levels, "intervention")
             explained = levels_explained_by(groups, levels, Z)
             if explained:
                 raise ValueError(f"intervention level(s) {explained[:5]} are fully explained by the covariates "
@@ -517,6 +530,7 @@ class Spex(MultiViewSpex, LatentModel):
         if keep.sum() < len(obs):
             data = data[keep]
         codes, levels = intervention_groups(data.obs, groupby, data.n_obs, reference)
+        _warn_single_cell_levels(codes, levels, f"{groupby!r}")
         post, K = self._posterior, self.loadings_.shape[1]
         h = self._likelihood_terms(data, layer, covariates)
         Sigma_x = np.linalg.inv(np.eye(K) + post["Q"][:K, :K])
