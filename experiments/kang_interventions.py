@@ -171,6 +171,32 @@ def kang_pseudo_guides(data: Path, n_guides: int = 20, n_stim_guides: int = 3, s
                                     (lfsr[g].drop(interferon) < 0.01).sum())} for g in stim_guides}}
 
 
+def kang_tiny_guides(data: Path, sizes=(1, 2, 5), seed: int = 0) -> dict:
+    """A null screen of small guides: 60 % of the CTRL cells dealt into guides of ``size`` cells each, the rest
+    the reference. No guide can move a program; a guide of one cell has no spread of its own, so its effects come
+    without lfsr (NaN) rather than as calls."""
+    import warnings
+
+    adata = load_kang_log(data)
+    adata = adata[(adata.obs["stim"] == "CTRL").to_numpy()].copy()
+    rng, out = np.random.default_rng(seed), {}
+    for size in sizes:
+        n_guides = int(0.6 * adata.n_obs / size)
+        label = np.full(adata.n_obs, "non-targeting", dtype=object)
+        cells = rng.permutation(adata.n_obs)[: n_guides * size]
+        label[cells] = np.repeat([f"G{i:03d}" for i in range(n_guides)], size)
+        adata.obs["guide"] = label
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # one-cell guides are warned of: expected here
+            lfsr = pf.models.Spex(progress=False, min_set_size=10).fit(
+                adata, annotations=pf.datasets.gene_sets("hallmark"), interventions="guide",
+                reference="non-targeting").intervention_effects_lfsr_.to_numpy()
+        out[f"{size}_cells"] = {"guides": n_guides, "effects": int(lfsr.size),
+                                "called_lfsr_below_0.05": int((lfsr < 0.05).sum()),
+                                "without_lfsr": int(np.isnan(lfsr).sum())}
+    return out
+
+
 def eccite_hashtags(data: Path) -> dict:
     adata = ad.read_h5ad(Path(data) / "multiview" / "eccite2019_pbmc_ctrl500_rna_counts.h5ad")
     sc.pp.normalize_total(adata, target_sum=1e4)
@@ -199,6 +225,7 @@ def main() -> None:
     result = {"kang": kang(args.data, 15), "kang_min_set_size_10": kang(args.data, 10),
               "kang_replication": kang_replication(args.data),
               "kang_pseudo_guides_negative_control": kang_pseudo_guides(args.data),
+              "kang_tiny_guides_negative_control": kang_tiny_guides(args.data),
               "eccite_hashtags_negative_control": eccite_hashtags(args.data)}
     if args.sweep:
         result["kang_settings"] = kang_settings(args.data)
