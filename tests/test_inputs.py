@@ -135,3 +135,20 @@ def test_gaussian_model_warns_on_raw_counts_and_count_models_do_not():
         warnings.simplefilter("error", UserWarning)
         pf.models.NMF(n_factors=2, loss="kl", progress=False).fit(counts)
         pf.models.PCA(n_factors=2).fit(np.log1p(counts))
+
+
+def test_levels_explained_by_the_covariates_alone_or_together():
+    from pathfactor.data.inputs import levels_explained_by
+
+    rng = np.random.default_rng(0)
+    codes, levels = rng.integers(0, 4, 500), ["ref", "a", "b", "c"]
+    Z = rng.normal(size=(500, 3))
+    t_b = (codes == 2).astype(float)
+    assert levels_explained_by(codes, levels, Z) == []
+    assert levels_explained_by(codes, levels, np.zeros((500, 0))) == []
+    assert levels_explained_by(codes, levels, np.c_[Z, t_b]) == ["b"]
+    # split across two columns, after a column that repeats another (a dependent design still has its span)
+    assert levels_explained_by(codes, levels, np.c_[Z[:, 0], 2 * Z[:, 0], t_b + Z[:, 1], Z[:, 1]]) == ["b"]
+    # a covariate marking the reference: the levels' common shift is the covariate's, so all three
+    assert levels_explained_by(codes, levels, np.c_[Z, (codes == 0).astype(float)]) == ["a", "b", "c"]
+    assert levels_explained_by(codes, levels, np.c_[Z, t_b + 0.01 * rng.normal(size=500)]) == []  # only near

@@ -477,13 +477,14 @@ def intervention_groups(obs: pd.DataFrame | None, column, n_cells: int,
 def levels_explained_by(codes: np.ndarray, levels: list[str], Z: np.ndarray, tol: float = 1e-6) -> list[str]:
     """The intervention levels (``codes`` as :func:`intervention_groups` gives them) whose indicators t_l, alone or
     in combination, are linear combinations of an intercept and the covariate design ``Z``: their effects on the
-    programs and the covariates' effects on the genes cannot be told apart. With Q an orthonormal basis of [1, Z],
-    the residuals' Gram matrix is diag(n) - S S^T (S: each level's sum of Q's rows); a level is explained when it
-    takes part in an eigenvector of the normalised Gram with eigenvalue <= ``tol``."""
+    programs and the covariates' effects on the genes cannot be told apart. With Q an orthonormal basis of the
+    span of [1, Z], the residuals' Gram matrix is diag(n) - S S^T (S: each level's sum of Q's rows); a level is
+    explained when it takes part in an eigenvector of the normalised Gram with eigenvalue <= ``tol``."""
     if Z.shape[1] == 0:
         return []
-    Q, R = np.linalg.qr(np.hstack([np.ones((len(Z), 1)), np.asarray(Z, dtype=np.float64)]))
-    Q = Q[:, np.abs(np.diag(R)) > 1e-10 * np.abs(R).max()]  # rank-deficient Z: its span only
+    U, sv, _ = np.linalg.svd(np.hstack([np.ones((len(Z), 1)), np.asarray(Z, dtype=np.float64)]),
+                             full_matrices=False)
+    Q = U[:, sv > 1e-10 * sv[0]]  # an orthonormal basis of the span, also when Z's columns are dependent
     sums = np.zeros((len(levels), Q.shape[1]))
     np.add.at(sums, codes, Q)
     n = np.bincount(codes, minlength=len(levels)).astype(np.float64)[1:]
