@@ -126,6 +126,10 @@ def test_calls_list_the_factors_leading_genes_and_which_way_the_effect_moves_the
     rows = table_rows(section(write_report(adata, tmp_path).read_text()))
     assert rows[0][:2] == ["F1", "g2"] and rows[0][5] == "G3 ↓, G7 ↑, G5 ↓"  # an effect of -0.9 lowers G3 and G5
     assert rows[1][:2] == ["F2", "g1"] and rows[1][5] == "G0 ↓, G1 ↑"
+    loadings = pd.DataFrame(W, index=adata.var_names, columns=[f"F{k}" for k in range(4)])
+    assert sections._leading_genes(loadings, "F1", 0.0) == "G3, G7, G5"  # an effect shrunk to 0 moves no gene
+    assert sections._leading_genes(loadings, "F1", np.nan) == "G3, G7, G5"
+    assert sections._leading_genes(loadings, "F3", 1.0) == ""  # a factor without loadings
 
 
 def test_no_calls_and_many_levels(figures, tmp_path):

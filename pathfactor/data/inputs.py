@@ -14,8 +14,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 __all__ = ["Matrix", "CovariateNames", "as_matrix", "aligned_centred", "check_counts", "check_variance",
-           "covariate_design", "new_covariates", "intervention_groups", "levels_explained_by", "ordered_levels", "input_file", "read_h5ad",
-           "working_dtype", "looks_like_counts", "highly_variable_mask"]
+           "covariate_design", "new_covariates", "intervention_groups", "levels_explained_by", "ordered_levels",
+           "input_file", "read_h5ad", "working_dtype", "looks_like_counts", "highly_variable_mask"]
 
 log = logging.getLogger(__name__)
 

@@ -61,7 +61,7 @@ class Results:
     covariates: pd.DataFrame | None  # genes x covariates
     params: dict = field(default_factory=dict)
     measure: str = "R^2"  # what relevance measures
-    fit: dict = field(default_factory=dict)  # version, seed, converged, n_epochs (None when not recorded), genes_left_out
+    fit: dict = field(default_factory=dict)  # version, seed, converged, n_epochs (None: not recorded), genes_left_out
     urls: dict = field(default_factory=dict)  # gene set name -> URL
     loadings_sd: pd.DataFrame | None = None  # genes x factors posterior sds, where the model has them
     interventions: Interventions | None = None  # effects of interventions on the factors (Spex, Supervised)

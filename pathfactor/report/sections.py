@@ -369,8 +369,10 @@ def _leading_genes(loadings: pd.DataFrame, factor: str, effect: float, n: int = 
     if factor not in loadings.columns:
         return ""
     w = loadings[factor]
-    top = w.abs().nlargest(n).index
-    return ", ".join(f"{escape(str(g))} {'↑' if w[g] * effect > 0 else '↓'}" for g in top if w[g] != 0)
+    top = [g for g in w.abs().nlargest(n).index if w[g] != 0]
+    if not effect or not np.isfinite(effect):  # no shift: the genes, no direction
+        return ", ".join(escape(str(g)) for g in top)
+    return ", ".join(f"{escape(str(g))} {'↑' if w[g] * effect > 0 else '↓'}" for g in top)
 
 
 def interventions(eff: Interventions, sectioned: set, loadings: pd.DataFrame) -> str:
