@@ -329,21 +329,32 @@ def _reference_lines(model, interventions: str | None, reference) -> list[str]:
     return lines
 
 
-def _intervention_lines(model, n: int = 5, alpha: float = 0.05) -> list[str]:
-    """Per intervention level: how many factors it moves (lfsr < ``alpha``) and the ``n`` largest of them."""
+def _intervention_lines(model, n: int = 5, alpha: float = 0.05, max_levels: int = 20) -> list[str]:
+    """Per intervention level: how many factors it moves (lfsr < ``alpha``) and the ``n`` largest of them; beyond
+    ``max_levels`` levels, the ``max_levels`` that move the most factors (in their order) and a line for the rest."""
     lfsr = getattr(model, "intervention_effects_lfsr_", None)
     if lfsr is None:
         return []
     effects, lines = model.intervention_effects_, []
-    for level in lfsr.columns:
+    n_called = (lfsr < alpha).sum(axis=0)
+    shown = list(lfsr.columns)
+    if len(shown) > max_levels:
+        best = lfsr.min(axis=0).fillna(1.0)
+        ranked = set(sorted(shown, key=lambda level: (-int(n_called[level]), float(best[level])))[:max_levels])
+        shown = [level for level in lfsr.columns if level in ranked]
+    for level in shown:
         if lfsr[level].isna().all():
             lines.append(f"{level} vs {model.intervention_reference_}: no lfsr (a single cell)")
             continue
         called = lfsr.index[lfsr[level] < alpha]
         top = effects.loc[called, level].abs().sort_values(ascending=False).index[:n]
-        shown = ", ".join(f"{f} {effects.at[f, level]:+.2f}" for f in top)
+        largest = ", ".join(f"{f} {effects.at[f, level]:+.2f}" for f in top)
         lines.append(f"{level} vs {model.intervention_reference_}: {len(called)} factor(s) moved at lfsr < {alpha:g}"
-                     + (f" (largest: {shown})" if len(top) else ""))
+                     + (f" (largest: {largest})" if len(top) else ""))
+    rest = [level for level in lfsr.columns if level not in set(shown)]
+    if rest:
+        lines.append(f"... and {len(rest)} more levels, {int((n_called[rest] > 0).sum())} of them moving a factor at "
+                     f"lfsr < {alpha:g} (every level is in the output's intervention_effects_lfsr)")
     return lines
 
 
