@@ -329,6 +329,16 @@ def _reference_lines(model, interventions: str | None, reference) -> list[str]:
     return lines
 
 
+def _one_gene_factors(loadings) -> dict:
+    """{factor: its gene} for the one-gene factors of ``loadings`` (genes x factors; ``evaluate.top_gene_share``)."""
+    if loadings is None:
+        return {}
+    from .evaluate import ONE_GENE_SHARE, top_gene_share
+
+    share = top_gene_share(loadings.to_numpy())
+    return {f: str(loadings[f].abs().idxmax()) for f, v in zip(loadings.columns, share) if v > ONE_GENE_SHARE}
+
+
 def _intervention_lines(model, n: int = 5, alpha: float = 0.05, max_levels: int = 20) -> list[str]:
     """Per intervention level: how many factors it moves (lfsr < ``alpha``) and the ``n`` largest of them; beyond
     ``max_levels`` levels, the ``max_levels`` that move the most factors (in their order) and a line for the rest."""
@@ -336,6 +346,7 @@ def _intervention_lines(model, n: int = 5, alpha: float = 0.05, max_levels: int 
     if lfsr is None:
         return []
     effects, lines = model.intervention_effects_, []
+    one_gene = _one_gene_factors(getattr(model, "loadings_", None))
     n_called = (lfsr < alpha).sum(axis=0)
     shown = list(lfsr.columns)
     if len(shown) > max_levels:
@@ -348,7 +359,8 @@ def _intervention_lines(model, n: int = 5, alpha: float = 0.05, max_levels: int 
             continue
         called = lfsr.index[lfsr[level] < alpha]
         top = effects.loc[called, level].abs().sort_values(ascending=False).index[:n]
-        largest = ", ".join(f"{f} {effects.at[f, level]:+.2f}" for f in top)
+        largest = ", ".join(f"{f} {effects.at[f, level]:+.2f}"
+                            + (f" [one gene: {one_gene[f]}]" if f in one_gene else "") for f in top)
         lines.append(f"{level} vs {model.intervention_reference_}: {len(called)} factor(s) moved at lfsr < {alpha:g}"
                      + (f" (largest: {largest})" if len(top) else ""))
     rest = [level for level in lfsr.columns if level not in set(shown)]

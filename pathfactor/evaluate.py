@@ -5,10 +5,23 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["active_mask", "mask_f1", "match_factors", "auroc", "refined_annotations", "orient", "factor_r2",
-           "membership_probability"]
+           "membership_probability", "top_gene_share", "ONE_GENE_SHARE"]
 
 #: A gene is active in a factor when |w_gk| > ACTIVE_FRACTION * max_g |w_gk| (the spex-LVM F1 rule).
 ACTIVE_FRACTION = 0.1
+
+
+#: A factor is a one-gene factor when its largest gene holds more than this share of its squared loadings: its
+#: score is then mostly that gene's expression (a Heywood case of factor analysis), not a program's
+ONE_GENE_SHARE = 0.5
+
+
+def top_gene_share(W) -> np.ndarray:
+    """Each factor's share of its squared loadings held by its largest gene (columns of W, genes x factors): 1 for
+    a factor of one gene, 1/G when every gene loads equally; 0 for a factor without loadings."""
+    W2 = np.asarray(W, dtype=float) ** 2
+    total = W2.sum(axis=0)
+    return np.divide(W2.max(axis=0, initial=0.0), total, out=np.zeros_like(total), where=total > 0)
 
 
 def active_mask(W, fraction: float = ACTIVE_FRACTION) -> np.ndarray:

@@ -426,7 +426,7 @@ def intervention_heatmap(effects: pd.DataFrame, lfsr: pd.DataFrame | None = None
     ax.figure.colorbar(image, ax=ax, location="right", shrink=0.9 if n_factors < 8 else 0.6, aspect=20, pad=0.02,
                        label="effect on the factor")
     ax.set_xlabel("intervention" + (f" (vs {reference})" if reference is not None else ""), fontsize=9)
-    ax.set_title("Effects of interventions on the factors", fontsize=10, pad=14 if lfsr is not None else 6)
+    ax.set_title("Effects of interventions on the factors", fontsize=10, pad=22 if lfsr is not None else 6)
     return ax
 
 

@@ -120,12 +120,15 @@ def test_calls_list_the_factors_leading_genes_and_which_way_the_effect_moves_the
     lfsr = np.array([[0.9, 0.9], [0.4, 1e-6], [0.01, 0.9], [0.9, 0.9]])
     adata = results(effects=effects, lfsr=lfsr)
     W = np.zeros((adata.n_vars, 4))
-    W[[3, 7, 5, 9], 1] = [2.0, -1.5, 1.0, 0.1]   # F1: G3 and G5 load up, G7 down; G9 is the 4th, not shown
+    W[[3, 7, 5, 9], 1] = [2.0, -1.8, 1.5, 0.1]   # F1: G3 and G5 load up, G7 down; G9 is the 4th, not shown
     W[[0, 1], 2] = [-1.0, 0.5]                   # F2: two genes only (a zero loading is no leading gene)
     adata.varm[f"{KEY}_loadings"] = W
-    rows = table_rows(section(write_report(adata, tmp_path).read_text()))
+    html = write_report(adata, tmp_path).read_text()
+    rows = table_rows(section(html))
     assert rows[0][:2] == ["F1", "g2"] and rows[0][5] == "G3 ↓, G7 ↑, G5 ↓"  # an effect of -0.9 lowers G3 and G5
-    assert rows[1][:2] == ["F2", "g1"] and rows[1][5] == "G0 ↓, G1 ↑"
+    assert rows[1][:2] == ["F2", "g1"] and rows[1][5] == "G0 ↓, G1 ↑ one gene: G0"  # 1 / 1.25 of F2's loadings
+    overview = html[html.index('id="overview"'):html.index("</table>", html.index('id="overview"'))]
+    assert overview.count('class="one-gene"') == 1 and "one gene: G0" in overview
     loadings = pd.DataFrame(W, index=adata.var_names, columns=[f"F{k}" for k in range(4)])
     assert sections._leading_genes(loadings, "F1", 0.0) == "G3, G7, G5"  # an effect shrunk to 0 moves no gene
     assert sections._leading_genes(loadings, "F1", np.nan) == "G3, G7, G5"

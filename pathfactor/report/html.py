@@ -41,6 +41,8 @@ table.overview thead th { position: sticky; top: 0; }
 .kind { display: inline-block; padding: 0 0.5em; border-radius: 0.6em; color: white; font-size: 0.8em;
         vertical-align: middle; }
 .gained { color: #d9531e; font-weight: bold; }
+.one-gene { display: inline-block; padding: 0 0.4em; border: 1px solid #b8860b; border-radius: 0.6em; color: #8a6508;
+            font-size: 0.8em; vertical-align: middle; white-space: nowrap; }
 .note { background: #f7f9fc; border-left: 4px solid #3b75af; padding: 0.4em 1em; }
 .facts { color: #444; margin: 0.2em 0 0.6em; }
 details.factor { border: 1px solid #ddd; border-radius: 4px; padding: 0.3em 0.8em; margin: 0.5em 0; }

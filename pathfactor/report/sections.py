@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__, plot
-from ..evaluate import ACTIVE_FRACTION, active_mask
+from ..evaluate import ACTIVE_FRACTION, ONE_GENE_SHARE, active_mask
 from . import html as h
 from .results import VIEW_SHARE, Interventions, Results, expression, view_active
 
@@ -86,8 +86,15 @@ def _bar(value: float, top: float, kind: str) -> str:
     return f'<span class="bar" style="width:{width:.2f}em;background:{color}"></span>'
 
 
+def _one_gene_tag(gene: str) -> str:
+    return (f' <span class="one-gene" title="more than {ONE_GENE_SHARE:.0%} of the factor\'s squared loadings are '
+            f'on one gene: its score is mostly that gene\'s expression, not a program">one gene: {escape(gene)}</span>')
+
+
 def _overview_row(rank: int, name: str, row, res: Results, sectioned: set, top: float) -> str:
     label = (f'<a href="#{h.anchor(name)}">{escape(name)}</a>' if name in sectioned else escape(name))
+    if row.get("one_gene"):
+        label += _one_gene_tag(row["one_gene"])
     cells = [f'<td class="num">{rank}</td>', f'<td class="name">{label}{h.external_link(name, res.urls)}</td>',
              f"<td>{h.kind_badge(row['kind'])}</td>", f'<td class="num">{h.count(row["set_size"])}</td>',
              f'<td class="num" title="{escape(res.measure)} = {row["relevance"]:.4g}">'
@@ -118,8 +125,10 @@ def overview(table: pd.DataFrame, res: Results, sectioned: set) -> str:
     return f"""<h2 id="overview">All factors</h2>
 <p>Every factor of the model, most relevant first. <i>Gene set</i>: genes of the factor's gene set present in the
 data; <i>active genes</i>: genes with |w| &gt; {ACTIVE_FRACTION:g} × max |w|; <i>gained</i> / <i>lost</i>: active
-genes outside the set / set genes that are not active. Inactive factors (greyed) explain almost nothing and get no
-section. Hover a relevance for its exact value.</p>
+genes outside the set / set genes that are not active; <i>one gene</i>: a factor with more than
+{ONE_GENE_SHARE:.0%} of its squared loadings on one gene, whose score is mostly that gene's expression, not a
+program. Inactive factors (greyed) explain almost nothing and get no section. Hover a relevance for its exact
+value.</p>
 {_views_overview_note(res)}<table class="overview"><thead><tr>{''.join(f'<th>{t}</th>' for t in heads)}</tr></thead>
 <tbody>
 {rows}
@@ -363,19 +372,20 @@ def _effects_shown(eff: Interventions) -> tuple[list, list, bool]:
     return factors, levels, called
 
 
-def _leading_genes(loadings: pd.DataFrame, factor: str, effect: float, n: int = 3) -> str:
+def _leading_genes(loadings: pd.DataFrame, factor: str, effect: float, one_gene: str = "", n: int = 3) -> str:
     """The ``n`` genes with the largest loadings on ``factor``, each with the way the effect moves it (the sign of
-    w_gk beta_lk: its share of the level's shift of the gene, seed 000's W beta)."""
+    w_gk beta_lk: its share of the level's shift of the gene, seed 000's W beta); a one-gene factor says so."""
     if factor not in loadings.columns:
         return ""
     w = loadings[factor]
     top = [g for g in w.abs().nlargest(n).index if w[g] != 0]
+    tag = _one_gene_tag(one_gene) if one_gene else ""
     if not effect or not np.isfinite(effect):  # no shift: the genes, no direction
-        return ", ".join(escape(str(g)) for g in top)
-    return ", ".join(f"{escape(str(g))} {'↑' if w[g] * effect > 0 else '↓'}" for g in top)
+        return ", ".join(escape(str(g)) for g in top) + tag
+    return ", ".join(f"{escape(str(g))} {'↑' if w[g] * effect > 0 else '↓'}" for g in top) + tag
 
 
-def interventions(eff: Interventions, sectioned: set, loadings: pd.DataFrame) -> str:
+def interventions(eff: Interventions, sectioned: set, loadings: pd.DataFrame, one_gene: pd.Series) -> str:
     """Heatmap of the interventions' effects on the factors with their calls, and a table of the strongest calls
     with each factor's leading genes."""
     n_factors, n_levels = eff.effects.shape
@@ -401,11 +411,13 @@ def interventions(eff: Interventions, sectioned: set, loadings: pd.DataFrame) ->
     def label(name: str) -> str:
         return f'<a href="#{h.anchor(name)}">{escape(name)}</a>' if name in sectioned else escape(name)
 
+    def genes(r) -> str:
+        return _leading_genes(loadings, str(r.factor), r.effect, one_gene.get(r.factor, ""))
+
     body = "\n".join(
         f'<tr><td class="name">{label(str(r.factor))}</td><td>{escape(str(r.level))}</td>'
         f'<td class="num">{_signed(r.effect)}</td><td class="num">{h.significant(r.sd)}</td>'
-        f'<td class="num">{_lfsr_text(r.lfsr)}</td><td>{_leading_genes(loadings, str(r.factor), r.effect)}</td></tr>'
-        for r in shown.itertuples())
+        f'<td class="num">{_lfsr_text(r.lfsr)}</td><td>{genes(r)}</td></tr>' for r in shown.itertuples())
     caption = (f"The {len(shown)} strongest of {n_calls} calls (lfsr &lt; {LFSR_CALL:g}), most confident first:"
                if called else "The 10 effects with the smallest lfsr (none is a call):")
     return f"""<h2 id="interventions">Interventions</h2>
