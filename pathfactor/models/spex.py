@@ -306,7 +306,8 @@ class Spex(MultiViewSpex, LatentModel):
             _warn_single_cell_levels(groups, levels, "intervention")
             explained = levels_explained_by(groups, levels, Z)
             if explained:
-                raise ValueError(f"intervention level(s) {explained[:5]} are fully explained by the covariates "
+                more = f" and {len(explained) - 5} more" if len(explained) > 5 else ""
+                raise ValueError(f"intervention level(s) {explained[:5]}{more} are fully explained by the covariates "
                                  f"{_column_names(covariates) or 'given'} (a copy of the column, or levels nested in "
                                  "a covariate's): their effects on the programs and the covariates' effects on the "
                                  "genes cannot be told apart; drop those covariates or fit without interventions")
