@@ -40,18 +40,10 @@ def summary(model, level: str, alpha: float = 0.01) -> dict:
             "other_programs_called": int(sum(1 for f in called if f not in interferon)),
             "other_programs_called_with_abs_effect_above_1": int(sum(1 for f in called if f not in interferon
                                                                    and abs(eff[f]) > 1)),
-            "other_programs_called_that_are_one_gene": {f: gene for f, gene in one_gene_factors(model).items()
-                                                        if f in called and f not in interferon},
+            "other_programs_called_that_are_one_gene": {
+                f: gene for f, gene in pf.evaluate.one_gene_factors(model.loadings_).items()
+                if f in called and f not in interferon},
             "programs": int(len(eff))}
-
-
-def one_gene_factors(model) -> dict:
-    """{factor: gene} for the factors with more than ONE_GENE_SHARE of their squared loadings on one gene."""
-    from pathfactor.evaluate import ONE_GENE_SHARE, top_gene_share
-
-    W = model.loadings_
-    return {f: str(W[f].abs().idxmax()) for f, v in zip(W.columns, top_gene_share(W.to_numpy()))
-            if v > ONE_GENE_SHARE}
 
 
 def drivers(model, adata, programs, n_genes: int = 3) -> dict:

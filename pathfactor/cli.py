@@ -329,24 +329,16 @@ def _reference_lines(model, interventions: str | None, reference) -> list[str]:
     return lines
 
 
-def _one_gene_factors(loadings) -> dict:
-    """{factor: its gene} for the one-gene factors of ``loadings`` (genes x factors; ``evaluate.top_gene_share``)."""
-    if loadings is None:
-        return {}
-    from .evaluate import ONE_GENE_SHARE, top_gene_share
-
-    share = top_gene_share(loadings.to_numpy())
-    return {f: str(loadings[f].abs().idxmax()) for f, v in zip(loadings.columns, share) if v > ONE_GENE_SHARE}
-
-
 def _intervention_lines(model, n: int = 5, alpha: float = 0.05, max_levels: int = 20) -> list[str]:
     """Per intervention level: how many factors it moves (lfsr < ``alpha``) and the ``n`` largest of them; beyond
     ``max_levels`` levels, the ``max_levels`` that move the most factors (in their order) and a line for the rest."""
     lfsr = getattr(model, "intervention_effects_lfsr_", None)
     if lfsr is None:
         return []
+    from .evaluate import one_gene_factors
+
     effects, lines = model.intervention_effects_, []
-    one_gene = _one_gene_factors(getattr(model, "loadings_", None))
+    one_gene = one_gene_factors(model.loadings_).to_dict()
     n_called = (lfsr < alpha).sum(axis=0)
     shown = list(lfsr.columns)
     if len(shown) > max_levels:

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["active_mask", "mask_f1", "match_factors", "auroc", "refined_annotations", "orient", "factor_r2",
-           "membership_probability", "top_gene_share", "ONE_GENE_SHARE"]
+           "membership_probability", "top_gene_share", "one_gene_factors", "ONE_GENE_SHARE"]
 
 #: A gene is active in a factor when |w_gk| > ACTIVE_FRACTION * max_g |w_gk| (the spex-LVM F1 rule).
 ACTIVE_FRACTION = 0.1
@@ -22,6 +22,13 @@ def top_gene_share(W) -> np.ndarray:
     W2 = np.asarray(W, dtype=float) ** 2
     total = W2.sum(axis=0)
     return np.divide(W2.max(axis=0, initial=0.0), total, out=np.zeros_like(total), where=total > 0)
+
+
+def one_gene_factors(loadings: pd.DataFrame) -> pd.Series:
+    """The gene of each one-gene factor (:func:`top_gene_share` above ONE_GENE_SHARE) of ``loadings`` (genes x
+    factors), indexed by factor."""
+    share = pd.Series(top_gene_share(loadings.to_numpy()), index=loadings.columns)
+    return loadings.abs().idxmax()[share > ONE_GENE_SHARE].astype(str)
 
 
 def active_mask(W, fraction: float = ACTIVE_FRACTION) -> np.ndarray:

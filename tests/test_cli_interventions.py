@@ -158,14 +158,15 @@ def test_fit_prints_what_each_level_moves(tmp_path, capsys):
                                              index=["P0", "P1"])
         intervention_effects_lfsr_ = pd.DataFrame({"g1": [1e-9, 0.6], "g2": [0.9, 0.7], "g3": [np.nan, np.nan]},
                                                   index=["P0", "P1"])
+        loadings_ = pd.DataFrame({"P0": [1.0, 1.0, 0.5], "P1": [1.0, 1.0, 1.0]}, index=["SAT1", "A", "B"])  # programs
 
     lines = _intervention_lines(Fitted())
     assert lines == ["g1 vs NT: 1 factor(s) moved at lfsr < 0.05 (largest: P0 +1.50)",
                      "g2 vs NT: 0 factor(s) moved at lfsr < 0.05", "g3 vs NT: no lfsr (a single cell)"]
-    Fitted.loadings_ = pd.DataFrame({"P0": [2.0, 0.1, 0.1], "P1": [1.0, 1.0, 1.0]}, index=["SAT1", "A", "B"])
-    assert _intervention_lines(Fitted())[0] == "g1 vs NT: 1 factor(s) moved at lfsr < 0.05 (largest: P0 +1.50 [one " \
+    one_gene = Fitted()
+    one_gene.loadings_ = pd.DataFrame({"P0": [2.0, 0.1, 0.1], "P1": [1.0, 1.0, 1.0]}, index=["SAT1", "A", "B"])
+    assert _intervention_lines(one_gene)[0] == "g1 vs NT: 1 factor(s) moved at lfsr < 0.05 (largest: P0 +1.50 [one " \
                                                "gene: SAT1])"
-    del Fitted.loadings_
     lines = _intervention_lines(Fitted(), max_levels=1)  # many levels: those that move the most, and a summary
     assert lines == ["g1 vs NT: 1 factor(s) moved at lfsr < 0.05 (largest: P0 +1.50)",
                      "... and 2 more levels, 0 of them moving a factor at lfsr < 0.05 (every level is in the "

@@ -53,10 +53,12 @@ def test_models_without_posterior_sds_say_so():
 
 
 def test_top_gene_share_tells_a_one_gene_factor_from_a_program():
-    from pathfactor.evaluate import ONE_GENE_SHARE, top_gene_share
+    from pathfactor.evaluate import ONE_GENE_SHARE, one_gene_factors, top_gene_share
 
     W = np.zeros((10, 3))
     W[:, 0] = 1.0                         # a program: every gene alike
     W[2, 1], W[5, 1] = 3.0, 0.5           # one gene: 9 / 9.25 of the squared loadings
     np.testing.assert_allclose(top_gene_share(W), [0.1, 9 / 9.25, 0.0])  # a factor without loadings: 0
     assert (top_gene_share(W) > ONE_GENE_SHARE).tolist() == [False, True, False]
+    loadings = pd.DataFrame(W, index=[f"G{g}" for g in range(10)], columns=["program", "one", "empty"])
+    assert one_gene_factors(loadings).to_dict() == {"one": "G2"}

@@ -19,7 +19,7 @@ from .. import plot
 from . import sections
 from .html import CSS
 from ..data.views import is_mudata
-from .results import load, one_gene_factors, overview, refined, report_groups
+from .results import load, overview, refined, report_groups
 
 __all__ = ["write_report"]
 
@@ -100,7 +100,7 @@ def write_report(adata, out_dir, key: str = "spex", color_by: str | None = None,
         parts.append(sections.scatter(res, pair, adata.obs[color_by] if color_by else None, order))
     parts.append(sections.factors(chosen, table, res, refined_table, groups, order, colors, top_genes, open_factors))
     if res.interventions is not None:
-        parts.append(sections.interventions(res.interventions, set(chosen), res.loadings, one_gene_factors(res)))
+        parts.append(sections.interventions(res.interventions, set(chosen), res.loadings, table["one_gene"]))
     if res.covariates is not None and res.covariates.shape[1]:
         parts.append(sections.covariates(res.covariates, min(top_genes, 10)))
     parts.append(sections.methods(res, adata))

@@ -22,7 +22,7 @@ import scipy.sparse as sp
 
 from ..data.genesets import GeneSets
 from ..data.views import is_mudata
-from ..evaluate import ONE_GENE_SHARE, active_mask, refined_annotations, top_gene_share
+from ..evaluate import active_mask, one_gene_factors, refined_annotations
 from ..models.anndata_io import scalar
 
 
@@ -269,18 +269,10 @@ def overview(res: Results, refined_table: pd.DataFrame) -> pd.DataFrame:
     table["set_size"] = ann.sum(axis=0).where(ann.any(axis=0)) if ann is not None else np.nan
     table["n_gained"] = refined_table["gained"].map(len).reindex(table.index)
     table["n_lost"] = refined_table["lost"].map(len).reindex(table.index)
-    table["one_gene"] = one_gene_factors(res).reindex(table.index).fillna("")
+    # one view only: the features of several views are in different units
+    one_gene = one_gene_factors(res.loadings) if res.views is None else pd.Series(dtype=object)
+    table["one_gene"] = one_gene.reindex(table.index).fillna("")
     return table.sort_values("relevance", ascending=False, kind="stable")
-
-
-def one_gene_factors(res: Results) -> pd.Series:
-    """The one gene of each one-gene factor (:data:`evaluate.ONE_GENE_SHARE`), by factor; one view only (the
-    features of several views are in different units)."""
-    if res.views is not None:
-        return pd.Series(dtype=object)
-    W = res.loadings
-    share = pd.Series(top_gene_share(W.to_numpy()), index=W.columns)
-    return W.abs().idxmax()[share > ONE_GENE_SHARE].astype(str)
 
 
 #: a factor counts in a view (its active features are listed and counted) when it explains at least this share

@@ -387,7 +387,7 @@ def _leading_genes(loadings: pd.DataFrame, factor: str, effect: float, one_gene:
 
 def interventions(eff: Interventions, sectioned: set, loadings: pd.DataFrame, one_gene: pd.Series) -> str:
     """Heatmap of the interventions' effects on the factors with their calls, and a table of the strongest calls
-    with each factor's leading genes."""
+    with each factor's leading genes (``one_gene``: the overview's column, a one-gene factor's gene or "")."""
     n_factors, n_levels = eff.effects.shape
     factors, levels, called = _effects_shown(eff)
     ref = escape(eff.reference)
